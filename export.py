@@ -1,0 +1,213 @@
+"""Export a ddpm.py checkpoint's denoiser eps_theta(x_t, t) to one self-contained ONNX file.
+
+  python export.py ckpt.pt                  # -> ddpm.onnx, EMA weights, float32
+  python export.py ckpt.pt --fp16 -o ddpm_fp16.onnx
+
+The contract (other runtimes are written against it):
+  inputs   x_t  float32 (B, C, H, W), the noisy images, in [-1, 1] at t=0
+           t    int64   (B,), the 0-indexed timestep (0 .. T-1; the paper's t=1 is 0)
+  output   eps  float32 (B, C, H, W), the predicted noise
+  B is dynamic. Metadata (model.metadata_props, all strings) holds what a sampler needs:
+  ddpm.format, ddpm.schedule, ddpm.T, ddpm.betas (JSON, float64), ddpm.image_size,
+  ddpm.in_channels, ddpm.var_type, ddpm.clip_x0, ddpm.preset, ddpm.ema, ddpm.num_classes,
+  ddpm.precision, and ddpm.step_graph: a base64 ONNX graph of the per-step update
+  x_{t-1} = c1 pred_x0 + c2 x_t + c3 eps' + s noise, which sample_ort.py runs on the device.
+
+Before it reports success the file is checked: onnx.checker, then ONNX Runtime against
+PyTorch on random inputs at batch 1 and 3; it exits non-zero above the precision's tolerance.
+"""
+
+import argparse
+import base64
+import copy
+import json
+import os
+import sys
+import warnings
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import torch
+import torch.nn as nn
+
+import ddpm
+
+FORMAT_VERSION = 1
+MIN_OPSET = 17
+# max |ort - torch| / max |torch| allowed: float32 is exact up to kernel rounding; float16 is
+# compared against the float32 PyTorch model, so it includes the half-precision loss itself.
+TOLERANCE = {"fp32": 1e-5, "fp16": 2e-2}
+
+
+class Float32(nn.Module):
+    """Runs a module in float32 inside a float16 model (GroupNorm statistics lose bits in fp16)."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module.float()
+
+    def forward(self, x):
+        return self.module(x.float()).to(x.dtype)
+
+
+class Denoiser(nn.Module):
+    """The exported function: float32 in and out, whatever precision runs inside."""
+
+    def __init__(self, unet, dtype):
+        super().__init__()
+        self.unet, self.dtype = unet, dtype
+
+    def forward(self, x_t, t):
+        return self.unet(x_t.to(self.dtype), t).float()
+
+
+def half_precision(unet):
+    """A float16 copy of the U-Net with every GroupNorm kept in float32 (measured: see README)."""
+    unet = unet.half()
+    for module in list(unet.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, nn.GroupNorm):
+                setattr(module, name, Float32(child))
+    return unet
+
+
+def step_graph(clip_x0, opset, ir_version):
+    """The per-step update as a tiny ONNX graph, so it runs where the images are (GPU or CPU).
+
+    inputs x_t, eps, noise (B, C, H, W) float32 and coef (6,) = [a, b, c1, c2, c3, s]:
+      pred_x0 = a x_t - b eps            (eq. 15 solved for x_0; a = 1/sqrt(abar), b = sqrt(1/abar - 1))
+      pred_x0 = clip(pred_x0, -1, 1)     (if the model says so)
+      eps'    = (a x_t - pred_x0) / b    (the eps consistent with a clipped x_0; eps if no clipping)
+      x_prev  = c1 pred_x0 + c2 x_t + c3 eps' + s noise
+    DDPM: c1, c2 = the posterior mean coefficients (eq. 7), c3 = 0, s = sigma_t (0 at t=0).
+    DDIM: c1 = sqrt(abar_prev), c2 = 0, c3 = sqrt(1 - abar_prev - sigma^2), s = sigma.
+    """
+    image = ["B", "C", "H", "W"]
+    inputs = [oh.make_tensor_value_info(n, onnx.TensorProto.FLOAT, image) for n in ("x_t", "eps", "noise")]
+    inputs.append(oh.make_tensor_value_info("coef", onnx.TensorProto.FLOAT, [6]))
+    nodes = [
+        oh.make_node("Split", ["coef", "split"], ["a", "b", "c1", "c2", "c3", "s"], axis=0),
+        oh.make_node("Mul", ["a", "x_t"], ["a_x"]),
+        oh.make_node("Mul", ["b", "eps"], ["b_eps"]),
+        oh.make_node("Sub", ["a_x", "b_eps"], ["pred_x0_raw"]),
+    ]
+    inits = [oh.make_tensor("split", onnx.TensorProto.INT64, [6], [1] * 6)]
+    if clip_x0:
+        inits += [oh.make_tensor("lo", onnx.TensorProto.FLOAT, [], [-1.0]),
+                  oh.make_tensor("hi", onnx.TensorProto.FLOAT, [], [1.0])]
+        nodes += [oh.make_node("Clip", ["pred_x0_raw", "lo", "hi"], ["pred_x0"]),
+                  oh.make_node("Sub", ["a_x", "pred_x0"], ["a_x_minus_x0"]),
+                  oh.make_node("Div", ["a_x_minus_x0", "b"], ["eps_used"])]
+    else:
+        nodes += [oh.make_node("Identity", ["pred_x0_raw"], ["pred_x0"]),
+                  oh.make_node("Identity", ["eps"], ["eps_used"])]
+    nodes += [
+        oh.make_node("Mul", ["c1", "pred_x0"], ["t1"]),
+        oh.make_node("Mul", ["c2", "x_t"], ["t2"]),
+        oh.make_node("Mul", ["c3", "eps_used"], ["t3"]),
+        oh.make_node("Mul", ["s", "noise"], ["t4"]),
+        oh.make_node("Add", ["t1", "t2"], ["mean12"]),
+        oh.make_node("Add", ["mean12", "t3"], ["mean"]),
+        oh.make_node("Add", ["mean", "t4"], ["x_prev"]),
+    ]
+    graph = oh.make_graph(nodes, "ddpm_step", inputs,
+                          [oh.make_tensor_value_info("x_prev", onnx.TensorProto.FLOAT, image)], inits)
+    # the denoiser's IR version: the onnx package's newest can be ahead of ONNX Runtime's
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", opset)], ir_version=ir_version)
+    onnx.checker.check_model(model)
+    return model
+
+
+def metadata(cfg, ema, precision, opset, ir_version):
+    betas = ddpm.get_betas(cfg.schedule, cfg.T)
+    return {
+        "ddpm.format": str(FORMAT_VERSION),
+        "ddpm.schedule": cfg.schedule,
+        "ddpm.T": str(cfg.T),
+        "ddpm.betas": json.dumps(betas.tolist()),  # repr of float64 round-trips exactly
+        "ddpm.image_size": str(cfg.image_size),
+        "ddpm.in_channels": str(cfg.in_channels),
+        "ddpm.var_type": cfg.var_type,
+        "ddpm.clip_x0": "true" if cfg.clip_x0 else "false",
+        "ddpm.preset": cfg.model,
+        "ddpm.ema": "true" if ema else "false",
+        "ddpm.num_classes": "0",  # unconditional; class-conditional models will set this
+        "ddpm.precision": precision,
+        "ddpm.step_graph": base64.b64encode(step_graph(cfg.clip_x0, opset, ir_version).SerializeToString()).decode(),
+    }
+
+
+def compare_with_torch(path, model, cfg, batches=(1, 3), seed=0):
+    """Max abs and relative error of ONNX Runtime (CPU) against the float32 PyTorch model."""
+    import onnxruntime as ort
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    g = torch.Generator().manual_seed(seed)
+    results = []
+    for b in batches:
+        x_t = torch.randn(b, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g)
+        t = torch.randint(0, cfg.T, (b,), generator=g)
+        with torch.no_grad():
+            expected = model(x_t, t).numpy()
+        got = session.run(["eps"], {"x_t": x_t.numpy(), "t": t.numpy()})[0]
+        abs_err = float(np.abs(got - expected).max())
+        results.append((b, abs_err, abs_err / float(np.abs(expected).max())))
+    return results
+
+
+def export(ckpt, out="ddpm.onnx", fp16=False, ema=True, opset=MIN_OPSET, check=True):
+    """Write the ONNX file; returns [(batch, max abs error, relative error)] of the check."""
+    if opset < MIN_OPSET:
+        raise ValueError(f"--opset must be {MIN_OPSET} or later (got {opset})")
+    model, cfg = ddpm.load_checkpoint(ckpt, ema=ema)
+    precision = "fp16" if fp16 else "fp32"
+    unet = half_precision(copy.deepcopy(model)) if fp16 else model
+    denoiser = Denoiser(unet, torch.float16 if fp16 else torch.float32).eval()
+
+    x_t = torch.randn(2, cfg.in_channels, cfg.image_size, cfg.image_size)
+    t = torch.tensor([0, cfg.T - 1])
+    tmp = f"{out}.tmp{os.getpid()}"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(denoiser, (x_t, t), tmp, input_names=["x_t", "t"], output_names=["eps"],
+                              dynamic_axes={"x_t": {0: "batch"}, "t": {0: "batch"}, "eps": {0: "batch"}},
+                              opset_version=opset, dynamo=False)
+        proto = onnx.load(tmp)
+        for key, value in metadata(cfg, ema, precision, opset, proto.ir_version).items():
+            proto.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
+        onnx.checker.check_model(proto, full_check=True)
+        onnx.save(proto, tmp)  # one file: weights inline (the largest preset is far below 2 GB)
+        results = compare_with_torch(tmp, model, cfg) if check else []
+        for b, abs_err, rel_err in results:
+            print(f"check: ONNX Runtime vs PyTorch (float32), batch {b}: max abs error {abs_err:.2e}, "
+                  f"relative {rel_err:.2e} (tolerance {TOLERANCE[precision]:.0e})")
+        if any(rel > TOLERANCE[precision] for _, _, rel in results):
+            raise SystemExit(f"error: the exported model disagrees with PyTorch beyond the {precision} "
+                             f"tolerance; '{out}' was not written")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    size_mb = os.path.getsize(out) / 2 ** 20
+    print(f"wrote {out} ({size_mb:.1f} MB, {precision}, {'EMA' if ema else 'raw'} weights, "
+          f"preset {cfg.model}, opset {opset})")
+    return results
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Export a ddpm.py checkpoint to ONNX.")
+    p.add_argument("ckpt", help="checkpoint written by ddpm.py train (or convert)")
+    p.add_argument("-o", "--output", default="ddpm.onnx")
+    p.add_argument("--fp16", action="store_true", help="half precision inside (inputs/outputs float32)")
+    p.add_argument("--no-ema", action="store_true", help="export the raw, not the EMA, weights")
+    p.add_argument("--opset", type=int, default=MIN_OPSET)
+    args = p.parse_args(argv)
+    try:
+        export(args.ckpt, args.output, args.fp16, not args.no_ema, args.opset)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

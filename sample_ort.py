@@ -1,0 +1,304 @@
+"""Sample from an exported DDPM with ONNX Runtime: numpy, onnxruntime and Pillow, no torch.
+
+  python sample_ort.py --n 64                       # 1000 ancestral steps from ddpm.onnx
+  python sample_ort.py --n 64 --sampler ddim --steps 50
+  python sample_ort.py --provider cuda --cuda-graph --batch 64
+
+The reverse process (Ho et al. Algorithm 2, or DDIM, Song et al. eq. 12) runs as two ONNX
+Runtime sessions that share device buffers through IO binding: the denoiser eps_theta(x_t, t)
+from ddpm.onnx, and the per-step update stored in the file's metadata (ddpm.step_graph),
+whose output is bound to the denoiser's x_t input. On CUDA the image batch therefore never
+leaves the GPU; per step only t, the coefficients and the fresh noise travel to it. The
+schedule is rebuilt from the betas in the metadata with the same float64 math as ddpm.py.
+"""
+
+import argparse
+import base64
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+SUPPORTED_FORMAT = 1
+
+
+# ----------------------------------------------------------------------------------------------
+# The schedule: the float64 arithmetic of ddpm.GaussianDiffusion, repeated here without torch
+# (tests/test_onnx.py checks that both give the same numbers).
+
+
+def ddim_timesteps(T, steps):
+    """`steps` evenly strided t's, 0, T//steps, ... (as ddpm.ddim_timesteps)."""
+    return np.arange(steps) * (T // steps)
+
+
+def step_table(betas, sampler="ddpm", steps=None, eta=0.0, var_type="fixed_large"):
+    """(timesteps, coefs) in sampling order: the network's t and the step graph's
+    [a, b, c1, c2, c3, s] for each step, computed in float64 and handed over as float32."""
+    betas = np.asarray(betas, dtype=np.float64)
+    T = len(betas)
+    steps = steps or T
+    timesteps = np.arange(T)
+    if not (sampler == "ddpm" and steps == T):  # respace: betas from the kept alpha-bars
+        timesteps = ddim_timesteps(T, steps)
+        abar_kept = np.cumprod(1.0 - betas)[timesteps]
+        betas = 1.0 - abar_kept / np.append(1.0, abar_kept[:-1])
+    alphas = 1.0 - betas
+    abar = np.cumprod(alphas)
+    abar_prev = np.append(1.0, abar[:-1])
+    a = np.sqrt(1.0 / abar)
+    b = np.sqrt(1.0 / abar - 1)
+    if sampler == "ddpm":
+        c1 = betas * np.sqrt(abar_prev) / (1.0 - abar)  # eq. 7
+        c2 = (1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar)
+        c3 = np.zeros_like(betas)
+        variance = betas if var_type == "fixed_large" else betas * (1.0 - abar_prev) / (1.0 - abar)
+        s = np.sqrt(variance)
+        s[0] = 0.0  # no noise on the last step (t = 0)
+    else:
+        sigma = eta * np.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
+        c1, c2 = np.sqrt(abar_prev), np.zeros_like(betas)
+        c3 = np.sqrt(1 - abar_prev - sigma ** 2)
+        s = sigma
+    coefs = np.stack([a, b, c1, c2, c3, s], axis=1).astype(np.float32)
+    return timesteps[::-1].copy(), coefs[::-1].copy()
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def fail(message):
+    raise SystemExit(f"error: {message}")
+
+
+def read_metadata(session, path):
+    meta = session.get_modelmeta().custom_metadata_map
+    if "ddpm.format" not in meta:
+        fail(f"'{path}' is an ONNX model but not one written by export.py (no ddpm.* metadata); "
+             "export a checkpoint with 'python export.py ckpt.pt'")
+    if int(meta["ddpm.format"]) > SUPPORTED_FORMAT:
+        fail(f"'{path}' has metadata format {meta['ddpm.format']}; this sample_ort.py reads "
+             f"up to {SUPPORTED_FORMAT}. Update sample_ort.py")
+    return {
+        "betas": np.array(json.loads(meta["ddpm.betas"]), dtype=np.float64),
+        "image_size": int(meta["ddpm.image_size"]),
+        "in_channels": int(meta["ddpm.in_channels"]),
+        "var_type": meta["ddpm.var_type"],
+        "clip_x0": meta["ddpm.clip_x0"] == "true",
+        "precision": meta["ddpm.precision"],
+        "preset": meta["ddpm.preset"],
+        "step_graph": base64.b64decode(meta["ddpm.step_graph"]),
+    }
+
+
+def session_options(batch=None):
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = physical_cores()
+    so.log_severity_level = 3
+    if batch is not None:  # a static batch lets shape computations fold away (CUDA graphs need it)
+        so.add_free_dimension_override_by_name("batch", batch)
+        so.add_free_dimension_override_by_name("B", batch)
+    return so
+
+
+def physical_cores():
+    """Cores, not hyper-threads (ORT's CPU kernels gain nothing from the second thread of a
+    core), and no more than this process may use."""
+    cores, physical_id = set(), None
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "physical id":
+                    physical_id = value.strip()
+                elif key.strip() == "core id":
+                    cores.add((physical_id, value.strip()))
+    except OSError:
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(len(cores), usable) if cores else usable
+
+
+def open_sessions(path, provider="auto", cuda_graph=False, batch=None):
+    """(denoiser session, step session, metadata, device) with a clear error for bad input."""
+    if not os.path.isfile(path):
+        fail(f"model file '{path}' does not exist (make one with 'python export.py ckpt.pt', "
+             "or pass --model PATH)")
+    cuda_ok = "CUDAExecutionProvider" in ort.get_available_providers()
+    if provider == "cuda" and not cuda_ok:
+        fail("--provider cuda was asked for, but this onnxruntime has no CUDA provider "
+             "(install onnxruntime-gpu)")
+    want_cuda = provider in ("auto", "cuda") and cuda_ok
+    if want_cuda:
+        cuda_options = {"enable_cuda_graph": "1"} if cuda_graph else {}
+        providers = [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
+    else:
+        providers = ["CPUExecutionProvider"]
+    ort.set_default_logger_severity(4)  # the CUDA probe's own log is noise; we say it in one line
+    try:
+        denoiser = ort.InferenceSession(path, session_options(batch if cuda_graph else None),
+                                        providers=providers)
+    except Exception as e:
+        fail(f"'{path}' cannot be loaded by ONNX Runtime ({str(e).splitlines()[0][:160]}); "
+             "the file is corrupt or not an ONNX model")
+    finally:
+        ort.set_default_logger_severity(2)  # back to ONNX Runtime's default, warnings
+    meta = read_metadata(denoiser, path)
+    on_cuda = denoiser.get_providers()[0] == "CUDAExecutionProvider"
+    if want_cuda and not on_cuda:
+        if provider == "cuda":
+            fail("--provider cuda was asked for, but CUDA is not usable here (no GPU, or the CUDA "
+                 "and cuDNN libraries onnxruntime-gpu needs are missing)")
+        print("note: CUDA is not usable here; running on the CPU", file=sys.stderr)
+    providers = providers if on_cuda else ["CPUExecutionProvider"]
+    step = ort.InferenceSession(meta["step_graph"], session_options(batch if cuda_graph else None),
+                                providers=providers)
+    return denoiser, step, meta, "cuda" if on_cuda else "cpu"
+
+
+# ----------------------------------------------------------------------------------------------
+# The reverse process
+
+
+class Sampler:
+    """Device buffers bound once; each step updates t, coef and noise in place and runs
+    eps = denoiser(x, t) then x = step(x, eps, noise, coef), x never copied back to the host."""
+
+    def __init__(self, denoiser, step, shape, device):
+        self.denoiser, self.step, self.shape = denoiser, step, shape
+        B = shape[0]
+        # buffers owned by ONNX Runtime (from_numpy on the CPU would borrow a numpy array's memory)
+        new = ort.OrtValue.ortvalue_from_shape_and_type
+        self.x = new(shape, np.float32, device, 0)
+        self.t = new((B,), np.int64, device, 0)
+        self.eps = new(shape, np.float32, device, 0)
+        self.noise = new(shape, np.float32, device, 0)
+        self.coef = new((6,), np.float32, device, 0)
+        self.eps_binding = denoiser.io_binding()
+        self.eps_binding.bind_ortvalue_input("x_t", self.x)
+        self.eps_binding.bind_ortvalue_input("t", self.t)
+        self.eps_binding.bind_ortvalue_output("eps", self.eps)
+        self.step_binding = step.io_binding()
+        for name, value in (("x_t", self.x), ("eps", self.eps), ("noise", self.noise), ("coef", self.coef)):
+            self.step_binding.bind_ortvalue_input(name, value)
+        # The update writes x_{t-1} over x_t: its last node (an Add of intermediates) runs after
+        # every node that reads x_t, so this in-place binding is safe and keeps addresses fixed.
+        self.step_binding.bind_ortvalue_output("x_prev", self.x)
+        self.run_options = ort.RunOptions()
+
+    def run(self, x_T, timesteps, coefs, noise_fn, progress=None):
+        B = x_T.shape[0]
+        self.x.update_inplace(np.ascontiguousarray(x_T, dtype=np.float32))
+        for k, (t, coef) in enumerate(zip(timesteps, coefs)):
+            self.t.update_inplace(np.full(B, t, dtype=np.int64))
+            self.coef.update_inplace(coef)
+            self.noise.update_inplace(np.ascontiguousarray(noise_fn(k, x_T.shape), dtype=np.float32))
+            self.denoiser.run_with_iobinding(self.eps_binding, self.run_options)
+            self.step.run_with_iobinding(self.step_binding, self.run_options)
+            if progress:
+                progress(k + 1)
+        return self.x.numpy()
+
+
+def progress_bar(total, label):
+    """A one-line text progress bar on stderr (tqdm is not a dependency of this script)."""
+    start = time.time()
+    interactive = sys.stderr.isatty()
+
+    def update(done):
+        if done != total and (not interactive or done % max(1, total // 100)):
+            return
+        elapsed = time.time() - start
+        frac = done / total
+        bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
+        eta = elapsed / frac - elapsed if frac > 0 else 0
+        end = "\n" if done == total else ""
+        print(f"\r{label} [{bar}] {done}/{total} {elapsed:.0f}s<{eta:.0f}s", end=end,
+              file=sys.stderr, flush=True)
+    return update
+
+
+def to_uint8(x):
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8, clipped (as ddpm.to_uint8)."""
+    x = np.clip(x, -1, 1)
+    return np.round((x + 1) * 127.5).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def save_grid(images, path, pad=2):
+    n, h, w, c = images.shape
+    nrow = math.ceil(math.sqrt(n))
+    ncol = math.ceil(n / nrow)
+    grid = np.full((ncol * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, np.uint8)
+    for k in range(n):
+        r, q = divmod(k, nrow)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = images[k]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Sample a DDPM exported by export.py with ONNX Runtime.")
+    p.add_argument("--n", type=int, default=64, help="number of images")
+    p.add_argument("--model", default="ddpm.onnx")
+    p.add_argument("--steps", type=int, default=None, help="default: T (1000) for ddpm")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=None, help="images per batch (default: all of --n)")
+    p.add_argument("--provider", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--cuda-graph", action="store_true", help="capture each step in a CUDA graph")
+    p.add_argument("--out", default="samples.png")
+    p.add_argument("--outdir", default=None, help="also write one PNG per image here")
+    args = p.parse_args(argv)
+
+    if args.n < 1:
+        fail("--n must be at least 1")
+    batch = min(args.batch or args.n, args.n)
+    if batch < 1:
+        fail("--batch must be at least 1")
+    denoiser, step, meta, device = open_sessions(args.model, args.provider, args.cuda_graph, batch)
+    T = len(meta["betas"])
+    steps = args.steps or T
+    if not 1 <= steps <= T:
+        fail(f"--steps must be between 1 and T={T}")
+    if not 0 <= args.eta <= 1:
+        fail("--eta must be between 0 and 1")
+    timesteps, coefs = step_table(meta["betas"], args.sampler, steps, args.eta, meta["var_type"])
+
+    rng = np.random.default_rng(args.seed)
+    C, S = meta["in_channels"], meta["image_size"]
+    images, start = [], time.time()
+    sampler = None
+    for first in range(0, args.n, batch):
+        # a captured CUDA graph keeps its shape and addresses: reuse it, padding the last batch
+        b = batch if args.cuda_graph else min(batch, args.n - first)
+        if sampler is None or sampler.shape[0] != b:
+            sampler = Sampler(denoiser, step, (b, C, S, S), device)
+        x_T = rng.standard_normal((b, C, S, S), dtype=np.float32)
+        label = f"{args.sampler} {first // batch + 1}/{math.ceil(args.n / batch)}"
+        x0 = sampler.run(x_T, timesteps, coefs, lambda k, shape: rng.standard_normal(shape, dtype=np.float32),
+                         progress_bar(len(timesteps), label))
+        images.append(to_uint8(x0)[:args.n - first])
+    elapsed = time.time() - start
+    images = np.concatenate(images)
+    save_grid(images, args.out)
+    if args.outdir:
+        os.makedirs(args.outdir, exist_ok=True)
+        for k, img in enumerate(images):
+            Image.fromarray(img.squeeze(-1) if C == 1 else img).save(os.path.join(args.outdir, f"{k:05d}.png"))
+    provider = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}[device]
+    print(f"wrote {args.out}" + (f" and {args.n} PNGs in {args.outdir}" if args.outdir else ""))
+    print(f"{args.n * len(timesteps) / elapsed:.1f} image-steps/s, {args.n} images x {len(timesteps)} "
+          f"{args.sampler} steps in {elapsed:.1f}s on {provider} ({meta['precision']}, batch {batch}"
+          f"{', CUDA graph' if args.cuda_graph and device == 'cuda' else ''})")
+
+
+if __name__ == "__main__":
+    main()
