@@ -16,12 +16,22 @@ test: install
 	$(PY) -m pytest
 
 # The embedded default: train `tiny` on the built-in shapes on a CPU, sample, export, and
-# sample again through ONNX Runtime. About 8 minutes on 2 cores.
+# sample again through ONNX Runtime, all under runs/demo/. About 8 minutes on 2 cores.
 demo: install
-	$(PY) ddpm.py train --data shapes --model tiny --steps 1500 --batch-size 32 --lr 1e-3 \
+	$(PY) ddpm.py train --data shapes --model tiny --steps 1000 --batch-size 32 --lr 2e-3 \
 		--warmup 100 --ema-decay 0.995 --sample-every 500 --save-every 500 --log-every 50 \
 		--out $(DEMO) --ckpt $(DEMO)/ckpt.pt
-	$(PY) ddpm.py sample --ckpt $(DEMO)/ckpt.pt --n 64 --sampler ddim --steps 100 --out $(DEMO)/samples.png
+	$(PY) ddpm.py sample --ckpt $(DEMO)/ckpt.pt --n 36 --sampler ddpm --steps 250 --out $(DEMO)/samples.png
+	$(PY) export.py $(DEMO)/ckpt.pt -o $(DEMO)/ddpm.onnx
+	$(PY) sample_ort.py --model $(DEMO)/ddpm.onnx --n 36 --sampler ddpm --steps 250 --provider cpu \
+		--out $(DEMO)/samples_ort.png
+
+# Speed, side by side in one run (bench/bench.py); writes bench/results/<machine>.json.
+bench: install
+	$(PY) bench/bench.py --device cpu
+
+bench-gpu: install
+	$(PY) bench/bench.py --device cuda
 
 clean:
 	rm -rf .venv runs ckpt.pt samples.png ddpm.onnx

@@ -11,7 +11,8 @@ What is here, in the order of the paper:
   data            shapes (built in), CIFAR-10, STL-10, a folder of images
   training        Algorithm 1 with Adam, warm-up, grad clipping, EMA, AMP, exact resume
   sampling        grids and per-image PNGs
-  main()          python ddpm.py {train,sample,info}
+  converter       diffusers UNet2DModel folders (google/ddpm-cifar10-32) -> our checkpoint
+  main()          python ddpm.py {train,sample,convert,info}
 
 Time convention: t is 0-indexed in code, t = 0 .. T-1; the code's t=0 is the paper's t=1.
 Images live in [-1, 1] everywhere inside this file; the data boundary converts.
@@ -20,6 +21,7 @@ Images live in [-1, 1] everywhere inside this file; the data boundary converts.
   python ddpm.py train --data shapes --model tiny --steps 2000   # a CPU demo
   python ddpm.py sample --ckpt ckpt.pt --n 64
   python ddpm.py info --model cifar10
+  python ddpm.py convert --from-diffusers ddpm-cifar10-32/   # published weights -> ckpt.pt
 """
 
 import argparse
@@ -551,6 +553,129 @@ def load_checkpoint(path, ema=True):
 
 
 # ----------------------------------------------------------------------------------------------
+# Published weights: a diffusers UNet2DModel folder (e.g. google/ddpm-cifar10-32) -> our checkpoint
+
+HO_LAYOUT = {  # UNet2DModel settings that make it Ho et al.'s network
+    "act_fn": "silu", "norm_num_groups": 32, "norm_eps": 1e-6, "downsample_padding": 0,
+    "flip_sin_to_cos": False, "freq_shift": 1, "time_embedding_type": "positional",
+    "resnet_time_scale_shift": "default", "center_input_sample": False, "add_attention": True,
+    "class_embed_type": None, "num_class_embeds": None, "time_embedding_dim": None,
+}
+
+
+def diffusers_config(d):
+    """Our Config from a UNet2DModel config.json, or ValueError naming what is not Ho et al.'s."""
+    wrong = [f"{k}={d.get(k)!r} (Ho et al.: {v!r})" for k, v in HO_LAYOUT.items() if d.get(k, v) != v]
+    channels = d["block_out_channels"]
+    ch, size = channels[0], d["sample_size"]
+    down, up = d["down_block_types"], d["up_block_types"]
+    attn = tuple(size // 2 ** i for i, kind in enumerate(down) if kind == "AttnDownBlock2D")
+    if any(kind not in ("DownBlock2D", "AttnDownBlock2D") for kind in down):
+        wrong.append(f"down_block_types={down}")
+    if list(up) != [k.replace("Down", "Up") for k in reversed(down)]:
+        wrong.append(f"up_block_types={up} (must mirror the down blocks)")
+    if d.get("attention_head_dim") not in (None, *channels) or d.get("num_attention_heads") not in (None, 1):
+        wrong.append(f"attention_head_dim={d.get('attention_head_dim')} (Ho et al. use one head: None)")
+    if any(c % ch for c in channels) or d.get("out_channels", 3) != d.get("in_channels", 3):
+        wrong.append(f"block_out_channels={channels} / out_channels={d.get('out_channels')}")
+    if wrong:
+        raise ValueError("this UNet2DModel is not Ho et al.'s layout: " + "; ".join(wrong))
+    return dict(image_size=size, in_channels=d.get("in_channels", 3), ch=ch,
+                ch_mult=tuple(c // ch for c in channels), num_res_blocks=d["layers_per_block"],
+                attn_resolutions=attn, dropout=d.get("dropout", 0.1) or 0.1)
+
+
+def diffusers_key(key, num_levels):
+    """Our parameter name for a diffusers UNet2DModel parameter name (None: not ours)."""
+    parts = key.split(".")
+    fixed = {"time_embedding.linear_1": "temb.dense.0", "time_embedding.linear_2": "temb.dense.1",
+             "conv_in": "conv_in", "conv_norm_out": "norm_out", "conv_out": "conv_out"}
+    head = ".".join(parts[:-1])
+    if head in fixed:
+        return f"{fixed[head]}.{parts[-1]}"
+    layer = {"norm1": "norm1", "conv1": "conv1", "time_emb_proj": "temb_proj", "norm2": "norm2",
+             "conv2": "conv2", "conv_shortcut": "nin_shortcut", "group_norm": "norm",
+             "to_q": "q", "query": "q", "to_k": "k", "key": "k", "to_v": "v", "value": "v",
+             "to_out": "proj_out", "proj_attn": "proj_out"}
+    if parts[0] in ("down_blocks", "up_blocks"):
+        level = int(parts[1]) if parts[0] == "down_blocks" else num_levels - 1 - int(parts[1])
+        ours = "down" if parts[0] == "down_blocks" else "up"
+        kind, rest = parts[2], parts[4:]
+        if kind in ("downsamplers", "upsamplers"):
+            resample = "downsample" if kind == "downsamplers" else "upsample"
+            return f"{ours}.{level}.{resample}.conv.{rest[-1]}"
+        group = {"resnets": "block", "attentions": "attn"}[kind]
+        return f"{ours}.{level}.{group}.{parts[3]}.{layer[rest[0]]}.{rest[-1]}"
+    if parts[0] == "mid_block":
+        name = {"resnets.0": "block_1", "resnets.1": "block_2", "attentions.0": "attn_1"}[".".join(parts[1:3])]
+        return f"mid.{name}.{layer[parts[3]]}.{parts[-1]}"
+    return None
+
+
+def convert_diffusers(folder, out="ckpt.pt"):
+    """Read a diffusers UNet2DModel folder and write our self-describing checkpoint."""
+    unet_dir = os.path.join(folder, "unet") if os.path.isdir(os.path.join(folder, "unet")) else folder
+    config_path = os.path.join(unet_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"no config.json in '{unet_dir}': not a diffusers UNet2DModel folder")
+    with open(config_path) as f:
+        model_cfg = diffusers_config(json.load(f))
+    schedule = dict(var_type="fixed_large", clip_x0=True, T=1000, schedule="linear")
+    for sub in ("scheduler", "."):
+        path = os.path.join(folder, sub, "scheduler_config.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                sched = json.load(f)
+            kinds = {"linear": "linear", "squaredcos_cap_v2": "cosine"}
+            if sched.get("beta_schedule", "linear") not in kinds or \
+                    (sched.get("beta_schedule", "linear") == "linear" and
+                     (sched.get("beta_start", 1e-4), sched.get("beta_end", 0.02)) != (1e-4, 0.02)):
+                raise ValueError(f"scheduler '{path}' uses betas we do not build "
+                                 f"({sched.get('beta_schedule')}, {sched.get('beta_start')}..{sched.get('beta_end')})")
+            if sched.get("variance_type", "fixed_small") not in ("fixed_small", "fixed_large"):
+                raise ValueError(f"scheduler variance_type {sched['variance_type']} is not supported")
+            schedule = dict(var_type=sched.get("variance_type", "fixed_small"),
+                            clip_x0=bool(sched.get("clip_sample", True)),
+                            T=int(sched.get("num_train_timesteps", 1000)),
+                            schedule=kinds[sched.get("beta_schedule", "linear")])
+            break
+    cfg = Config(model="converted", **model_cfg, **schedule)
+    check_config(cfg)
+
+    weights_path = os.path.join(unet_dir, "diffusion_pytorch_model.safetensors")
+    if os.path.isfile(weights_path):
+        from safetensors.torch import load_file
+        theirs = load_file(weights_path)
+    elif os.path.isfile(os.path.join(unet_dir, "diffusion_pytorch_model.bin")):
+        theirs = torch.load(os.path.join(unet_dir, "diffusion_pytorch_model.bin"), map_location="cpu",
+                            weights_only=True)
+    else:
+        raise ValueError(f"no diffusion_pytorch_model.safetensors or .bin in '{unet_dir}'")
+
+    model = UNet(cfg)
+    ours = model.state_dict()
+    converted, unknown = {}, []
+    for key, value in theirs.items():
+        name = diffusers_key(key, len(cfg.ch_mult))
+        if name is None or name not in ours:
+            unknown.append(key)
+            continue
+        converted[name] = value.reshape(ours[name].shape)  # attention Linear (C, C) -> 1x1 conv
+    missing = sorted(set(ours) - set(converted))
+    if unknown or missing:
+        raise ValueError("the weights do not match Ho et al.'s U-Net: "
+                         f"{len(unknown)} unknown ({', '.join(unknown[:5])}), "
+                         f"{len(missing)} missing ({', '.join(missing[:5])})")
+    model.load_state_dict(converted)
+    state = model.state_dict()
+    save_checkpoint(out, {"format_version": CHECKPOINT_FORMAT, "config": asdict(cfg), "step": 0,
+                          "model": state, "ema": state})
+    print(f"wrote {out}: {count_params(model):,} parameters, {cfg.image_size}x{cfg.image_size}, "
+          f"{cfg.schedule} schedule, {cfg.var_type}, clip_x0={cfg.clip_x0}")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
 # Data. Images enter as uint8 HWC and leave as float (C, H, W) in [-1, 1].
 
 SHAPE_CLASSES = ("circle", "square", "triangle", "diamond", "cross",
@@ -871,7 +996,8 @@ def train(cfg, resume=None):
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=StepBatchSampler(len(dataset), cfg.batch_size, cfg.seed, step,
                                                 cfg.steps),
-        num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+        num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(cfg.seed))  # its own RNG: keeps resume exact
 
     def loss_of(x0):
         """L_simple on a batch with random flips, t and eps (from the global torch RNG)."""
@@ -1050,6 +1176,11 @@ def main(argv=None):
     p_sample.add_argument("--no-ema", action="store_true", help="use the raw, not the EMA, weights")
     p_sample.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
+    p_convert = sub.add_parser("convert", help="make a checkpoint from published weights")
+    p_convert.add_argument("--from-diffusers", required=True, metavar="DIR",
+                           help="a diffusers UNet2DModel folder, e.g. google/ddpm-cifar10-32")
+    p_convert.add_argument("-o", "--out", default="ckpt.pt")
+
     p_info = sub.add_parser("info", help="config, parameter count and FLOPs of a model")
     p_info.add_argument("--model", default=None, choices=list(PRESETS))
     p_info.add_argument("--image-size", type=int, default=None)
@@ -1071,6 +1202,8 @@ def main(argv=None):
         elif args.command == "sample":
             sample(args.ckpt, args.n, args.steps, args.sampler, args.eta, args.seed, args.out,
                    args.outdir, ema=not args.no_ema, batch=args.batch, device=args.device)
+        elif args.command == "convert":
+            convert_diffusers(args.from_diffusers, args.out)
         elif args.command == "info":
             if args.ckpt:
                 model, cfg = load_checkpoint(args.ckpt)

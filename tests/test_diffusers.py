@@ -1,0 +1,250 @@
+"""Our implementation against an independent one, diffusers: the google/ddpm-cifar10-32 layout
+converted weight for weight, and the DDPM / DDIM schedulers step for step. No network: the
+reference model is built here and saved with save_pretrained."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+import ddpm
+import export
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers is a dev requirement (requirements-dev.txt)")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# google/ddpm-cifar10-32 as UNet2DModel arguments
+GOOGLE_CIFAR10 = dict(
+    sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
+    layers_per_block=2, down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None,
+    norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, dropout=0.1)
+
+
+def perturbed_unet(**overrides):
+    """A UNet2DModel whose every parameter is moved off its initial value, so that no layer that
+    starts at zero or one (norms, biases) can hide a wrong mapping."""
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(**{**GOOGLE_CIFAR10, **overrides}).eval()
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return unet
+
+
+@pytest.fixture(scope="module")
+def google_like(tmp_path_factory):
+    d = tmp_path_factory.mktemp("google")
+    unet = perturbed_unet()
+    unet.save_pretrained(d)
+    diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", variance_type="fixed_large",
+                            clip_sample=True).save_pretrained(d)
+    cfg = ddpm.convert_diffusers(str(d), str(d / "ckpt.pt"))
+    model, _ = ddpm.load_checkpoint(str(d / "ckpt.pt"))
+    return d, unet, model, cfg
+
+
+def test_converted_config_is_the_cifar10_preset(google_like):
+    _, unet, model, cfg = google_like
+    preset = ddpm.make_config("cifar10")
+    for name in ddpm.MODEL_FIELDS:
+        assert getattr(cfg, name) == getattr(preset, name), name
+    assert (cfg.var_type, cfg.clip_x0, cfg.schedule, cfg.T) == ("fixed_large", True, "linear", 1000)
+    assert ddpm.count_params(model) == sum(p.numel() for p in unet.parameters()) == 35_746_307
+
+
+def test_converted_model_matches_diffusers(google_like):
+    _, unet, model, _ = google_like
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 32, 32, generator=g)
+    t = torch.tensor([0, 1, 500, 999])
+    with torch.no_grad():
+        theirs = unet(x, t).sample
+        ours = model(x, t)
+    err = (ours - theirs).abs().max().item()
+    print(f"ours vs diffusers UNet2DModel, t={t.tolist()}: max abs error {err:.2e} "
+          f"(output scale {theirs.abs().max().item():.2f})")
+    assert err < 1e-5
+
+
+def test_converted_model_through_onnx_matches_diffusers(google_like, tmp_path):
+    d, unet, _, _ = google_like
+    export.export(str(d / "ckpt.pt"), str(tmp_path / "g.onnx"))
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0, 250, 999])
+    got = ort.InferenceSession(str(tmp_path / "g.onnx")).run(["eps"], {"x_t": x.numpy(), "t": t.numpy()})[0]
+    with torch.no_grad():
+        theirs = unet(x, t).sample.numpy()
+    err = np.abs(got - theirs).max()
+    print(f"ONNX Runtime (converted) vs diffusers: max abs error {err:.2e}")
+    assert err < 1e-4
+
+
+def test_old_attention_names_and_bin_weights(google_like, tmp_path):
+    """Older diffusers saved attention as query/key/value/proj_attn, in a .bin."""
+    d, unet, model, _ = google_like
+    renames = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    old = {}
+    for k, v in unet.state_dict().items():
+        for new, legacy in renames.items():
+            k = k.replace(f".{new}.", f".{legacy}.")
+        old[k] = v
+    assert any(".query." in k for k in old)
+    torch.save(old, tmp_path / "diffusion_pytorch_model.bin")
+    (tmp_path / "config.json").write_text((d / "config.json").read_text())
+    ddpm.convert_diffusers(str(tmp_path), str(tmp_path / "old.pt"))
+    again, _ = ddpm.load_checkpoint(str(tmp_path / "old.pt"))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k
+
+
+def test_layout_that_is_not_ho_et_al_is_a_clear_error(tmp_path):
+    perturbed_unet(attention_head_dim=8).save_pretrained(tmp_path / "heads")
+    with pytest.raises(ValueError, match="attention_head_dim=8"):
+        ddpm.convert_diffusers(str(tmp_path / "heads"), str(tmp_path / "x.pt"))
+    perturbed_unet(flip_sin_to_cos=True, freq_shift=0).save_pretrained(tmp_path / "flip")
+    with pytest.raises(ValueError, match="flip_sin_to_cos=True"):
+        ddpm.convert_diffusers(str(tmp_path / "flip"), str(tmp_path / "x.pt"))
+
+
+def test_unknown_and_missing_keys_are_listed(google_like, tmp_path):
+    d, unet, _, _ = google_like
+    state = dict(unet.state_dict())
+    state["extra.weight"] = torch.zeros(1)
+    del state["conv_in.bias"]
+    torch.save(state, tmp_path / "diffusion_pytorch_model.bin")
+    (tmp_path / "config.json").write_text((d / "config.json").read_text())
+    with pytest.raises(ValueError) as e:
+        ddpm.convert_diffusers(str(tmp_path), str(tmp_path / "x.pt"))
+    print(e.value)
+    assert "1 unknown (extra.weight)" in str(e.value) and "1 missing (conv_in.bias)" in str(e.value)
+
+
+def test_convert_cli(google_like, tmp_path):
+    d, _, _, _ = google_like
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "ddpm.py"), "convert", "--from-diffusers", str(d),
+                        "-o", str(tmp_path / "c.pt")], capture_output=True, text=True)
+    assert r.returncode == 0 and "35,746,307" in r.stdout, r.stderr
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "ddpm.py"), "convert", "--from-diffusers",
+                        str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "no config.json" in r.stderr
+
+
+# -- schedulers ---------------------------------------------------------------------------------
+# diffusers builds betas and alpha-bars in float32, we in float64. Run with float64 tables (same
+# formulas, our precision) the two must agree to rounding (1e-10). With the stock float32 tables
+# they differ by diffusers' own rounding: 1 - abar_t cancels catastrophically at small t
+# (1 - 0.99964 at t=2 carries float32's 6e-8 as a 1.7e-4 relative error), which moves one step's
+# output by up to ~4e-4 on values of order 1 (measured 3.1e-4); we allow 1e-3.
+F64_TOL, F32_TOL = 1e-10, 1e-3
+
+
+def in_float64(sched):
+    """The scheduler with its tables recomputed in float64 by its own formulas."""
+    sched.betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    sched.alphas = 1.0 - sched.betas
+    sched.alphas_cumprod = torch.cumprod(sched.alphas, dim=0)
+    if hasattr(sched, "final_alpha_cumprod"):
+        sched.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64)
+    return sched
+
+
+@pytest.mark.parametrize("variance_type", ["fixed_large", "fixed_small"])
+@pytest.mark.parametrize("clip", [True, False])
+def test_one_ancestral_step_equals_ddpm_scheduler(variance_type, clip):
+    d = ddpm.GaussianDiffusion(ddpm.get_betas("linear", 1000), var_type=variance_type, clip_x0=clip)
+    for precision, dtype, tol in (("float64", torch.float64, F64_TOL), ("float32", torch.float32, F32_TOL)):
+        sched = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear",
+                                        variance_type=variance_type, clip_sample=clip)
+        if dtype == torch.float64:
+            sched = in_float64(sched)
+        worst = 0.0
+        for t in [0, 1, 2, 10, 100, 333, 500, 750, 998, 999]:
+            g = torch.Generator().manual_seed(t)
+            x_t = torch.randn(2, 3, 8, 8, generator=g, dtype=dtype)
+            eps = torch.randn(2, 3, 8, 8, generator=g, dtype=dtype)
+            noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1000 + t), dtype=dtype)
+            theirs = sched.step(eps, t, x_t, generator=torch.Generator().manual_seed(1000 + t)).prev_sample
+            ours, _ = d.p_sample(eps, x_t, torch.full((2,), t), noise)
+            worst = max(worst, (ours - theirs).abs().max().item())
+        print(f"DDPM step ({variance_type}, clip={clip}), diffusers tables in {precision}: "
+              f"max abs error over t = {worst:.2e} (tolerance {tol:.0e})")
+        assert worst < tol
+
+
+def test_q_sample_equals_add_noise():
+    d = ddpm.GaussianDiffusion(ddpm.get_betas("linear", 1000))
+    t = torch.tensor([0, 1, 100, 500, 900, 999])
+    for precision, dtype, tol in (("float64", torch.float64, F64_TOL), ("float32", torch.float32, 1e-5)):
+        sched = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+        if dtype == torch.float64:
+            sched = in_float64(sched)
+        x0, noise = torch.randn(6, 3, 8, 8, dtype=dtype), torch.randn(6, 3, 8, 8, dtype=dtype)
+        err = (d.q_sample(x0, t, noise) - sched.add_noise(x0, noise, t)).abs().max().item()
+        print(f"q_sample vs add_noise ({precision} tables): max abs error {err:.2e}")
+        assert err < tol
+
+
+class GaussianDataEps(torch.nn.Module):
+    """The exact eps for data ~ N(0, s^2 I): eps = sqrt(1-abar) x_t / (abar s^2 + 1 - abar).
+    Smooth and well-conditioned, so a whole chain compares the samplers and not chaos."""
+
+    def __init__(self, s=0.5):
+        super().__init__()
+        betas = np.linspace(1e-4, 0.02, 1000)
+        self.abar = torch.from_numpy(np.cumprod(1 - betas))
+        self.s2 = s * s
+
+    def forward(self, x_t, t):
+        abar = self.abar[t].to(x_t.dtype).view(-1, 1, 1, 1)
+        return (1 - abar).sqrt() * x_t / (abar * self.s2 + 1 - abar)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("clip", [True, False])
+def test_ddim_50_steps_equals_ddim_scheduler(eta, clip):
+    model = GaussianDataEps()
+    for precision, dtype, tol in (("float64", torch.float64, 1e-9), ("float32", torch.float32, F32_TOL)):
+        sched = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=clip,
+                                        set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading")
+        if dtype == torch.float64:
+            sched = in_float64(sched)
+        sched.set_timesteps(50)
+        assert list(sched.timesteps.numpy()) == list(ddpm.ddim_timesteps(1000, 50)[::-1])
+        x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=dtype)
+        g = torch.Generator().manual_seed(5)
+        x = x_T
+        for t in sched.timesteps:
+            x = sched.step(model(x, t.view(1).repeat(2)), t, x, eta=eta, use_clipped_model_output=True,
+                           generator=g).prev_sample
+        g = torch.Generator().manual_seed(5)  # the same noise stream, drawn in the same order
+        d = ddpm.GaussianDiffusion(ddpm.get_betas("linear", 1000), clip_x0=clip)
+        noise_fn = (lambda k, shape: torch.randn(shape, generator=g, dtype=dtype)) if eta > 0 else None
+        ours = ddpm.sample_loop(model, d, x_T, "ddim", steps=50, eta=eta, noise_fn=noise_fn)
+        err = (ours - x).abs().max().item()
+        print(f"DDIM 50 steps, eta={eta}, clip={clip}, diffusers tables in {precision}: "
+              f"max abs error {err:.2e} (tolerance {tol:.0e})")
+        assert err < tol
+
+
+def test_end_to_end_20_ddim_steps_with_the_converted_unet(google_like):
+    """diffusers' UNet2DModel + DDIMScheduler against our converted U-Net + our DDIM loop."""
+    d, unet, model, cfg = google_like
+    sched = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False,
+                                    set_alpha_to_one=True, steps_offset=0)
+    sched.set_timesteps(20)
+    x_T = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    x = x_T
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(unet(x, t).sample, t, x, eta=0.0).prev_sample
+    diffusion = ddpm.GaussianDiffusion(ddpm.get_betas("linear", 1000), clip_x0=False)
+    ours = ddpm.sample_loop(model, diffusion, x_T, "ddim", steps=20)
+    err = (ours - x).abs().max().item()
+    print(f"20 DDIM steps, diffusers pipeline pieces vs ours: max abs error {err:.2e} "
+          f"(images span {x.min().item():.2f}..{x.max().item():.2f})")
+    assert err < 1e-3
