@@ -8,10 +8,11 @@ What is here, in the order of the paper:
   diffusion       q_sample (eq. 4), q_posterior (eqs. 6-7), predict_x0_from_eps (eq. 15),
                   p_mean_variance / p_sample (eq. 11, Algorithm 2), L_simple (eq. 14),
                   DDIM (Song, Meng & Ermon 2021, eq. 12) on a respaced schedule
+  checkpoints     self-describing, atomic, loaded with weights_only
+  converter       diffusers UNet2DModel folders (google/ddpm-cifar10-32) -> our checkpoint
   data            shapes (built in), CIFAR-10, STL-10, a folder of images
   training        Algorithm 1 with Adam, warm-up, grad clipping, EMA, AMP, exact resume
   sampling        grids and per-image PNGs
-  converter       diffusers UNet2DModel folders (google/ddpm-cifar10-32) -> our checkpoint
   main()          python ddpm.py {train,sample,convert,info}
 
 Time convention: t is 0-indexed in code, t = 0 .. T-1; the code's t=0 is the paper's t=1.
@@ -475,14 +476,14 @@ def sample_loop(model, diffusion, x_T, sampler="ddpm", steps=None, eta=0.0, nois
                default randn from `generator`. Two implementations fed the same noise_fn agree.
     callback:  callback(k, t, x_t, pred_x0) after every step, e.g. for progress pictures.
     """
+    if sampler not in ("ddpm", "ddim"):
+        raise ValueError(f"unknown sampler '{sampler}'; use ddpm or ddim")
     T = diffusion.num_timesteps
     steps = steps or T
     if sampler == "ddpm" and steps == T:
         chain = diffusion
     else:
         chain = diffusion.respace(ddim_timesteps(T, steps))
-    if sampler not in ("ddpm", "ddim"):
-        raise ValueError(f"unknown sampler '{sampler}'; use ddpm or ddim")
     x = x_T
     indices = range(chain.num_timesteps - 1, -1, -1)
     if progress:
@@ -716,7 +717,7 @@ def draw_shape(cls, rng, size):
         d.rectangle([cx - r / 3, cy - r, cx + r / 3, cy + r], fill=fg)
     elif name == "ellipse":
         d.ellipse([cx - r, cy - r / 2, cx + r, cy + r / 2], fill=fg)
-    return np.asarray(img.resize((size, size), Image.LANCZOS))
+    return np.asarray(img.resize((size, size), Image.BOX))  # area average: no ringing halo
 
 
 def to_model_range(images_uint8):
@@ -1004,7 +1005,7 @@ def train(cfg, resume=None):
         if cfg.flip:
             flip = torch.rand(x0.shape[0], device=device) < 0.5
             x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
-        i = torch.randint(0, cfg.T, (x0.shape[0],), device=device)
+        i = torch.randint(0, cfg.T, (x0.shape[0],))  # on the CPU: indexes the schedule tables
         noise = torch.randn_like(x0)
         with autocast:
             return diffusion.training_loss(model, x0, i, noise)

@@ -268,6 +268,15 @@ def main(argv=None):
     with torch.no_grad():
         sample_results = measure(sampling, device, repeats)
 
+    sweep = {}
+    if device == "cuda":  # how throughput grows with the batch, for the eager and the fastest path
+        for b in (8, 32, 64, 128, 256):
+            runs = {"PyTorch eager fp32": torch_sampler(ours, cfg, b, steps, device),
+                    "ORT CUDA fp16, IO binding + CUDA graph": ort_sampler(
+                        os.path.join(tmp, "fp16.onnx"), cfg, b, steps, provider, True, True)}
+            with torch.no_grad():
+                sweep[b] = {name: rate for name, (rate, _) in measure(runs, device, repeats).items()}
+
     ours_train = ddpm.UNet(cfg).to(device).train()
     peer_train = DiffusersEps(diffusers_unet(cfg)).to(device).train()
     training = {"ours fp32": train_step(ours_train, cfg, train_batch, device)}
@@ -300,7 +309,8 @@ def main(argv=None):
     stamp = datetime.date.today().isoformat()
     result = {"date": stamp, "machine": info, "device": device, "model": cfg.model, "batch": batch,
               "steps": steps, "train_batch": train_batch, "forward_gflops": flops / 1e9,
-              "peak_tflops_fp32": peak32 / 1e12, "peak_tflops_bf16": peak16 and peak16 / 1e12, "rows": rows}
+              "peak_tflops_fp32": peak32 / 1e12, "peak_tflops_bf16": peak16 and peak16 / 1e12, "rows": rows,
+              "batch_sweep": sweep}
     os.makedirs(args.out, exist_ok=True)
     name = "quick" if args.quick else f"{device}-{info.get('gpu', info['cpu'])}"
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
@@ -311,6 +321,12 @@ def main(argv=None):
           f"onnxruntime {info['onnxruntime']}, diffusers {info.get('diffusers', '-')}")
     print(f"{cfg.model} preset, {flops / 1e9:.2f} GFLOPs per forward; peak fp32 matmul "
           f"{peak32 / 1e12:.2f} TFLOP/s" + (f", bf16 {peak16 / 1e12:.0f} TFLOP/s" if peak16 else ""))
+    if sweep:
+        names = list(next(iter(sweep.values())))
+        print("\n| batch | " + " | ".join(f"{n} (image-steps/s)" for n in names) + " |")
+        print("|---|" + "---|" * len(names))
+        for b, rates in sweep.items():
+            print(f"| {b} | " + " | ".join(f"{rates[n]:.0f}" for n in names) + " |")
     print("\n| what | contender | throughput | vs ours eager | achieved TFLOP/s | utilization | peak working memory |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
