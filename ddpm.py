@@ -722,7 +722,7 @@ def draw_shape(cls, rng, size):
 
 def to_model_range(images_uint8):
     """(N, H, W, C) uint8 -> (N, C, H, W) float32 in [-1, 1]."""
-    x = torch.as_tensor(np.asarray(images_uint8)).permute(0, 3, 1, 2).float()
+    x = torch.tensor(np.asarray(images_uint8)).permute(0, 3, 1, 2).float()  # a copy: PIL's arrays are read-only
     return x / 127.5 - 1.0
 
 
