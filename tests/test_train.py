@@ -1,8 +1,10 @@
 """Training, checkpoints, data and the command line of ddpm.py (CPU, tiny model, 16x16)."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -216,3 +218,25 @@ def test_cifar10_not_downloadable_says_where_to_put_it(tmp_path):
     r = run_cli("train", "--data", "cifar10", "--data-dir", "dl", env=env, cwd=tmp_path)
     assert_clean_error(r, "could not be downloaded", "cifar-10-python.tar.gz",
                        os.path.join("dl", "cifar-10-python.tar.gz"))
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
+    base = [sys.executable, os.path.join(ROOT, "ddpm.py"), "train", "--data", "shapes", "--model", "tiny",
+            "--image-size", "16", "--batch-size", "8", "--sample-every", "100000"]
+    p = subprocess.Popen(base + ["--steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, cwd=tmp_path)
+    assert "data: shapes" in p.stdout.readline()
+    assert "pre-flight ok" in p.stdout.readline()
+    time.sleep(3)  # a few dozen steps
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode != 0 and "Traceback" not in err, err[-2000:]
+    assert "interrupted: saved step" in err and "--resume" in err
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"]
+    print(f"Ctrl-C saved step {saved}")
+    assert saved > 0
+    r = subprocess.run(base + ["--steps", str(saved + 2), "--resume"], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"resuming from ckpt.pt at step {saved}" in r.stdout
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == saved + 2
