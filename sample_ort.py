@@ -14,6 +14,8 @@ schedule is rebuilt from the betas in the metadata with the same float64 math as
 
 import argparse
 import base64
+import contextlib
+import io
 import json
 import math
 import os
@@ -141,6 +143,11 @@ def open_sessions(path, provider="auto", cuda_graph=False, batch=None):
         providers = [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
     else:
         providers = ["CPUExecutionProvider"]
+    if want_cuda and hasattr(ort, "preload_dlls"):
+        # torch is not imported here, so load CUDA and cuDNN from pip's nvidia-* packages (the
+        # onnxruntime-gpu[cuda,cudnn] extras); where they are missing the probe below says so
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            ort.preload_dlls()
     ort.set_default_logger_severity(4)  # the CUDA probe's own log is noise; we say it in one line
     try:
         denoiser = ort.InferenceSession(path, session_options(batch if cuda_graph else None),
