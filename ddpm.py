@@ -613,6 +613,23 @@ def diffusers_key(key, num_levels):
     return None
 
 
+def diffusers_schedule(sched, path):
+    """Our diffusion settings from a scheduler_config.json; ValueError if its betas are not ours."""
+    T = int(sched.get("num_train_timesteps", 1000))
+    kind = {"linear": "linear", "squaredcos_cap_v2": "cosine"}.get(sched.get("beta_schedule", "linear"))
+    if kind == "linear":  # ours scales 1e-4..0.02 by 1000/T; diffusers takes beta_start/end as given
+        ends = (sched.get("beta_start", 1e-4), sched.get("beta_end", 0.02))
+        if not all(math.isclose(a, b * 1000 / T) for a, b in zip(ends, (1e-4, 0.02))):
+            kind = None
+    if kind is None:
+        raise ValueError(f"scheduler '{path}' uses betas we do not build ({sched.get('beta_schedule')}, "
+                         f"{sched.get('beta_start')}..{sched.get('beta_end')} over T={T})")
+    var_type = sched.get("variance_type", "fixed_small")
+    if var_type not in ("fixed_small", "fixed_large"):
+        raise ValueError(f"scheduler '{path}': variance_type {var_type} is not supported")
+    return dict(var_type=var_type, clip_x0=bool(sched.get("clip_sample", True)), T=T, schedule=kind)
+
+
 def convert_diffusers(folder, out="ckpt.pt"):
     """Read a diffusers UNet2DModel folder and write our self-describing checkpoint."""
     unet_dir = os.path.join(folder, "unet") if os.path.isdir(os.path.join(folder, "unet")) else folder
@@ -621,24 +638,12 @@ def convert_diffusers(folder, out="ckpt.pt"):
         raise ValueError(f"no config.json in '{unet_dir}': not a diffusers UNet2DModel folder")
     with open(config_path) as f:
         model_cfg = diffusers_config(json.load(f))
-    schedule = dict(var_type="fixed_large", clip_x0=True, T=1000, schedule="linear")
-    for sub in ("scheduler", "."):
-        path = os.path.join(folder, sub, "scheduler_config.json")
+    schedule = dict(var_type="fixed_large", clip_x0=True, T=1000, schedule="linear")  # Ho et al.
+    for path in (os.path.join(folder, "scheduler", "scheduler_config.json"),
+                 os.path.join(folder, "scheduler_config.json")):
         if os.path.isfile(path):
             with open(path) as f:
-                sched = json.load(f)
-            kinds = {"linear": "linear", "squaredcos_cap_v2": "cosine"}
-            if sched.get("beta_schedule", "linear") not in kinds or \
-                    (sched.get("beta_schedule", "linear") == "linear" and
-                     (sched.get("beta_start", 1e-4), sched.get("beta_end", 0.02)) != (1e-4, 0.02)):
-                raise ValueError(f"scheduler '{path}' uses betas we do not build "
-                                 f"({sched.get('beta_schedule')}, {sched.get('beta_start')}..{sched.get('beta_end')})")
-            if sched.get("variance_type", "fixed_small") not in ("fixed_small", "fixed_large"):
-                raise ValueError(f"scheduler variance_type {sched['variance_type']} is not supported")
-            schedule = dict(var_type=sched.get("variance_type", "fixed_small"),
-                            clip_x0=bool(sched.get("clip_sample", True)),
-                            T=int(sched.get("num_train_timesteps", 1000)),
-                            schedule=kinds[sched.get("beta_schedule", "linear")])
+                schedule = diffusers_schedule(json.load(f), path)
             break
     cfg = Config(model="converted", **model_cfg, **schedule)
     check_config(cfg)

@@ -248,3 +248,22 @@ def test_end_to_end_20_ddim_steps_with_the_converted_unet(google_like):
     print(f"20 DDIM steps, diffusers pipeline pieces vs ours: max abs error {err:.2e} "
           f"(images span {x.min().item():.2f}..{x.max().item():.2f})")
     assert err < 1e-3
+
+
+def test_scheduler_config_sets_variance_clip_and_refuses_other_betas(google_like, tmp_path):
+    d, _, _, _ = google_like
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        (tmp_path / name).write_bytes((d / name).read_bytes())
+    diffusers.DDPMScheduler(variance_type="fixed_small", clip_sample=False).save_pretrained(tmp_path)
+    cfg = ddpm.convert_diffusers(str(tmp_path), str(tmp_path / "a.pt"))
+    assert (cfg.var_type, cfg.clip_x0, cfg.schedule) == ("fixed_small", False, "linear")
+    cosine = diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2")
+    cosine.save_pretrained(tmp_path)
+    assert ddpm.convert_diffusers(str(tmp_path), str(tmp_path / "b.pt")).schedule == "cosine"
+    err = np.abs(cosine.betas.double().numpy() - ddpm.get_betas("cosine", 1000)).max()
+    print(f"diffusers squaredcos_cap_v2 betas (float32) vs our cosine: max abs error {err:.1e}")
+    assert err < 1e-6
+    # diffusers takes 1e-4..0.02 as given for any T; ours scales them by 1000/T: not the same betas
+    diffusers.DDPMScheduler(num_train_timesteps=500).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="betas we do not build"):
+        ddpm.convert_diffusers(str(tmp_path), str(tmp_path / "c.pt"))
