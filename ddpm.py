@@ -648,13 +648,13 @@ def convert_diffusers(folder, out="ckpt.pt"):
     cfg = Config(model="converted", **model_cfg, **schedule)
     check_config(cfg)
 
-    weights_path = os.path.join(unet_dir, "diffusion_pytorch_model.safetensors")
-    if os.path.isfile(weights_path):
+    safetensors_path = os.path.join(unet_dir, "diffusion_pytorch_model.safetensors")
+    bin_path = os.path.join(unet_dir, "diffusion_pytorch_model.bin")
+    if os.path.isfile(safetensors_path):
         from safetensors.torch import load_file
-        theirs = load_file(weights_path)
-    elif os.path.isfile(os.path.join(unet_dir, "diffusion_pytorch_model.bin")):
-        theirs = torch.load(os.path.join(unet_dir, "diffusion_pytorch_model.bin"), map_location="cpu",
-                            weights_only=True)
+        theirs = load_file(safetensors_path)
+    elif os.path.isfile(bin_path):
+        theirs = torch.load(bin_path, map_location="cpu", weights_only=True)
     else:
         raise ValueError(f"no diffusion_pytorch_model.safetensors or .bin in '{unet_dir}'")
 

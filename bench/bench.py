@@ -157,7 +157,7 @@ def train_step(model, cfg, batch, device, amp=None):
     autocast = torch.autocast(device, dtype=amp) if amp else contextlib.nullcontext()
 
     def run():
-        i = torch.randint(0, cfg.T, (batch,), device=device)
+        i = torch.randint(0, cfg.T, (batch,))  # on the CPU, as ddpm.train: no sync to index the tables
         with autocast:
             loss = diffusion.training_loss(model, x0, i, torch.randn_like(x0))
         loss.backward()
