@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 DEMO := runs/demo
 
-.PHONY: install test demo bench bench-gpu clean
+.PHONY: install test test-fast mutants demo bench bench-gpu clean
 
 install: .venv/.installed
 
@@ -12,15 +12,25 @@ install: .venv/.installed
 	.venv/bin/pip install -q -r requirements.txt -r requirements-dev.txt
 	touch $@
 
+# Everything (what CI runs): under 15 minutes on 2 cores.
 test: install
 	$(PY) -m pytest
+
+# The edit loop: all but the tests that train for minutes (marker `slow`), under 3 minutes.
+test-fast: install
+	$(PY) -m pytest -m "not slow"
+
+# Plants known bugs in ddpm.py, sample_ort.py and export.py one at a time and checks that the
+# tests without diffusers and without `slow` catch every one (tests/mutants.py). About 20 minutes.
+mutants: install
+	$(PY) tests/mutants.py
 
 # The embedded default: train `tiny` on the built-in shapes on a CPU, sample, export, and
 # sample again through ONNX Runtime, all under runs/demo/. About 8 minutes on 2 cores.
 demo: install
 	$(PY) ddpm.py train --data shapes --model tiny --steps 1000 --batch-size 32 --lr 2e-3 \
 		--warmup 100 --ema-decay 0.995 --sample-every 500 --save-every 500 --log-every 50 \
-		--out $(DEMO) --ckpt $(DEMO)/ckpt.pt
+		--out $(DEMO) --ckpt $(DEMO)/ckpt.pt --overwrite
 	$(PY) ddpm.py sample --ckpt $(DEMO)/ckpt.pt --n 36 --sampler ddpm --steps 250 --out $(DEMO)/samples.png
 	$(PY) export.py $(DEMO)/ckpt.pt -o $(DEMO)/ddpm.onnx
 	$(PY) sample_ort.py --model $(DEMO)/ddpm.onnx --n 36 --sampler ddpm --steps 250 --provider cpu \

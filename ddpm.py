@@ -8,21 +8,24 @@ What is here, in the order of the paper:
   diffusion       q_sample (eq. 4), q_posterior (eqs. 6-7), predict_x0_from_eps (eq. 15),
                   p_mean_variance / p_sample (eq. 11, Algorithm 2), L_simple (eq. 14),
                   DDIM (Song, Meng & Ermon 2021, eq. 12) on a respaced schedule
-  checkpoints     self-describing, atomic, loaded with weights_only
-  converter       diffusers UNet2DModel folders (google/ddpm-cifar10-32) -> our checkpoint
-  data            shapes (built in), CIFAR-10, STL-10, a folder of images
-  training        Algorithm 1 with Adam, warm-up, grad clipping, EMA, AMP, exact resume
+  checkpoints     self-describing, atomic, never non-finite, loaded with weights_only
+  data            shapes (built in), CIFAR-10, STL-10, a folder of images (RGB or grayscale)
+  training        Algorithm 1 with Adam, warm-up, grad clipping, EMA, AMP, exact resume (also
+                  after Ctrl-C or SIGTERM, which finish the step and save)
   sampling        grids and per-image PNGs
-  main()          python ddpm.py {train,sample,convert,info}
+  main()          python ddpm.py {train,sample,info}
+
+Beside it: convert.py (diffusers folders, both ways), export.py (ONNX), sample_ort.py (ONNX
+Runtime, no torch).
 
 Time convention: t is 0-indexed in code, t = 0 .. T-1; the code's t=0 is the paper's t=1.
 Images live in [-1, 1] everywhere inside this file; the data boundary converts.
 
   python ddpm.py train --data cifar10        # Ho et al.'s CIFAR-10 run (a GPU job)
   python ddpm.py train --data shapes --model tiny --steps 2000   # a CPU demo
+  python ddpm.py train --resume              # continue ckpt.pt exactly where it stopped
   python ddpm.py sample --ckpt ckpt.pt --n 64
   python ddpm.py info --model cifar10
-  python ddpm.py convert --from-diffusers ddpm-cifar10-32/   # published weights -> ckpt.pt
 """
 
 import argparse
@@ -32,7 +35,11 @@ import dataclasses
 import json
 import math
 import os
+import shutil
+import signal
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -51,7 +58,7 @@ CHECKPOINT_FORMAT = 1
 @dataclass
 class Config:
     # model (a preset fills these; a flag overrides one)
-    model: str = "cifar10"  # preset name, see PRESETS
+    model: str = "cifar10"
     image_size: int = 32
     in_channels: int = 3
     ch: int = 128
@@ -61,31 +68,72 @@ class Config:
     dropout: float = 0.1
     # diffusion
     T: int = 1000
-    schedule: str = "linear"  # linear | cosine
-    var_type: str = "fixed_large"  # fixed_large: sigma^2 = beta_t | fixed_small: beta-tilde_t
-    clip_x0: bool = True  # clip the predicted x0 to [-1, 1] when sampling
+    schedule: str = "linear"
+    var_type: str = "fixed_large"
+    clip_x0: bool = True
     # training
-    data: str = "shapes"  # shapes | cifar10 | stl10 | PATH to a folder of images
-    data_dir: str = "data"  # where torchvision datasets are downloaded to
-    steps: int = 800_000  # optimizer steps in total (a resumed run finishes the same plan)
+    data: str = "shapes"
+    data_dir: str = "data"
+    steps: int = 800_000
     batch_size: int = 128
-    grad_accum: int = 1  # micro-batches per optimizer step; each is batch_size / grad_accum
+    grad_accum: int = 1
     lr: float = 2e-4
     warmup: int = 5000
-    cosine_lr: bool = False  # decay the lr to 0 after warm-up (not in Ho et al.)
+    cosine_lr: bool = False  # not in Ho et al.
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
-    flip: bool = True  # random horizontal flips
-    amp: str = "bf16"  # bf16 | fp16 | none; only used on CUDA, CPU trains in fp32
+    flip: bool = True
+    amp: str = "bf16"
     compile: bool = False
     seed: int = 0
     ckpt: str = "ckpt.pt"
-    out: str = ""  # run directory; empty means runs/<data>/
+    out: str = ""
     save_every: int = 5000
     sample_every: int = 5000
     log_every: int = 100
-    num_workers: int = -1  # -1: by CPU count
-    device: str = "auto"  # auto | cpu | cuda
+    num_workers: int = -1
+    device: str = "auto"
+
+
+# One line of help per Config field; `train -h` prints it with the default.
+HELP = {
+    "model": "model preset (default: tiny for shapes, else by image size: cifar10 32, res64 64, "
+             "stl10 96)",
+    "image_size": "image height and width in pixels (default: the preset's)",
+    "in_channels": "1 (grayscale) or 3 (RGB)",
+    "ch": "base channel count, a multiple of 32 (default: the preset's)",
+    "ch_mult": "channel multiplier per resolution level (default: the preset's)",
+    "num_res_blocks": "residual blocks per level (default: the preset's)",
+    "attn_resolutions": "resolutions with self-attention, each one the U-Net reaches "
+                        "(default: the preset's)",
+    "dropout": "dropout in the residual blocks (default: the preset's)",
+    "T": "diffusion steps T",
+    "schedule": "beta schedule: linear (Ho et al.) or cosine (Nichol & Dhariwal)",
+    "var_type": "reverse variance: fixed_large (sigma^2 = beta_t) or fixed_small (beta-tilde_t)",
+    "clip_x0": "clip the predicted x_0 to [-1, 1] when sampling",
+    "data": "shapes (built in), cifar10, stl10, or a folder of images (class sub-folders give "
+            "labels)",
+    "data_dir": "where cifar10 and stl10 are downloaded to or found",
+    "steps": "optimizer steps in total; a resumed run finishes the same plan",
+    "batch_size": "images per optimizer step",
+    "grad_accum": "micro-batches per optimizer step (each batch_size / grad_accum images)",
+    "lr": "Adam learning rate after warm-up",
+    "warmup": "linear learning-rate warm-up steps",
+    "cosine_lr": "decay the learning rate to 0 after warm-up (not in Ho et al.)",
+    "grad_clip": "clip the gradient norm to this; 0 turns clipping off",
+    "ema_decay": "decay of the exponential moving average of the weights, in [0, 1)",
+    "flip": "random horizontal flips",
+    "amp": "mixed precision on CUDA: bf16, fp16 or none (the CPU trains in fp32)",
+    "compile": "torch.compile the model",
+    "seed": "seed of the data order, t, eps, flips and dropout",
+    "ckpt": "checkpoint file, written every --save-every steps and on Ctrl-C",
+    "out": "run directory for metrics.jsonl, loss.png and sample grids (default: runs/<data>)",
+    "save_every": "save the checkpoint every N steps; 0: only at the end and on a stop",
+    "sample_every": "write a 64-image DDIM grid every N steps and at the end; 0: never",
+    "log_every": "log loss, lr, grad norm and img/s every N steps",
+    "num_workers": "data loader processes; -1: 0 for built-in data, else up to 8 by CPU count",
+    "device": "auto, cpu, cuda or cuda:N",
+}
 
 
 # Named model presets. Ho et al. use 4 resolutions (32 -> 4) for CIFAR-10 and 6 (256 -> 8) at
@@ -105,6 +153,7 @@ PRESETS = {
 PRESET_BY_SIZE = {32: "cifar10", 64: "res64", 96: "stl10"}
 MODEL_FIELDS = ("image_size", "in_channels", "ch", "ch_mult", "num_res_blocks",
                 "attn_resolutions", "dropout")
+BUILTIN_DATA = ("shapes", "cifar10", "stl10")
 
 
 def make_config(model="cifar10", **overrides):
@@ -112,7 +161,12 @@ def make_config(model="cifar10", **overrides):
     if model not in PRESETS:
         raise ValueError(f"unknown model preset '{model}'; choose one of {', '.join(PRESETS)}")
     given = {k: v for k, v in overrides.items() if v is not None}
-    cfg = Config(**{"model": model, **PRESETS[model], **given})
+    settings = {**PRESETS[model], **given}
+    levels = [settings["image_size"] // 2 ** k for k in range(len(settings["ch_mult"]))]
+    if "attn_resolutions" not in given and not set(settings["attn_resolutions"]) & set(levels):
+        # another image size: attention at the level nearest 16x16, as the presets place it
+        settings["attn_resolutions"] = (min(levels, key=lambda r: abs(r - 16)),)
+    cfg = Config(model=model, **settings)
     check_config(cfg)
     return cfg
 
@@ -120,22 +174,55 @@ def make_config(model="cifar10", **overrides):
 def check_config(cfg):
     """Bad settings are a ValueError with a sentence, before any work starts."""
     levels = len(cfg.ch_mult)
+    if levels < 1 or any(m < 1 for m in cfg.ch_mult) or cfg.num_res_blocks < 1:
+        raise ValueError("--ch-mult needs at least one positive multiplier and --num-res-blocks "
+                         "must be at least 1")
     if cfg.image_size < 2 ** (levels - 1) or cfg.image_size % 2 ** (levels - 1):
         raise ValueError(f"image size {cfg.image_size} does not fit preset '{cfg.model}': it "
                          f"halves the image {levels - 1} times, so the size must be a multiple "
                          f"of {2 ** (levels - 1)}")
-    if cfg.ch % 32:
-        raise ValueError(f"ch={cfg.ch} must be a multiple of 32 (GroupNorm uses 32 groups)")
+    resolutions = [cfg.image_size // 2 ** k for k in range(levels)]
+    missing = [r for r in cfg.attn_resolutions if r not in resolutions]
+    if missing:
+        raise ValueError(f"--attn-resolutions {','.join(map(str, missing))}: this U-Net works at "
+                         f"{', '.join(map(str, resolutions))} pixels, so attention there would "
+                         "never run")
+    if cfg.ch < 32 or cfg.ch % 32:
+        raise ValueError(f"ch={cfg.ch} must be a positive multiple of 32 (GroupNorm uses 32 groups)")
+    if cfg.in_channels not in (1, 3):
+        raise ValueError(f"--in-channels {cfg.in_channels}: use 1 (grayscale) or 3 (RGB)")
+    if not 0 <= cfg.dropout < 1:
+        raise ValueError(f"--dropout {cfg.dropout} must be in [0, 1)")
     if cfg.schedule not in ("linear", "cosine"):
         raise ValueError(f"unknown schedule '{cfg.schedule}'; use linear or cosine")
     if cfg.var_type not in ("fixed_large", "fixed_small"):
         raise ValueError(f"unknown var_type '{cfg.var_type}'; use fixed_large or fixed_small")
+    if cfg.T < 2:
+        raise ValueError(f"T={cfg.T}: the diffusion needs at least 2 steps")
+    if cfg.schedule == "linear" and cfg.T < 20:  # beta_T = 0.02 * 1000 / T must stay below 1
+        raise ValueError(f"T={cfg.T}: the linear schedule needs T >= 20; use --schedule cosine")
     if cfg.amp not in ("bf16", "fp16", "none"):
         raise ValueError(f"unknown --amp '{cfg.amp}'; use bf16, fp16 or none")
     if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.batch_size % cfg.grad_accum:
         raise ValueError("--batch-size must be a positive multiple of --grad-accum")
-    if cfg.steps < 1 or cfg.T < 2:
-        raise ValueError("--steps must be >= 1 and T >= 2")
+    if cfg.steps < 1:
+        raise ValueError(f"--steps {cfg.steps}: train for at least 1 step")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0) or cfg.warmup < 0:
+        raise ValueError("--lr must be a positive number and --warmup at least 0")
+    if not (math.isfinite(cfg.grad_clip) and cfg.grad_clip >= 0):
+        raise ValueError(f"--grad-clip {cfg.grad_clip}: use a positive norm, or 0 for no clipping")
+    if not 0 <= cfg.ema_decay < 1:
+        raise ValueError(f"--ema-decay {cfg.ema_decay} must be in [0, 1) (Ho et al.: 0.9999)")
+    if cfg.seed < 0:
+        raise ValueError("--seed must be at least 0")
+    if cfg.log_every < 1 or cfg.save_every < 0 or cfg.sample_every < 0:
+        raise ValueError("--log-every must be at least 1; --save-every and --sample-every at "
+                         "least 0 (0: only at the end / never)")
+    if cfg.num_workers < -1:
+        raise ValueError("--num-workers must be -1 (automatic) or at least 0")
+    if not (cfg.device in ("auto", "cpu", "cuda") or
+            (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit())):
+        raise ValueError(f"--device {cfg.device}: use auto, cpu, cuda or cuda:N")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -411,22 +498,31 @@ class GaussianDiffusion:
         return mean, self._at(self.posterior_variance, i, x_t)
 
     def predict_x0_from_eps(self, x_t, i, eps):
-        """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) (eq. 15 solved for x_0)."""
+        """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) (eq. 15)."""
         return self._at(self.sqrt_recip_alphas_cumprod, i, x_t) * x_t - \
             self._at(self.sqrt_recipm1_alphas_cumprod, i, x_t) * eps
 
+    def predict_eps_from_x0(self, x_t, i, x0):
+        """eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t), the same relation solved for eps."""
+        return (self._at(self.sqrt_recip_alphas_cumprod, i, x_t) * x_t - x0) / \
+            self._at(self.sqrt_recipm1_alphas_cumprod, i, x_t)
+
     # -- reverse process ------------------------------------------------------------------------
+    # Every method takes (x_t, i, eps, ...): the state, its index in this chain, the network output.
 
     def model_eps(self, model, x_t, i):
         """eps_theta(x_t, t) with the network fed the original t of index i."""
         t = torch.as_tensor(self.timesteps[i.cpu().numpy()], dtype=torch.long, device=x_t.device)
         return model(x_t, t).to(x_t.dtype)
 
-    def p_mean_variance(self, eps, x_t, i):
-        """Mean and variance of p_theta(x_{t-1} | x_t) given eps_theta (eq. 11 via eq. 15 + 7)."""
+    def predict_x0(self, x_t, i, eps):
+        """The x_0 the samplers use: from eps, clipped to the data range [-1, 1] if clip_x0."""
         pred_x0 = self.predict_x0_from_eps(x_t, i, eps)
-        if self.clip_x0:
-            pred_x0 = pred_x0.clamp(-1, 1)
+        return pred_x0.clamp(-1, 1) if self.clip_x0 else pred_x0
+
+    def p_mean_variance(self, x_t, i, eps):
+        """Mean and variance of p_theta(x_{t-1} | x_t) given eps_theta (eq. 11 via eq. 15 + 7)."""
+        pred_x0 = self.predict_x0(x_t, i, eps)
         mean, posterior_variance = self.q_posterior(pred_x0, x_t, i)
         if self.var_type == "fixed_large":
             variance = self._at(self.betas, i, x_t)  # sigma_t^2 = beta_t (Ho et al.'s CIFAR-10)
@@ -434,19 +530,17 @@ class GaussianDiffusion:
             variance = posterior_variance  # sigma_t^2 = beta-tilde_t
         return mean, variance, pred_x0
 
-    def p_sample(self, eps, x_t, i, noise):
+    def p_sample(self, x_t, i, eps, noise):
         """x_{t-1} = mu + sigma z, with no noise at t = 0 (Algorithm 2, lines 3-4)."""
-        mean, variance, pred_x0 = self.p_mean_variance(eps, x_t, i)
+        mean, variance, pred_x0 = self.p_mean_variance(x_t, i, eps)
         nonzero = (i != 0).to(x_t.device, x_t.dtype).view(-1, 1, 1, 1)  # a mask, not a branch: traces cleanly
         return mean + nonzero * variance.sqrt() * noise, pred_x0
 
-    def ddim_step(self, eps, x_t, i, noise, eta=0.0):
+    def ddim_step(self, x_t, i, eps, noise, eta=0.0):
         """x_{t-1} from x_t (Song et al. eq. 12); eta=1 is DDPM's posterior noise, eta=0 none."""
-        pred_x0 = self.predict_x0_from_eps(x_t, i, eps)
+        pred_x0 = self.predict_x0(x_t, i, eps)
         if self.clip_x0:
-            pred_x0 = pred_x0.clamp(-1, 1)
-            eps = (self._at(self.sqrt_recip_alphas_cumprod, i, x_t) * x_t - pred_x0) / \
-                self._at(self.sqrt_recipm1_alphas_cumprod, i, x_t)  # eps consistent with x0
+            eps = self.predict_eps_from_x0(x_t, i, pred_x0)  # the eps consistent with the clipped x_0
         abar = self._at(self.alphas_cumprod, i, x_t)
         abar_prev = self._at(self.alphas_cumprod_prev, i, x_t)
         sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
@@ -466,6 +560,19 @@ def ddim_timesteps(T, steps):
     return np.arange(steps) * (T // steps)
 
 
+def check_sampler(sampler, steps, eta, T):
+    """ValueError with a sentence for sampler settings that would give no or wrong images."""
+    if sampler not in ("ddpm", "ddim"):
+        raise ValueError(f"unknown sampler '{sampler}'; use ddpm or ddim")
+    if steps is not None and not (isinstance(steps, (int, np.integer)) and 1 <= steps <= T):
+        raise ValueError(f"--steps must be between 1 and T={T}, got {steps}")
+    if not (isinstance(eta, (int, float)) and 0 <= eta <= 1):  # also refuses nan
+        raise ValueError(f"--eta must be between 0 (deterministic DDIM) and 1, got {eta}")
+    if sampler == "ddpm" and eta != 0:
+        raise ValueError("--eta sets DDIM's noise; the ancestral sampler (--sampler ddpm) has none "
+                         "to set. Use --sampler ddim, or leave --eta out")
+
+
 @torch.no_grad()
 def sample_loop(model, diffusion, x_T, sampler="ddpm", steps=None, eta=0.0, noise_fn=None,
                 generator=None, callback=None, progress=False):
@@ -476,9 +583,8 @@ def sample_loop(model, diffusion, x_T, sampler="ddpm", steps=None, eta=0.0, nois
                default randn from `generator`. Two implementations fed the same noise_fn agree.
     callback:  callback(k, t, x_t, pred_x0) after every step, e.g. for progress pictures.
     """
-    if sampler not in ("ddpm", "ddim"):
-        raise ValueError(f"unknown sampler '{sampler}'; use ddpm or ddim")
     T = diffusion.num_timesteps
+    check_sampler(sampler, steps, eta, T)
     steps = steps or T
     if sampler == "ddpm" and steps == T:
         chain = diffusion
@@ -497,9 +603,9 @@ def sample_loop(model, diffusion, x_T, sampler="ddpm", steps=None, eta=0.0, nois
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         eps = chain.model_eps(model, x, i)
         if sampler == "ddpm":
-            x, pred_x0 = chain.p_sample(eps, x, i, noise)
+            x, pred_x0 = chain.p_sample(x, i, eps, noise)
         else:
-            x, pred_x0 = chain.ddim_step(eps, x, i, noise, eta)
+            x, pred_x0 = chain.ddim_step(x, i, eps, noise, eta)
         if callback is not None:
             callback(k, int(chain.timesteps[i_int]), x, pred_x0)
     return x
@@ -509,17 +615,55 @@ def sample_loop(model, diffusion, x_T, sampler="ddpm", steps=None, eta=0.0, nois
 # Checkpoints
 
 
-def save_checkpoint(path, state):
-    """Atomic: write a temp file beside the target, then rename over it."""
+def checkpoint_state(cfg, model, ema=None, step=0, optimizer=None, scaler=None):
+    """The one checkpoint layout: config, weights and EMA weights, and with an optimizer the
+    state that --resume needs. Models are the raw (not compiled, not DDP) modules."""
+    state = {"format_version": CHECKPOINT_FORMAT, "config": asdict(cfg), "step": step,
+             "model": model.state_dict(), "ema": (ema or model).state_dict()}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+        state["scaler"] = scaler.state_dict()
+    return state
+
+
+def write_atomically(path, write):
+    """write(temp path), then rename it over `path`: a crash leaves the old file or the new one,
+    never half of one. Temp files of writers that died mid-write (kill -9) are removed first."""
     path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    folder, name = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    for f in os.listdir(folder):
+        pid = f[len(name) + 4:]
+        if f.startswith(name + ".tmp") and pid.isdigit() and int(pid) != os.getpid() \
+                and not process_alive(int(pid)):
+            os.remove(os.path.join(folder, f))
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        torch.save(state, tmp)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but another user's
+        return True
+    return True
+
+
+def save_checkpoint(path, state):
+    """Atomic; refuses non-finite weights, so a diverged model never replaces a checkpoint."""
+    for part in ("model", "ema"):
+        if part in state and not all(torch.isfinite(v).all() for v in state[part].values()
+                                     if v.is_floating_point()):
+            raise ValueError(f"the {part} weights are not finite (the training diverged); "
+                             f"'{path}' was not written")
+    write_atomically(path, lambda tmp: torch.save(state, tmp))
 
 
 def read_checkpoint(path):
@@ -534,151 +678,78 @@ def read_checkpoint(path):
                          "it is corrupt or not a ddpm.py checkpoint") from None
     if not isinstance(state, dict) or "config" not in state or "model" not in state:
         raise ValueError(f"'{path}' is not a ddpm.py checkpoint (no 'config' and 'model' entries)")
+    if not isinstance(state["config"], dict) or not isinstance(state["model"], dict):
+        raise ValueError(f"'{path}' is not a ddpm.py checkpoint (its config or weights are not "
+                         "a dict)")
     return state
 
 
-def config_from_dict(d):
+def config_from_dict(d, path="the checkpoint"):
+    """The Config a checkpoint describes; ValueError if the values cannot build a model."""
     known = {f.name for f in dataclasses.fields(Config)}
     d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known}
-    return Config(**d)
+    try:
+        cfg = Config(**d)
+        check_config(cfg)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path} has an unusable config: {e}") from None
+    return cfg
+
+
+def load_weights(module, weights, path, what="weights"):
+    """module.load_state_dict, with a sentence instead of a traceback when they do not fit."""
+    try:
+        module.load_state_dict(weights)
+    except (RuntimeError, TypeError, ValueError, KeyError, AttributeError) as e:
+        detail = " ".join(str(e).split())[:300]
+        raise ValueError(f"the {what} in '{path}' do not fit the model its config describes "
+                         f"({detail})") from None
 
 
 def load_checkpoint(path, ema=True):
     """(model in eval mode, config) rebuilt from the checkpoint alone. EMA weights by default."""
     state = read_checkpoint(path)
-    cfg = config_from_dict(state["config"])
+    cfg = config_from_dict(state["config"], f"'{path}'")
     model = UNet(cfg)
-    weights = state["ema"] if ema and state.get("ema") is not None else state["model"]
-    model.load_state_dict(weights)
+    use_ema = ema and isinstance(state.get("ema"), dict)
+    load_weights(model, state["ema"] if use_ema else state["model"], path,
+                 "EMA weights" if use_ema else "weights")
     return model.eval(), cfg
 
 
-# ----------------------------------------------------------------------------------------------
-# Published weights: a diffusers UNet2DModel folder (e.g. google/ddpm-cifar10-32) -> our checkpoint
-
-HO_LAYOUT = {  # UNet2DModel settings that make it Ho et al.'s network
-    "act_fn": "silu", "norm_num_groups": 32, "norm_eps": 1e-6, "downsample_padding": 0,
-    "flip_sin_to_cos": False, "freq_shift": 1, "time_embedding_type": "positional",
-    "resnet_time_scale_shift": "default", "center_input_sample": False, "add_attention": True,
-    "class_embed_type": None, "num_class_embeds": None, "time_embedding_dim": None,
-}
+CHECKPOINT_EXTENSIONS = (".pt", ".pth", ".ckpt")
 
 
-def diffusers_config(d):
-    """Our Config from a UNet2DModel config.json, or ValueError naming what is not Ho et al.'s."""
-    wrong = [f"{k}={d.get(k)!r} (Ho et al.: {v!r})" for k, v in HO_LAYOUT.items() if d.get(k, v) != v]
-    channels = d["block_out_channels"]
-    ch, size = channels[0], d["sample_size"]
-    down, up = d["down_block_types"], d["up_block_types"]
-    attn = tuple(size // 2 ** i for i, kind in enumerate(down) if kind == "AttnDownBlock2D")
-    if any(kind not in ("DownBlock2D", "AttnDownBlock2D") for kind in down):
-        wrong.append(f"down_block_types={down}")
-    if list(up) != [k.replace("Down", "Up") for k in reversed(down)]:
-        wrong.append(f"up_block_types={up} (must mirror the down blocks)")
-    if d.get("attention_head_dim") not in (None, *channels) or d.get("num_attention_heads") not in (None, 1):
-        wrong.append(f"attention_head_dim={d.get('attention_head_dim')} (Ho et al. use one head: None)")
-    if any(c % ch for c in channels) or d.get("out_channels", 3) != d.get("in_channels", 3):
-        wrong.append(f"block_out_channels={channels} / out_channels={d.get('out_channels')}")
-    if wrong:
-        raise ValueError("this UNet2DModel is not Ho et al.'s layout: " + "; ".join(wrong))
-    return dict(image_size=size, in_channels=d.get("in_channels", 3), ch=ch,
-                ch_mult=tuple(c // ch for c in channels), num_res_blocks=d["layers_per_block"],
-                attn_resolutions=attn, dropout=d.get("dropout", 0.1) or 0.1)
+def check_output_path(path, extensions, flag, overwrite=True, inputs=()):
+    """Before any work, that `path` can be written and nothing is lost by writing it: a
+    ValueError with a sentence if its extension is not one of `extensions`, it is a folder or one
+    of the `inputs`, it exists and overwrite is False, or its folder cannot be written."""
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} '{path}' is a folder; give a file name")
+    if os.path.splitext(path)[1].lower() not in extensions:
+        raise ValueError(f"{flag} '{path}': the name must end in {', '.join(extensions)}")
+    if os.path.exists(path):
+        if any(os.path.exists(p) and os.path.samefile(path, p) for p in inputs):
+            raise ValueError(f"{flag} '{path}' is the input file; writing it would destroy the input")
+        if not overwrite:
+            raise ValueError(f"{flag} '{path}' exists; pass --overwrite to replace it")
+    check_writable_folder(os.path.dirname(os.path.abspath(path)), flag)
 
 
-def diffusers_key(key, num_levels):
-    """Our parameter name for a diffusers UNet2DModel parameter name (None: not ours)."""
-    parts = key.split(".")
-    fixed = {"time_embedding.linear_1": "temb.dense.0", "time_embedding.linear_2": "temb.dense.1",
-             "conv_in": "conv_in", "conv_norm_out": "norm_out", "conv_out": "conv_out"}
-    head = ".".join(parts[:-1])
-    if head in fixed:
-        return f"{fixed[head]}.{parts[-1]}"
-    layer = {"norm1": "norm1", "conv1": "conv1", "time_emb_proj": "temb_proj", "norm2": "norm2",
-             "conv2": "conv2", "conv_shortcut": "nin_shortcut", "group_norm": "norm",
-             "to_q": "q", "query": "q", "to_k": "k", "key": "k", "to_v": "v", "value": "v",
-             "to_out": "proj_out", "proj_attn": "proj_out"}
-    if parts[0] in ("down_blocks", "up_blocks"):
-        level = int(parts[1]) if parts[0] == "down_blocks" else num_levels - 1 - int(parts[1])
-        ours = "down" if parts[0] == "down_blocks" else "up"
-        kind, rest = parts[2], parts[4:]
-        if kind in ("downsamplers", "upsamplers"):
-            resample = "downsample" if kind == "downsamplers" else "upsample"
-            return f"{ours}.{level}.{resample}.conv.{rest[-1]}"
-        group = {"resnets": "block", "attentions": "attn"}[kind]
-        return f"{ours}.{level}.{group}.{parts[3]}.{layer[rest[0]]}.{rest[-1]}"
-    if parts[0] == "mid_block":
-        name = {"resnets.0": "block_1", "resnets.1": "block_2", "attentions.0": "attn_1"}[".".join(parts[1:3])]
-        return f"mid.{name}.{layer[parts[3]]}.{parts[-1]}"
-    return None
+def check_output_folder(folder, flag):
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"{flag} '{folder}' is a file, not a folder")
+    check_writable_folder(folder, flag)
 
 
-def diffusers_schedule(sched, path):
-    """Our diffusion settings from a scheduler_config.json; ValueError if its betas are not ours."""
-    T = int(sched.get("num_train_timesteps", 1000))
-    kind = {"linear": "linear", "squaredcos_cap_v2": "cosine"}.get(sched.get("beta_schedule", "linear"))
-    if kind == "linear":  # ours scales 1e-4..0.02 by 1000/T; diffusers takes beta_start/end as given
-        ends = (sched.get("beta_start", 1e-4), sched.get("beta_end", 0.02))
-        if not all(math.isclose(a, b * 1000 / T) for a, b in zip(ends, (1e-4, 0.02))):
-            kind = None
-    if kind is None:
-        raise ValueError(f"scheduler '{path}' uses betas we do not build ({sched.get('beta_schedule')}, "
-                         f"{sched.get('beta_start')}..{sched.get('beta_end')} over T={T})")
-    var_type = sched.get("variance_type", "fixed_small")
-    if var_type not in ("fixed_small", "fixed_large"):
-        raise ValueError(f"scheduler '{path}': variance_type {var_type} is not supported")
-    return dict(var_type=var_type, clip_x0=bool(sched.get("clip_sample", True)), T=T, schedule=kind)
-
-
-def convert_diffusers(folder, out="ckpt.pt"):
-    """Read a diffusers UNet2DModel folder and write our self-describing checkpoint."""
-    unet_dir = os.path.join(folder, "unet") if os.path.isdir(os.path.join(folder, "unet")) else folder
-    config_path = os.path.join(unet_dir, "config.json")
-    if not os.path.isfile(config_path):
-        raise ValueError(f"no config.json in '{unet_dir}': not a diffusers UNet2DModel folder")
-    with open(config_path) as f:
-        model_cfg = diffusers_config(json.load(f))
-    schedule = dict(var_type="fixed_large", clip_x0=True, T=1000, schedule="linear")  # Ho et al.
-    for path in (os.path.join(folder, "scheduler", "scheduler_config.json"),
-                 os.path.join(folder, "scheduler_config.json")):
-        if os.path.isfile(path):
-            with open(path) as f:
-                schedule = diffusers_schedule(json.load(f), path)
-            break
-    cfg = Config(model="converted", **model_cfg, **schedule)
-    check_config(cfg)
-
-    safetensors_path = os.path.join(unet_dir, "diffusion_pytorch_model.safetensors")
-    bin_path = os.path.join(unet_dir, "diffusion_pytorch_model.bin")
-    if os.path.isfile(safetensors_path):
-        from safetensors.torch import load_file
-        theirs = load_file(safetensors_path)
-    elif os.path.isfile(bin_path):
-        theirs = torch.load(bin_path, map_location="cpu", weights_only=True)
-    else:
-        raise ValueError(f"no diffusion_pytorch_model.safetensors or .bin in '{unet_dir}'")
-
-    model = UNet(cfg)
-    ours = model.state_dict()
-    converted, unknown = {}, []
-    for key, value in theirs.items():
-        name = diffusers_key(key, len(cfg.ch_mult))
-        if name is None or name not in ours:
-            unknown.append(key)
-            continue
-        converted[name] = value.reshape(ours[name].shape)  # attention Linear (C, C) -> 1x1 conv
-    missing = sorted(set(ours) - set(converted))
-    if unknown or missing:
-        raise ValueError("the weights do not match Ho et al.'s U-Net: "
-                         f"{len(unknown)} unknown ({', '.join(unknown[:5])}), "
-                         f"{len(missing)} missing ({', '.join(missing[:5])})")
-    model.load_state_dict(converted)
-    state = model.state_dict()
-    save_checkpoint(out, {"format_version": CHECKPOINT_FORMAT, "config": asdict(cfg), "step": 0,
-                          "model": state, "ema": state})
-    print(f"wrote {out}: {count_params(model):,} parameters, {cfg.image_size}x{cfg.image_size}, "
-          f"{cfg.schedule} schedule, {cfg.var_type}, clip_x0={cfg.clip_x0}")
-    return cfg
+def check_writable_folder(folder, flag):
+    """Create the folder and a file in it, as the real write will; a sentence if that fails."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag}: cannot write in '{folder}' ({e.strerror or e})") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -740,10 +811,13 @@ def to_uint8(x):
 class ShapesDataset(torch.utils.data.Dataset):
     """10 classes of coloured shapes, generated once, deterministic from the seed."""
 
-    def __init__(self, n=10_000, size=32, seed=0):
+    def __init__(self, n=10_000, size=32, seed=0, channels=3):
         rng = np.random.default_rng(seed)
         self.labels = np.arange(n) % len(SHAPE_CLASSES)
-        self.images = to_model_range(np.stack([draw_shape(c, rng, size) for c in self.labels]))
+        images = np.stack([draw_shape(c, rng, size) for c in self.labels])  # (N, H, W, 3)
+        if channels == 1:  # ITU-R 601 luma, as Pillow's convert("L")
+            images = np.round(images @ np.array([0.299, 0.587, 0.114]))[..., None].astype(np.uint8)
+        self.images = to_model_range(images)
 
     def __len__(self):
         return len(self.labels)
@@ -755,25 +829,38 @@ class ShapesDataset(torch.utils.data.Dataset):
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 
 
-def center_crop_resize(img, size):
-    """Shorter side to `size`, then the central size x size square; RGB uint8 array."""
-    img = img.convert("RGB")
+def to_8bit(img, channels):
+    """A Pillow image as 8-bit RGB (channels 3) or L (channels 1). 16-bit images (mode I;16 or I)
+    are scaled by 255/65535; a plain convert() would clip them to white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode != "I" or arr.max() > 255:
+            arr = arr / 257.0
+        img = Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        raise ValueError("floating-point images (mode F) have no defined range")
+    return img.convert("RGB" if channels == 3 else "L")
+
+
+def center_crop_resize(img, size, channels=3):
+    """Shorter side to `size`, then the central size x size square; (H, W, C) uint8 array."""
+    img = to_8bit(img, channels)
     w, h = img.size
     s = size / min(w, h)
     img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
     w, h = img.size
     left, top = (w - size) // 2, (h - size) // 2
-    return np.asarray(img.crop((left, top, left + size, top + size)))
+    return np.asarray(img.crop((left, top, left + size, top + size))).reshape(size, size, channels)
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
     """A folder of images; class sub-folders give labels, a flat folder gives label 0."""
 
-    def __init__(self, root, size):
+    def __init__(self, root, size, channels=3):
         if not os.path.isdir(root):
             raise ValueError(f"--data '{root}' is neither a built-in dataset (shapes, cifar10, "
                              "stl10) nor a folder")
-        self.size = size
+        self.size, self.channels = size, channels
         subdirs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
         self.classes = subdirs
         candidates = []
@@ -799,10 +886,18 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, idx):
-        path, label = self.items[idx]
-        with Image.open(path) as img:
-            x = to_model_range(center_crop_resize(img, self.size)[None])[0]
-        return x, label
+        """The image at idx; one whose data turns out corrupt when decoded (the header check at
+        start-up cannot see that) is named on stderr and replaced by the next readable one."""
+        for k in range(len(self.items)):
+            path, label = self.items[(idx + k) % len(self.items)]
+            try:
+                with Image.open(path) as img:
+                    arr = center_crop_resize(img, self.size, self.channels)
+                return to_model_range(arr[None])[0], label
+            except (OSError, ValueError, SyntaxError) as e:
+                print(f"data: skipping unreadable image '{path}' ({type(e).__name__}: {e})",
+                      file=sys.stderr)
+        raise ValueError(f"none of the {len(self.items)} images can be decoded")
 
 
 def _opens(path):
@@ -817,16 +912,15 @@ def _opens(path):
 class TorchvisionImages(torch.utils.data.Dataset):
     """CIFAR-10 / STL-10 through torchvision, mapped to [-1, 1] at this boundary."""
 
-    def __init__(self, base, size):
-        self.base, self.size = base, size
+    def __init__(self, base, size, channels=3):
+        self.base, self.size, self.channels = base, size, channels
 
     def __len__(self):
         return len(self.base)
 
     def __getitem__(self, idx):
         img, label = self.base[idx]
-        arr = np.asarray(img) if img.size == (self.size, self.size) else center_crop_resize(img, self.size)
-        return to_model_range(arr[None])[0], int(label)
+        return to_model_range(center_crop_resize(img, self.size, self.channels)[None])[0], int(label)
 
 
 DOWNLOADS = {
@@ -837,7 +931,7 @@ DOWNLOADS = {
 
 def load_dataset(cfg):
     if cfg.data == "shapes":
-        return ShapesDataset(size=cfg.image_size, seed=cfg.seed)
+        return ShapesDataset(size=cfg.image_size, seed=cfg.seed, channels=cfg.in_channels)
     if cfg.data in DOWNLOADS:
         import torchvision
         url, filename = DOWNLOADS[cfg.data]
@@ -853,8 +947,8 @@ def load_dataset(cfg):
                 f"{cfg.data} is not in '{cfg.data_dir}' and could not be downloaded "
                 f"({type(e).__name__}: {str(e)[:120]}). Download {url} and put the file at "
                 f"{os.path.join(cfg.data_dir, filename)}, then run again.") from None
-        return TorchvisionImages(base, cfg.image_size)
-    return ImageFolderDataset(cfg.data, cfg.image_size)
+        return TorchvisionImages(base, cfg.image_size, cfg.in_channels)
+    return ImageFolderDataset(cfg.data, cfg.image_size, cfg.in_channels)
 
 
 class StepBatchSampler(torch.utils.data.Sampler):
@@ -883,9 +977,11 @@ class StepBatchSampler(torch.utils.data.Sampler):
 # ----------------------------------------------------------------------------------------------
 # Pictures
 
+PICTURE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
 
 def save_grid(images_uint8, path, nrow=None, pad=2):
-    """(N, H, W, C) uint8 -> one PNG grid."""
+    """(N, H, W, C) uint8 -> one picture, nrow images per row (default: a square)."""
     n, h, w, c = images_uint8.shape
     nrow = nrow or math.ceil(math.sqrt(n))
     ncol = math.ceil(n / nrow)
@@ -897,9 +993,8 @@ def save_grid(images_uint8, path, nrow=None, pad=2):
     Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(path)
 
 
-def save_loss_curve(log_path, png_path, width=640, height=360):
-    """Loss vs step from the JSONL log, drawn with Pillow (log-scale loss)."""
-    rows = [json.loads(line) for line in open(log_path)]
+def save_loss_curve(rows, png_path, width=640, height=360):
+    """Loss vs step from the log rows, drawn with Pillow (log-scale loss)."""
     if len(rows) < 2:
         return
     steps = np.array([r["step"] for r in rows], dtype=float)
@@ -928,8 +1023,10 @@ def save_loss_curve(log_path, png_path, width=640, height=360):
 def pick_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but no CUDA GPU is usable here")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} was asked for, but no CUDA GPU is usable here")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
     return torch.device(name)
 
 
@@ -943,15 +1040,185 @@ def learning_rate(cfg, step):
     return cfg.lr
 
 
-class NonFiniteLoss(Exception):
+def micro_batch_seed(seed, step, micro):
+    """The seed of micro-batch `micro` of optimizer step `step`. t, eps, flips and dropout are
+    drawn after seeding with it, so they depend on (seed, step, micro) alone: a resumed run draws
+    exactly what an uninterrupted one would, with no RNG state to save."""
+    return int(np.random.SeedSequence([seed, step, micro]).generate_state(1, np.uint64)[0])
+
+
+def ema_update(ema, model, decay):
+    """theta_ema <- decay theta_ema + (1 - decay) theta, parameter by parameter."""
+    with torch.no_grad():
+        for p_ema, p in zip(ema.parameters(), model.parameters()):
+            p_ema.lerp_(p, 1 - decay)
+
+
+def run_dir(cfg):
+    return cfg.out or os.path.join("runs", os.path.basename(os.path.normpath(cfg.data)))
+
+
+def check_run_files(cfg, resume, overwrite):
+    """Before any work: the checkpoint and run directory can be written, and nothing a previous
+    run left there is clobbered unless --resume continues it or --overwrite replaces it."""
+    log = os.path.join(run_dir(cfg), "metrics.jsonl")
+    exists = os.path.exists(cfg.ckpt) and not os.path.isdir(cfg.ckpt)
+    continuing = resume is not None and exists and os.path.samefile(resume, cfg.ckpt)
+    if exists and not (overwrite or continuing):
+        raise ValueError(f"--ckpt '{cfg.ckpt}' exists ({checkpoint_step(cfg.ckpt)}); continue that "
+                         "run with --resume, or start over with --overwrite")
+    check_output_path(cfg.ckpt, CHECKPOINT_EXTENSIONS, "--ckpt")
+    if os.path.isfile(log) and os.path.getsize(log) and resume is None and not overwrite:
+        raise ValueError(f"'{log}' holds the log of an earlier run; continue that run with --resume, "
+                         "start over with --overwrite, or pick another --out")
+    check_writable_folder(run_dir(cfg), "--out")
+
+
+def checkpoint_step(path):
+    """'step N' of an existing checkpoint, for messages; cheap (memory-mapped)."""
+    try:
+        return f"step {torch.load(path, mmap=True, weights_only=True)['step']}"
+    except Exception:
+        return "not a ddpm.py training checkpoint"
+
+
+def check_free_space(path, model):
+    """A checkpoint holds the weights 4 times (model, EMA, Adam's two moments): refuse to start
+    where it cannot be written, instead of failing at the first save."""
+    need = 4 * 4 * count_params(model) + (64 << 20)  # float32 tensors, plus room for logs and grids
+    free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+    if free < need:
+        raise ValueError(f"only {free >> 20} MB free beside '{path}'; a checkpoint of this model "
+                         f"needs about {need >> 20} MB. Free some space or choose another --ckpt")
+
+
+def restore(resume, cfg, raw_model, ema, optimizer, scaler):
+    """Load the training state from `resume` into the given objects; returns its step. Settings
+    that define the model must match; changed training settings are reported, this run's win."""
+    state = read_checkpoint(resume)
+    saved = config_from_dict(state["config"], f"'{resume}'")
+    for name in MODEL_FIELDS + ("T", "schedule"):
+        if getattr(saved, name) != getattr(cfg, name):
+            raise ValueError(f"--resume {resume}: the checkpoint has {name}="
+                             f"{getattr(saved, name)}, this run {getattr(cfg, name)}; a resumed "
+                             "run cannot change the model or its schedule")
+    if state.get("format_version") != CHECKPOINT_FORMAT or not isinstance(state.get("optimizer"), dict):
+        raise ValueError(f"'{resume}' holds weights only, not a training state to resume")
+    load_weights(raw_model, state["model"], resume)
+    load_weights(ema, state["ema"], resume, "EMA weights")
+    load_weights(optimizer, state["optimizer"], resume, "optimizer state")
+    load_weights(scaler, state["scaler"], resume, "gradient scaler state")
+    step = int(state["step"])
+    for f in dataclasses.fields(Config):
+        old, new = getattr(saved, f.name), getattr(cfg, f.name)
+        if old != new and f.name not in ("ckpt", "out", "steps"):
+            print(f"resume: {f.name} was {old} in the checkpoint and is {new} now; {new} is used "
+                  f"from step {step} on")
+    print(f"resuming from {resume} at step {step} of {cfg.steps}")
+    return step
+
+
+class RunLog:
+    """metrics.jsonl, one JSON line per logged step, and loss.png, redrawn at every line. A
+    resumed run first drops the lines written after the step it resumes from."""
+
+    def __init__(self, out_dir, resume_step=None):
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.png = os.path.join(out_dir, "loss.png")
+        self.rows = []
+        if resume_step is not None and os.path.isfile(self.path):
+            with open(self.path) as f:
+                for line in f:
+                    with contextlib.suppress(ValueError, KeyError, TypeError):
+                        row = json.loads(line)
+                        if row["step"] <= resume_step:
+                            self.rows.append(row)
+        text = "".join(json.dumps(r) + "\n" for r in self.rows)
+        write_atomically(self.path, lambda tmp: open(tmp, "w").write(text))
+        self.file = open(self.path, "a")
+        self.warned = False
+
+    def write(self, row):
+        self.rows.append(row)
+        try:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+        except OSError as e:
+            self.warn(e)
+        self.draw()
+
+    def draw(self):
+        try:
+            save_loss_curve(self.rows, self.png)
+        except OSError as e:
+            self.warn(e)
+
+    def warn(self, e):
+        if not self.warned:  # the log is not the work: keep training, say it once
+            print(f"warning: cannot write the log in '{os.path.dirname(self.path)}' "
+                  f"({e.strerror or e}); training goes on", file=sys.stderr)
+            self.warned = True
+
+    def close(self):
+        with contextlib.suppress(OSError):
+            self.file.close()
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (kill, job schedulers) ask the loop to stop after the step it
+    is in, so the checkpoint is saved at a step boundary and resumes exactly. A second signal
+    stops at once (KeyboardInterrupt). Outside the main thread signals cannot be caught: no-op."""
+
+    def __enter__(self):
+        self.signal, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self.previous[s] = signal.signal(s, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step to save a checkpoint "
+              "(send it again to stop at once, without saving)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def ignore_stop_signals(worker_id):
+    """DataLoader workers leave Ctrl-C and SIGTERM (which job schedulers send to the whole process
+    group) to the main process, which finishes the step first; a worker killed by them would make
+    the loader raise in the middle of that step."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class Diverged(Exception):
     pass
 
 
-def train(cfg, resume=None):
+class Stopped(Exception):
+    """Training stopped early (a signal, or a diverged model); `exit_code` for main()."""
+
+    def __init__(self, message, exit_code):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def train(cfg, resume=None, overwrite=False):
+    """Algorithm 1 for cfg.steps optimizer steps. resume: a checkpoint to continue exactly.
+    Files a previous run left at cfg.ckpt or in the run directory are refused unless resume
+    continues them or overwrite is set."""
     device = pick_device(cfg.device)
-    out_dir = cfg.out or os.path.join("runs", os.path.basename(os.path.normpath(cfg.data)))
-    os.makedirs(out_dir, exist_ok=True)
-    torch.manual_seed(cfg.seed)
+    out_dir = run_dir(cfg)
+    check_run_files(cfg, resume, overwrite)
+    if cfg.steps < cfg.warmup:
+        print(f"warning: --steps {cfg.steps} ends inside the {cfg.warmup}-step warm-up, so the "
+              f"learning rate never reaches --lr {cfg.lr} (it ends at "
+              f"{learning_rate(cfg, cfg.steps - 1):.2g}); lower --warmup", file=sys.stderr)
 
     # AMP (nanoGPT style): bf16 autocast by default on CUDA, fp16 with a scaler, fp32 on CPU
     use_amp = device.type == "cuda" and cfg.amp != "none"
@@ -966,6 +1233,7 @@ def train(cfg, resume=None):
     print(f"data: {cfg.data}, {len(dataset)} images at {cfg.image_size}x{cfg.image_size}; "
           f"run directory {out_dir}; device {device}")
 
+    torch.manual_seed(cfg.seed)  # the initial weights
     raw_model = UNet(cfg).to(device)
     if device.type == "cuda":
         raw_model = raw_model.to(memory_format=torch.channels_last)
@@ -973,27 +1241,13 @@ def train(cfg, resume=None):
     optimizer = torch.optim.Adam(raw_model.parameters(), lr=cfg.lr)
     diffusion = GaussianDiffusion.from_config(cfg)
     model = torch.compile(raw_model) if cfg.compile else raw_model
+    check_free_space(cfg.ckpt, raw_model)
 
-    step, rng_state = 0, None
-    if resume:
-        state = read_checkpoint(resume)
-        saved = config_from_dict(state["config"])
-        for name in MODEL_FIELDS + ("T", "schedule"):
-            if getattr(saved, name) != getattr(cfg, name):
-                raise ValueError(f"--resume {resume}: the checkpoint has {name}="
-                                 f"{getattr(saved, name)}, this run {getattr(cfg, name)}")
-        if state.get("format_version") != CHECKPOINT_FORMAT or "optimizer" not in state:
-            raise ValueError(f"'{resume}' holds weights only, not a training state to resume")
-        raw_model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        step, rng_state = state["step"], state["rng"]
-        print(f"resuming from {resume} at step {step} of {cfg.steps}")
-        if step >= cfg.steps:
-            print(f"nothing to do: the checkpoint is at step {step}, --steps is {cfg.steps}")
-            return
-
+    step = restore(resume, cfg, raw_model, ema, optimizer, scaler) if resume is not None else 0
+    if step >= cfg.steps:
+        print(f"nothing to do: the checkpoint is at step {step}, --steps is {cfg.steps}")
+        return
+    first_step = step
     micro = cfg.batch_size // cfg.grad_accum
     if cfg.num_workers >= 0:
         workers = cfg.num_workers
@@ -1003,10 +1257,11 @@ def train(cfg, resume=None):
         dataset, batch_sampler=StepBatchSampler(len(dataset), cfg.batch_size, cfg.seed, step,
                                                 cfg.steps),
         num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-        generator=torch.Generator().manual_seed(cfg.seed))  # its own RNG: keeps resume exact
+        worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(cfg.seed))
 
-    def loss_of(x0):
-        """L_simple on a batch with random flips, t and eps (from the global torch RNG)."""
+    def loss_of(x0, at_step, m):
+        """L_simple on micro-batch m of a step, with flips, t, eps and dropout from its seed."""
+        torch.manual_seed(micro_batch_seed(cfg.seed, at_step, m))
         if cfg.flip:
             flip = torch.rand(x0.shape[0], device=device) < 0.5
             x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
@@ -1015,96 +1270,114 @@ def train(cfg, resume=None):
         with autocast:
             return diffusion.training_loss(model, x0, i, noise)
 
-    def checkpoint(at_step):
-        rng = {"torch": torch.get_rng_state()}
-        if device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state()
-        save_checkpoint(cfg.ckpt, {
-            "format_version": CHECKPOINT_FORMAT, "config": asdict(cfg), "step": at_step,
-            "model": raw_model.state_dict(), "ema": ema.state_dict(),
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng})
+    saved = {"step": step if resume is not None and os.path.exists(cfg.ckpt)
+             and os.path.samefile(resume, cfg.ckpt) else None}
+
+    def on_disk():
+        return (f"'{cfg.ckpt}' holds step {saved['step']}" if saved["step"] is not None
+                else "no checkpoint was written by this run")
+
+    def save(at_step, final, x0):
+        """Only weights whose loss on x0 is finite are saved: a model that diverged in its last
+        step (finite weights, NaN outputs) never replaces a good checkpoint. Periodic saves that
+        fail (disk full) warn and training goes on; the last one must work."""
+        with torch.no_grad(), autocast:
+            check = diffusion.training_loss(raw_model, x0, torch.full((x0.shape[0],), cfg.T // 2),
+                                            torch.randn_like(x0))
+        if not torch.isfinite(check):
+            raise Diverged(f"the weights after step {at_step} give a loss of {check.item()}")
+        try:
+            save_checkpoint(cfg.ckpt, checkpoint_state(cfg, raw_model, ema, at_step, optimizer, scaler))
+            saved["step"] = at_step
+        except (OSError, ValueError) as e:
+            message = f"could not save step {at_step} to '{cfg.ckpt}' ({getattr(e, 'strerror', None) or e})"
+            if final or isinstance(e, ValueError):
+                raise Stopped(f"error: {message}; {on_disk()}", 1) from None
+            print(f"warning: {message}; {on_disk()}; training goes on", file=sys.stderr)
 
     def sample_grid(at_step):
         g = torch.Generator(device=device).manual_seed(cfg.seed)
         x_T = torch.randn(64, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g,
                           device=device)
         x0 = sample_loop(ema, diffusion, x_T, sampler="ddim", steps=min(50, cfg.T), generator=g)
-        save_grid(to_uint8(x0), os.path.join(out_dir, f"samples_{at_step:07d}.png"))
+        try:
+            save_grid(to_uint8(x0), os.path.join(out_dir, f"samples_{at_step:07d}.png"))
+        except OSError as e:
+            print(f"warning: cannot write a sample grid in '{out_dir}' ({e.strerror or e})",
+                  file=sys.stderr)
 
     # Pre-flight: one batch through data, model and backward, so a broken setup fails in
-    # seconds. Its gradients are dropped and the RNG reset after it, so it changes nothing.
+    # seconds. Its gradients are dropped, and every step seeds its own draws, so it changes nothing.
     first = next(iter(torch.utils.data.DataLoader(dataset, batch_size=micro)))[0].to(device)
     t0 = time.time()
-    loss = loss_of(first)
+    loss = loss_of(first, step, 0)
     loss.backward()
     optimizer.zero_grad(set_to_none=True)
     print(f"pre-flight ok: one step on one batch, loss {loss.item():.4f}, {time.time() - t0:.1f}s")
-    if rng_state is None:
-        torch.manual_seed(cfg.seed)
-    else:
-        torch.set_rng_state(rng_state["torch"])
-        if "cuda" in rng_state and device.type == "cuda":
-            torch.cuda.set_rng_state(rng_state["cuda"])
 
     from tqdm import tqdm
-    log_path = os.path.join(out_dir, "metrics.jsonl")
-    log = open(log_path, "a" if resume else "w")
+    log = RunLog(out_dir, step if resume is not None else None)
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
     model.train()
-    t_last, imgs_since = time.time(), 0
+    t_last, imgs_since, paused = time.time(), 0, 0.0  # paused: saving and sampling, not training
     try:
-        for batch, _ in loader:
-            lr = learning_rate(cfg, step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = 0.0
-            for x0 in batch.to(device, non_blocking=True).split(micro):
-                if device.type == "cuda":
-                    x0 = x0.contiguous(memory_format=torch.channels_last)
-                loss = loss_of(x0) / cfg.grad_accum
-                if not torch.isfinite(loss):
-                    raise NonFiniteLoss(f"the loss became {loss.item()} at step {step}")
-                scaler.scale(loss).backward()
-                loss_sum += loss.item()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                for p_ema, p in zip(ema.parameters(), raw_model.parameters()):
-                    p_ema.lerp_(p, 1 - cfg.ema_decay)
-            step += 1
-            imgs_since += batch.shape[0]
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                now = time.time()
-                ips = imgs_since / (now - t_last)
-                t_last, imgs_since = now, 0
-                log.write(json.dumps({"step": step, "loss": loss_sum, "lr": lr,
-                                      "grad_norm": float(grad_norm), "img_per_s": ips}) + "\n")
-                log.flush()
-                bar.set_postfix(loss=f"{loss_sum:.4f}", img_s=f"{ips:.1f}")
-            if step % cfg.save_every == 0 or step == cfg.steps:
-                checkpoint(step)
-            if step % cfg.sample_every == 0 or step == cfg.steps:
-                sample_grid(step)
-    except NonFiniteLoss as e:
-        bar.close()
-        kept = f"the last good checkpoint '{cfg.ckpt}' is intact" if os.path.exists(cfg.ckpt) \
-            else "no checkpoint had been written yet"
-        raise SystemExit(f"error: {e}; training stopped and {kept}. Try a lower --lr, "
-                         "--amp bf16 instead of fp16, or check the data.") from None
+        with StopSignals() as stop:
+            for batch, _ in loader:
+                lr = learning_rate(cfg, step)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss_sum = 0.0
+                for m, x0 in enumerate(batch.to(device, non_blocking=True).split(micro)):
+                    if device.type == "cuda":
+                        x0 = x0.contiguous(memory_format=torch.channels_last)
+                    loss = loss_of(x0, step, m) / cfg.grad_accum
+                    if not torch.isfinite(loss):
+                        raise Diverged(f"the loss became {loss.item()} at step {step + 1}")
+                    scaler.scale(loss).backward()
+                    loss_sum += loss.item()
+                scaler.unscale_(optimizer)
+                max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")  # 0: no clipping
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm))
+                if not math.isfinite(grad_norm) and not scaler.is_enabled():  # fp16 skips such steps
+                    raise Diverged(f"the gradient norm became {grad_norm} at step {step + 1}")
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                ema_update(ema, raw_model, cfg.ema_decay)
+                step += 1
+                imgs_since += batch.shape[0]
+                bar.update(1)
+                t_pause = time.time()
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    ips = imgs_since / max(t_pause - t_last - paused, 1e-9)
+                    log.write({"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
+                               "img_per_s": ips})
+                    bar.set_postfix(loss=f"{loss_sum:.4f}", img_s=f"{ips:.1f}")
+                    t_last, imgs_since, paused = time.time(), 0, 0.0
+                    t_pause = t_last
+                if stop.signal or step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
+                    save(step, stop.signal is not None or step == cfg.steps, x0)
+                if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
+                    sample_grid(step)
+                paused += time.time() - t_pause
+                if stop.signal:
+                    name = signal.Signals(stop.signal).name
+                    raise Stopped(f"\n{name}: saved step {step} to '{cfg.ckpt}'; continue with "
+                                  f"--resume {cfg.ckpt}", 128 + stop.signal)
+    except Diverged as e:
+        raise Stopped(f"error: {e}; training stopped, and {on_disk()} (only weights that give a "
+                      "finite loss are saved). Try a lower --lr, --amp bf16 instead of fp16, or check "
+                      "the data", 1) from None
     except KeyboardInterrupt:
-        bar.close()
-        checkpoint(step)
-        raise SystemExit(f"\ninterrupted: saved step {step} to '{cfg.ckpt}'; continue with "
-                         f"--resume {cfg.ckpt}") from None
+        hint = f"; continue with --resume {cfg.ckpt}" if saved["step"] is not None else ""
+        raise Stopped(f"\nstopped at once during step {step + 1}, without saving; {on_disk()}{hint}",
+                      130) from None
     finally:
+        bar.close()
+        log.draw()
         log.close()
-    bar.close()
-    save_loss_curve(log_path, os.path.join(out_dir, "loss.png"))
-    print(f"done: {step} steps; checkpoint '{cfg.ckpt}', samples and loss curve in {out_dir}")
+    print(f"done: steps {first_step}..{step}; checkpoint '{cfg.ckpt}', samples and loss curve "
+          f"in {out_dir}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1113,10 +1386,17 @@ def train(cfg, resume=None):
 
 def sample(ckpt, n=64, steps=None, sampler="ddpm", eta=0.0, seed=0, out="samples.png",
            outdir=None, ema=True, batch=None, device="auto"):
+    """n images from the checkpoint's model into one grid (and one PNG each in outdir)."""
     if n < 1:
-        raise ValueError("--n must be at least 1")
+        raise ValueError(f"--n {n}: sample at least 1 image")
+    if batch is not None and batch < 1:
+        raise ValueError(f"--batch {batch}: use at least 1 image per batch")
+    check_output_path(out, PICTURE_EXTENSIONS, "--out", inputs=(ckpt,))
+    if outdir:
+        check_output_folder(outdir, "--outdir")
     device = pick_device(device)
     model, cfg = load_checkpoint(ckpt, ema=ema)
+    check_sampler(sampler, steps, eta, cfg.T)
     model.to(device)
     diffusion = GaussianDiffusion.from_config(cfg)
     g = torch.Generator(device=device).manual_seed(seed)
@@ -1132,12 +1412,14 @@ def sample(ckpt, n=64, steps=None, sampler="ddpm", eta=0.0, seed=0, out="samples
         images.append(to_uint8(x0))
     elapsed = time.time() - t0
     images = np.concatenate(images)
-    save_grid(images, out)
-    if outdir:
-        os.makedirs(outdir, exist_ok=True)
-        for k, img in enumerate(images):
-            Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img).save(
-                os.path.join(outdir, f"{k:05d}.png"))
+    try:
+        save_grid(images, out)
+        if outdir:
+            for k, img in enumerate(images):
+                Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img).save(
+                    os.path.join(outdir, f"{k:05d}.png"))
+    except OSError as e:
+        raise ValueError(f"the samples could not be written ({e.strerror or e})") from None
     n_steps = steps or cfg.T
     print(f"wrote {out}" + (f" and {n} PNGs in {outdir}" if outdir else "") +
           f"; {n * n_steps / elapsed:.1f} image-steps/s on {device} ({sampler}, {n_steps} steps)")
@@ -1146,70 +1428,107 @@ def sample(ckpt, n=64, steps=None, sampler="ddpm", eta=0.0, seed=0, out="samples
 # ----------------------------------------------------------------------------------------------
 # Command line
 
+CHOICES = {"model": list(PRESETS), "schedule": ["linear", "cosine"],
+           "var_type": ["fixed_large", "fixed_small"], "amp": ["bf16", "fp16", "none"]}
+
 
 def add_config_flags(parser):
     """One flag per Config field (--batch-size for batch_size); default None = preset/default."""
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
+        shown = "the preset's" if f.name in MODEL_FIELDS else \
+            ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        text = HELP[f.name] if "default:" in HELP[f.name] else f"{HELP[f.name]} (default: {shown})"
+        text = text.replace("%", "%%")
         if f.type is bool or isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif isinstance(f.default, tuple):
-            parser.add_argument(flag, type=lambda s: tuple(int(v) for v in s.split(",")),
-                                default=None, metavar="A,B,..")
+            parser.add_argument(flag, type=int_tuple, default=None, metavar="A,B,..", help=text)
         else:
-            parser.add_argument(flag, type=type(f.default), default=None)
+            parser.add_argument(flag, type=type(f.default), default=None, help=text,
+                                choices=CHOICES.get(f.name))
+
+
+def int_tuple(text):
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of integers") from None
+
+
+def train_config(given, resume):
+    """The run's Config from the flags given (None: not given). A fresh run starts from a preset;
+    a resumed one from the checkpoint's config, so `train --resume` alone continues the run."""
+    if resume is not None:
+        path = resume or given["ckpt"] or Config.ckpt
+        saved = config_from_dict(read_checkpoint(path)["config"], f"'{path}'")
+        if given["model"] not in (None, saved.model):
+            raise ValueError(f"--resume {path}: the checkpoint was trained with preset "
+                             f"'{saved.model}', not '{given['model']}'")
+        changes = {k: v for k, v in given.items() if v is not None}
+        changes.setdefault("ckpt", path)  # continue writing the file we resume from
+        cfg = dataclasses.replace(saved, **changes)
+        check_config(cfg)
+        return cfg, path
+    if given["model"] is None:  # pick the preset from the data, then the image size
+        size = given["image_size"] or (96 if given["data"] == "stl10" else 32)
+        given["model"] = "tiny" if given["data"] in (None, "shapes") else PRESET_BY_SIZE.get(size)
+        if given["model"] is None:
+            raise ValueError(f"no preset for --image-size {size}; pass --model "
+                             f"({', '.join(PRESETS)}) and a size it can take")
+    return make_config(**given), None
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="ddpm.py", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p_train = sub.add_parser("train", help="train a model (Algorithm 1)")
-    add_config_flags(p_train)
-    p_train.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
-                         help="continue from PATH (default: the --ckpt file)")
+    train_parser = sub.add_parser("train", help="train a model (Algorithm 1)")
+    add_config_flags(train_parser)
+    train_parser.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+                              help="continue the run saved in PATH (default PATH: the --ckpt file); "
+                                   "flags given change its settings (default: start a new run)")
+    train_parser.add_argument("--overwrite", action="store_true",
+                              help="replace an existing --ckpt and the run's metrics.jsonl "
+                                   "(default: refuse to)")
 
-    p_sample = sub.add_parser("sample", help="sample images from a checkpoint (Algorithm 2)")
-    p_sample.add_argument("--ckpt", default="ckpt.pt")
-    p_sample.add_argument("--n", type=int, default=64)
-    p_sample.add_argument("--steps", type=int, default=None, help="default: T (1000)")
-    p_sample.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
-    p_sample.add_argument("--eta", type=float, default=0.0)
-    p_sample.add_argument("--seed", type=int, default=0)
-    p_sample.add_argument("--batch", type=int, default=None)
-    p_sample.add_argument("--out", default="samples.png")
-    p_sample.add_argument("--outdir", default=None, help="also write one PNG per image here")
-    p_sample.add_argument("--no-ema", action="store_true", help="use the raw, not the EMA, weights")
-    p_sample.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    sample_parser = sub.add_parser("sample", help="sample images from a checkpoint (Algorithm 2)")
+    sample_parser.add_argument("--ckpt", default="ckpt.pt", help="checkpoint (default: ckpt.pt)")
+    sample_parser.add_argument("--n", type=int, default=64, help="number of images (default: 64)")
+    sample_parser.add_argument("--steps", type=int, default=None,
+                               help="sampling steps; fewer than T respaces the chain (default: T)")
+    sample_parser.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm",
+                               help="ddpm: ancestral (Algorithm 2); ddim: Song et al. (default: ddpm)")
+    sample_parser.add_argument("--eta", type=float, default=0.0,
+                               help="DDIM noise, 0 deterministic .. 1 (default: 0; ddim only)")
+    sample_parser.add_argument("--seed", type=int, default=0, help="seed of x_T and the noise (default: 0)")
+    sample_parser.add_argument("--batch", type=int, default=None,
+                               help="images per network call (default: all of --n)")
+    sample_parser.add_argument("--out", default="samples.png",
+                               help="the grid picture, .png/.jpg/.webp/.bmp (default: samples.png)")
+    sample_parser.add_argument("--outdir", default=None,
+                               help="also write one PNG per image in this folder (default: none)")
+    sample_parser.add_argument("--no-ema", action="store_true",
+                               help="use the raw weights, not the EMA (default: EMA)")
+    sample_parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                               help="where to run (default: auto, CUDA if usable)")
 
-    p_convert = sub.add_parser("convert", help="make a checkpoint from published weights")
-    p_convert.add_argument("--from-diffusers", required=True, metavar="DIR",
-                           help="a diffusers UNet2DModel folder, e.g. google/ddpm-cifar10-32")
-    p_convert.add_argument("-o", "--out", default="ckpt.pt")
-
-    p_info = sub.add_parser("info", help="config, parameter count and FLOPs of a model")
-    p_info.add_argument("--model", default=None, choices=list(PRESETS))
-    p_info.add_argument("--image-size", type=int, default=None)
-    p_info.add_argument("--ckpt", default=None)
+    info_parser = sub.add_parser("info", help="config, parameter count and FLOPs of a model")
+    info_parser.add_argument("--model", default=None, choices=list(PRESETS),
+                             help="a preset (default: cifar10)")
+    info_parser.add_argument("--image-size", type=int, default=None,
+                             help="image size (default: the preset's)")
+    info_parser.add_argument("--ckpt", default=None, help="describe this checkpoint instead (default: none)")
 
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
             given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
-            if given["model"] is None:  # pick the preset from the data, then the image size
-                size = given["image_size"] or (96 if given["data"] == "stl10" else 32)
-                given["model"] = "tiny" if given["data"] in (None, "shapes") else PRESET_BY_SIZE.get(size)
-                if given["model"] is None:
-                    raise ValueError(f"no preset for --image-size {size}; pass --model "
-                                     f"({', '.join(PRESETS)}) and a size it can take")
-            cfg = make_config(**given)
-            resume = None if args.resume is None else (args.resume or cfg.ckpt)
-            train(cfg, resume)
+            cfg, resume = train_config(given, args.resume)
+            train(cfg, resume, args.overwrite)
         elif args.command == "sample":
             sample(args.ckpt, args.n, args.steps, args.sampler, args.eta, args.seed, args.out,
                    args.outdir, ema=not args.no_ema, batch=args.batch, device=args.device)
-        elif args.command == "convert":
-            convert_diffusers(args.from_diffusers, args.out)
         elif args.command == "info":
             if args.ckpt:
                 model, cfg = load_checkpoint(args.ckpt)
@@ -1223,6 +1542,11 @@ def main(argv=None):
                   f"{cfg.image_size}x{cfg.image_size}")
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    except Stopped as e:
+        print(str(e), file=sys.stderr)
+        raise SystemExit(e.exit_code) from None
+    except KeyboardInterrupt:
+        raise SystemExit("\ninterrupted") from None
 
 
 if __name__ == "__main__":

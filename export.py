@@ -14,7 +14,9 @@ The contract (other runtimes are written against it):
   x_{t-1} = c1 pred_x0 + c2 x_t + c3 eps' + s noise, which sample_ort.py runs on the device.
 
 Before it reports success the file is checked: onnx.checker, then ONNX Runtime against
-PyTorch on random inputs at batch 1 and 3; it exits non-zero above the precision's tolerance.
+PyTorch on random inputs at batch 1 and 3; above the precision's tolerance nothing is written
+and it exits non-zero. The output is written to a temp file and renamed into place, and it is
+never the checkpoint itself.
 """
 
 import argparse
@@ -35,6 +37,7 @@ import ddpm
 
 FORMAT_VERSION = 1
 MIN_OPSET = 17
+MAX_OPSET = 20  # the newest the TorchScript exporter (dynamo=False) of this torch writes
 # max |ort - torch| / max |torch| allowed: float32 is exact up to kernel rounding; float16 is
 # compared against the float32 PyTorch model, so it includes the half-precision loss itself.
 TOLERANCE = {"fp32": 1e-5, "fp16": 2e-2}
@@ -155,40 +158,56 @@ def compare_with_torch(path, model, cfg, batches=(1, 3), seed=0):
     return results
 
 
-def export(ckpt, out="ddpm.onnx", fp16=False, ema=True, opset=MIN_OPSET, check=True):
-    """Write the ONNX file; returns [(batch, max abs error, relative error)] of the check."""
-    if opset < MIN_OPSET:
-        raise ValueError(f"--opset must be {MIN_OPSET} or later (got {opset})")
-    model, cfg = ddpm.load_checkpoint(ckpt, ema=ema)
-    precision = "fp16" if fp16 else "fp32"
-    unet = half_precision(copy.deepcopy(model)) if fp16 else model
-    denoiser = Denoiser(unet, torch.float16 if fp16 else torch.float32).eval()
-
+def export_module(denoiser, cfg, out, reference, precision="fp32", ema=True, opset=MIN_OPSET, check=True):
+    """Trace denoiser(x_t, t) -> eps (float32 in and out) to `out` with the ddpm.* metadata,
+    check it against `reference` (the float32 PyTorch model), and only then move it into place.
+    Returns [(batch, max abs error, relative error)] of the check."""
     x_t = torch.randn(2, cfg.in_channels, cfg.image_size, cfg.image_size)
     t = torch.tensor([0, cfg.T - 1])
-    tmp = f"{out}.tmp{os.getpid()}"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(denoiser, (x_t, t), tmp, input_names=["x_t", "t"], output_names=["eps"],
-                              dynamic_axes={"x_t": {0: "batch"}, "t": {0: "batch"}, "eps": {0: "batch"}},
-                              opset_version=opset, dynamo=False)
+
+    def write(tmp):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(denoiser, (x_t, t), tmp, input_names=["x_t", "t"], output_names=["eps"],
+                                  dynamic_axes={"x_t": {0: "batch"}, "t": {0: "batch"}, "eps": {0: "batch"}},
+                                  opset_version=opset, dynamo=False)
+        except OSError:
+            raise
+        except Exception as e:  # the exporter's own errors have many types
+            raise ValueError(f"torch could not export the model at opset {opset} "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
         proto = onnx.load(tmp)
         for key, value in metadata(cfg, ema, precision, opset, proto.ir_version).items():
             proto.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
         onnx.checker.check_model(proto, full_check=True)
         onnx.save(proto, tmp)  # one file: weights inline (the largest preset is far below 2 GB)
-        results = compare_with_torch(tmp, model, cfg) if check else []
+        results[:] = compare_with_torch(tmp, reference, cfg) if check else []
         for b, abs_err, rel_err in results:
             print(f"check: ONNX Runtime vs PyTorch (float32), batch {b}: max abs error {abs_err:.2e}, "
                   f"relative {rel_err:.2e} (tolerance {TOLERANCE[precision]:.0e})")
-        if any(rel > TOLERANCE[precision] for _, _, rel in results):
-            raise SystemExit(f"error: the exported model disagrees with PyTorch beyond the {precision} "
+        if any(not rel <= TOLERANCE[precision] for _, _, rel in results):
+            raise ValueError(f"the exported model disagrees with PyTorch beyond the {precision} "
                              f"tolerance; '{out}' was not written")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+    results = []
+    try:
+        ddpm.write_atomically(out, write)
+    except OSError as e:
+        raise ValueError(f"cannot write '{out}' ({e.strerror or e}); nothing was written") from None
+    return results
+
+
+def export(ckpt, out="ddpm.onnx", fp16=False, ema=True, opset=MIN_OPSET, check=True):
+    """Write the ONNX file of a checkpoint's denoiser; returns the check's [(batch, abs, rel)]."""
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(f"--opset {opset}: this torch exports opsets {MIN_OPSET} to {MAX_OPSET}")
+    ddpm.check_output_path(out, (".onnx",), "-o", inputs=(ckpt,))
+    model, cfg = ddpm.load_checkpoint(ckpt, ema=ema)
+    precision = "fp16" if fp16 else "fp32"
+    unet = half_precision(copy.deepcopy(model)) if fp16 else model
+    denoiser = Denoiser(unet, torch.float16 if fp16 else torch.float32).eval()
+    results = export_module(denoiser, cfg, out, model, precision, ema, opset, check)
     size_mb = os.path.getsize(out) / 2 ** 20
     print(f"wrote {out} ({size_mb:.1f} MB, {precision}, {'EMA' if ema else 'raw'} weights, "
           f"preset {cfg.model}, opset {opset})")
@@ -197,16 +216,21 @@ def export(ckpt, out="ddpm.onnx", fp16=False, ema=True, opset=MIN_OPSET, check=T
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Export a ddpm.py checkpoint to ONNX.")
-    p.add_argument("ckpt", help="checkpoint written by ddpm.py train (or convert)")
-    p.add_argument("-o", "--output", default="ddpm.onnx")
-    p.add_argument("--fp16", action="store_true", help="half precision inside (inputs/outputs float32)")
-    p.add_argument("--no-ema", action="store_true", help="export the raw, not the EMA, weights")
-    p.add_argument("--opset", type=int, default=MIN_OPSET)
+    p.add_argument("ckpt", help="checkpoint written by ddpm.py train or convert.py")
+    p.add_argument("-o", "--output", default="ddpm.onnx",
+                   help="the .onnx file to write; never the checkpoint itself (default: ddpm.onnx)")
+    p.add_argument("--fp16", action="store_true",
+                   help="half precision inside, inputs and outputs float32 (default: float32)")
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights, not the EMA (default: EMA)")
+    p.add_argument("--opset", type=int, default=MIN_OPSET,
+                   help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} (default: {MIN_OPSET})")
     args = p.parse_args(argv)
     try:
         export(args.ckpt, args.output, args.fp16, not args.no_ema, args.opset)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:
+        raise SystemExit("\ninterrupted; nothing was written") from None
 
 
 if __name__ == "__main__":

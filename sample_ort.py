@@ -14,12 +14,14 @@ schedule is rebuilt from the betas in the metadata with the same float64 math as
 
 import argparse
 import base64
+import binascii
 import contextlib
 import io
 import json
 import math
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -36,7 +38,22 @@ SUPPORTED_FORMAT = 1
 
 def ddim_timesteps(T, steps):
     """`steps` evenly strided t's, 0, T//steps, ... (as ddpm.ddim_timesteps)."""
+    if not 1 <= steps <= T:
+        raise ValueError(f"--steps must be between 1 and T={T}, got {steps}")
     return np.arange(steps) * (T // steps)
+
+
+def check_sampler(sampler, steps, eta, T):
+    """ValueError with a sentence for settings that would give no or wrong images (as ddpm.py)."""
+    if sampler not in ("ddpm", "ddim"):
+        raise ValueError(f"unknown sampler '{sampler}'; use ddpm or ddim")
+    if steps is not None and not 1 <= steps <= T:
+        raise ValueError(f"--steps must be between 1 and T={T}, got {steps}")
+    if not 0 <= eta <= 1:  # also refuses nan
+        raise ValueError(f"--eta must be between 0 (deterministic DDIM) and 1, got {eta}")
+    if sampler == "ddpm" and eta != 0:
+        raise ValueError("--eta sets DDIM's noise; the ancestral sampler (--sampler ddpm) has none "
+                         "to set. Use --sampler ddim, or leave --eta out")
 
 
 def step_table(betas, sampler="ddpm", steps=None, eta=0.0, var_type="fixed_large"):
@@ -44,6 +61,7 @@ def step_table(betas, sampler="ddpm", steps=None, eta=0.0, var_type="fixed_large
     [a, b, c1, c2, c3, s] for each step, computed in float64 and handed over as float32."""
     betas = np.asarray(betas, dtype=np.float64)
     T = len(betas)
+    check_sampler(sampler, steps, eta, T)
     steps = steps or T
     timesteps = np.arange(T)
     if not (sampler == "ddpm" and steps == T):  # respace: betas from the kept alpha-bars
@@ -75,28 +93,61 @@ def step_table(betas, sampler="ddpm", steps=None, eta=0.0, var_type="fixed_large
 # Loading
 
 
-def fail(message):
-    raise SystemExit(f"error: {message}")
+VAR_TYPES = ("fixed_large", "fixed_small")
+REQUIRED = ("ddpm.format", "ddpm.betas", "ddpm.image_size", "ddpm.in_channels", "ddpm.var_type",
+            "ddpm.clip_x0", "ddpm.precision", "ddpm.step_graph")
 
 
 def read_metadata(session, path):
+    """The sampler's settings from the model's ddpm.* metadata, every value checked: a file
+    whose metadata is missing, partial or altered is a ValueError naming what is wrong."""
     meta = session.get_modelmeta().custom_metadata_map
-    if "ddpm.format" not in meta:
-        fail(f"'{path}' is an ONNX model but not one written by export.py (no ddpm.* metadata); "
-             "export a checkpoint with 'python export.py ckpt.pt'")
-    if int(meta["ddpm.format"]) > SUPPORTED_FORMAT:
-        fail(f"'{path}' has metadata format {meta['ddpm.format']}; this sample_ort.py reads "
-             f"up to {SUPPORTED_FORMAT}. Update sample_ort.py")
-    return {
-        "betas": np.array(json.loads(meta["ddpm.betas"]), dtype=np.float64),
-        "image_size": int(meta["ddpm.image_size"]),
-        "in_channels": int(meta["ddpm.in_channels"]),
-        "var_type": meta["ddpm.var_type"],
-        "clip_x0": meta["ddpm.clip_x0"] == "true",
-        "precision": meta["ddpm.precision"],
-        "preset": meta["ddpm.preset"],
-        "step_graph": base64.b64decode(meta["ddpm.step_graph"]),
-    }
+    if not any(key.startswith("ddpm.") for key in meta):
+        raise ValueError(f"'{path}' is an ONNX model but not one written by export.py (no ddpm.* "
+                         "metadata); export a checkpoint with 'python export.py ckpt.pt'")
+    missing = [key for key in REQUIRED if key not in meta]
+    if missing:
+        raise ValueError(f"'{path}' lacks the metadata {', '.join(missing)}; it was altered or "
+                         "written by another program. Export it again with export.py")
+    problem = f"'{path}' has altered ddpm.* metadata; export it again with export.py"
+    try:
+        fmt = int(meta["ddpm.format"])
+        betas = np.array(json.loads(meta["ddpm.betas"]), dtype=np.float64)
+        image_size, in_channels = int(meta["ddpm.image_size"]), int(meta["ddpm.in_channels"])
+        step_graph = base64.b64decode(meta["ddpm.step_graph"], validate=True)
+        T = int(meta.get("ddpm.T", len(betas)))
+    except (ValueError, TypeError, binascii.Error) as e:
+        raise ValueError(f"{problem} ({type(e).__name__}: {str(e)[:100]})") from None
+    if fmt > SUPPORTED_FORMAT:
+        raise ValueError(f"'{path}' has metadata format {fmt}; this sample_ort.py reads up to "
+                         f"{SUPPORTED_FORMAT}. Update sample_ort.py")
+    wrong = []
+    if betas.ndim != 1 or len(betas) < 2 or not np.all((betas > 0) & (betas <= 1)):
+        wrong.append("ddpm.betas must be a list of at least 2 numbers in (0, 1]")
+    elif T != len(betas):
+        wrong.append(f"ddpm.T is {T} but ddpm.betas has {len(betas)} values")
+    if image_size < 1 or in_channels not in (1, 3):
+        wrong.append(f"ddpm.image_size {image_size} / ddpm.in_channels {in_channels}")
+    if meta["ddpm.var_type"] not in VAR_TYPES:
+        wrong.append(f"ddpm.var_type '{meta['ddpm.var_type']}' is not one of {', '.join(VAR_TYPES)}")
+    if meta["ddpm.clip_x0"] not in ("true", "false"):
+        wrong.append(f"ddpm.clip_x0 '{meta['ddpm.clip_x0']}' is not true or false")
+    inputs = {i.name: i for i in session.get_inputs()}
+    if set(inputs) != {"x_t", "t"} or [o.name for o in session.get_outputs()] != ["eps"]:
+        wrong.append(f"the inputs are {sorted(inputs)} (expected x_t, t) and the outputs "
+                     f"{[o.name for o in session.get_outputs()]} (expected eps)")
+    else:
+        dims = inputs["x_t"].shape[1:]
+        if len(dims) != 3 or any(isinstance(d, int) and d != want for d, want in
+                                 zip(dims, (in_channels, image_size, image_size))):
+            wrong.append(f"x_t has shape {inputs['x_t'].shape}, the metadata says "
+                         f"(B, {in_channels}, {image_size}, {image_size})")
+    if wrong:
+        raise ValueError(f"{problem}: " + "; ".join(wrong))
+    return {"betas": betas, "image_size": image_size, "in_channels": in_channels,
+            "var_type": meta["ddpm.var_type"], "clip_x0": meta["ddpm.clip_x0"] == "true",
+            "precision": meta["ddpm.precision"], "preset": meta.get("ddpm.preset", "?"),
+            "step_graph": step_graph}
 
 
 def session_options(batch=None):
@@ -131,12 +182,12 @@ def physical_cores():
 def open_sessions(path, provider="auto", cuda_graph=False, batch=None):
     """(denoiser session, step session, metadata, device) with a clear error for bad input."""
     if not os.path.isfile(path):
-        fail(f"model file '{path}' does not exist (make one with 'python export.py ckpt.pt', "
-             "or pass --model PATH)")
+        raise ValueError(f"model file '{path}' does not exist (make one with 'python export.py "
+                         "ckpt.pt', or pass --model PATH)")
     cuda_ok = "CUDAExecutionProvider" in ort.get_available_providers()
     if provider == "cuda" and not cuda_ok:
-        fail("--provider cuda was asked for, but this onnxruntime has no CUDA provider "
-             "(install onnxruntime-gpu)")
+        raise ValueError("--provider cuda was asked for, but this onnxruntime has no CUDA provider "
+                         "(install onnxruntime-gpu)")
     want_cuda = provider in ("auto", "cuda") and cuda_ok
     if want_cuda:
         cuda_options = {"enable_cuda_graph": "1"} if cuda_graph else {}
@@ -153,20 +204,28 @@ def open_sessions(path, provider="auto", cuda_graph=False, batch=None):
         denoiser = ort.InferenceSession(path, session_options(batch if cuda_graph else None),
                                         providers=providers)
     except Exception as e:
-        fail(f"'{path}' cannot be loaded by ONNX Runtime ({str(e).splitlines()[0][:160]}); "
-             "the file is corrupt or not an ONNX model")
+        raise ValueError(f"'{path}' cannot be loaded by ONNX Runtime ({str(e).splitlines()[0][:160]}); "
+                         "the file is corrupt or not an ONNX model") from None
     finally:
         ort.set_default_logger_severity(2)  # back to ONNX Runtime's default, warnings
     meta = read_metadata(denoiser, path)
     on_cuda = denoiser.get_providers()[0] == "CUDAExecutionProvider"
     if want_cuda and not on_cuda:
         if provider == "cuda":
-            fail("--provider cuda was asked for, but CUDA is not usable here (no GPU, or the CUDA "
-                 "and cuDNN libraries onnxruntime-gpu needs are missing)")
+            raise ValueError("--provider cuda was asked for, but CUDA is not usable here (no GPU, or "
+                             "the CUDA and cuDNN libraries onnxruntime-gpu needs are missing)")
         print("note: CUDA is not usable here; running on the CPU", file=sys.stderr)
     providers = providers if on_cuda else ["CPUExecutionProvider"]
-    step = ort.InferenceSession(meta["step_graph"], session_options(batch if cuda_graph else None),
-                                providers=providers)
+    try:
+        step = ort.InferenceSession(meta["step_graph"], session_options(batch if cuda_graph else None),
+                                    providers=providers)
+    except Exception as e:
+        raise ValueError(f"'{path}' has a ddpm.step_graph ONNX Runtime cannot load "
+                         f"({str(e).splitlines()[0][:120]}); export it again with export.py") from None
+    names = ({i.name for i in step.get_inputs()}, [o.name for o in step.get_outputs()])
+    if names != ({"x_t", "eps", "noise", "coef"}, ["x_prev"]):
+        raise ValueError(f"'{path}' has a ddpm.step_graph with inputs {sorted(names[0])} and outputs "
+                         f"{names[1]}, not the update export.py writes; export it again")
     return denoiser, step, meta, "cuda" if on_cuda else "cpu"
 
 
@@ -239,6 +298,7 @@ def to_uint8(x):
 
 
 def save_grid(images, path, pad=2):
+    """(N, H, W, C) uint8 -> one picture, a square of images (as ddpm.save_grid)."""
     n, h, w, c = images.shape
     nrow = math.ceil(math.sqrt(n))
     ncol = math.ceil(n / nrow)
@@ -250,61 +310,103 @@ def save_grid(images, path, pad=2):
     Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(path)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Sample a DDPM exported by export.py with ONNX Runtime.")
-    p.add_argument("--n", type=int, default=64, help="number of images")
-    p.add_argument("--model", default="ddpm.onnx")
-    p.add_argument("--steps", type=int, default=None, help="default: T (1000) for ddpm")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=None, help="images per batch (default: all of --n)")
-    p.add_argument("--provider", choices=["auto", "cuda", "cpu"], default="auto")
-    p.add_argument("--cuda-graph", action="store_true", help="capture each step in a CUDA graph")
-    p.add_argument("--out", default="samples.png")
-    p.add_argument("--outdir", default=None, help="also write one PNG per image here")
-    args = p.parse_args(argv)
+# Output checks before any work, as ddpm.check_output_path (repeated: ddpm.py imports torch).
+PICTURE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
-    if args.n < 1:
-        fail("--n must be at least 1")
-    batch = min(args.batch or args.n, args.n)
-    if batch < 1:
-        fail("--batch must be at least 1")
-    denoiser, step, meta, device = open_sessions(args.model, args.provider, args.cuda_graph, batch)
-    T = len(meta["betas"])
-    steps = args.steps or T
-    if not 1 <= steps <= T:
-        fail(f"--steps must be between 1 and T={T}")
-    if not 0 <= args.eta <= 1:
-        fail("--eta must be between 0 and 1")
-    timesteps, coefs = step_table(meta["betas"], args.sampler, steps, args.eta, meta["var_type"])
 
-    rng = np.random.default_rng(args.seed)
+def check_output_path(path, flag, inputs=()):
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} '{path}' is a folder; give a file name")
+    if os.path.splitext(path)[1].lower() not in PICTURE_EXTENSIONS:
+        raise ValueError(f"{flag} '{path}': the name must end in {', '.join(PICTURE_EXTENSIONS)}")
+    if os.path.exists(path) and any(os.path.exists(p) and os.path.samefile(path, p) for p in inputs):
+        raise ValueError(f"{flag} '{path}' is the input file; writing it would destroy the input")
+    check_writable_folder(os.path.dirname(os.path.abspath(path)), flag)
+
+
+def check_writable_folder(folder, flag):
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"{flag} '{folder}' is a file, not a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag}: cannot write in '{folder}' ({e.strerror or e})") from None
+
+
+def sample(model, n=64, steps=None, sampler="ddpm", eta=0.0, seed=0, batch=None, provider="auto",
+           cuda_graph=False, out="samples.png", outdir=None):
+    """n images from the exported model into one grid (and one PNG each in outdir)."""
+    if n < 1:
+        raise ValueError(f"--n {n}: sample at least 1 image")
+    if batch is not None and batch < 1:
+        raise ValueError(f"--batch {batch}: use at least 1 image per batch")
+    check_output_path(out, "--out", inputs=(model,))
+    if outdir:
+        check_writable_folder(outdir, "--outdir")
+    batch = min(batch or n, n)
+    denoiser, step, meta, device = open_sessions(model, provider, cuda_graph, batch)
+    timesteps, coefs = step_table(meta["betas"], sampler, steps, eta, meta["var_type"])
+
+    rng = np.random.default_rng(seed)
     C, S = meta["in_channels"], meta["image_size"]
     images, start = [], time.time()
-    sampler = None
-    for first in range(0, args.n, batch):
+    runner = None
+    for first in range(0, n, batch):
         # a captured CUDA graph keeps its shape and addresses: reuse it, padding the last batch
-        b = batch if args.cuda_graph else min(batch, args.n - first)
-        if sampler is None or sampler.shape[0] != b:
-            sampler = Sampler(denoiser, step, (b, C, S, S), device)
+        b = batch if cuda_graph else min(batch, n - first)
+        if runner is None or runner.shape[0] != b:
+            runner = Sampler(denoiser, step, (b, C, S, S), device)
         x_T = rng.standard_normal((b, C, S, S), dtype=np.float32)
-        label = f"{args.sampler} {first // batch + 1}/{math.ceil(args.n / batch)}"
-        x0 = sampler.run(x_T, timesteps, coefs, lambda k, shape: rng.standard_normal(shape, dtype=np.float32),
-                         progress_bar(len(timesteps), label))
-        images.append(to_uint8(x0)[:args.n - first])
+        label = f"{sampler} {first // batch + 1}/{math.ceil(n / batch)}"
+        x0 = runner.run(x_T, timesteps, coefs, lambda k, shape: rng.standard_normal(shape, dtype=np.float32),
+                        progress_bar(len(timesteps), label))
+        images.append(to_uint8(x0)[:n - first])
     elapsed = time.time() - start
     images = np.concatenate(images)
-    save_grid(images, args.out)
-    if args.outdir:
-        os.makedirs(args.outdir, exist_ok=True)
-        for k, img in enumerate(images):
-            Image.fromarray(img.squeeze(-1) if C == 1 else img).save(os.path.join(args.outdir, f"{k:05d}.png"))
-    provider = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}[device]
-    print(f"wrote {args.out}" + (f" and {args.n} PNGs in {args.outdir}" if args.outdir else ""))
-    print(f"{args.n * len(timesteps) / elapsed:.1f} image-steps/s, {args.n} images x {len(timesteps)} "
-          f"{args.sampler} steps in {elapsed:.1f}s on {provider} ({meta['precision']}, batch {batch}"
-          f"{', CUDA graph' if args.cuda_graph and device == 'cuda' else ''})")
+    try:
+        save_grid(images, out)
+        if outdir:
+            for k, img in enumerate(images):
+                Image.fromarray(img.squeeze(-1) if C == 1 else img).save(os.path.join(outdir, f"{k:05d}.png"))
+    except OSError as e:
+        raise ValueError(f"the samples could not be written ({e.strerror or e})") from None
+    name = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}[device]
+    print(f"wrote {out}" + (f" and {n} PNGs in {outdir}" if outdir else ""))
+    print(f"{n * len(timesteps) / elapsed:.1f} image-steps/s, {n} images x {len(timesteps)} "
+          f"{sampler} steps in {elapsed:.1f}s on {name} ({meta['precision']}, batch {batch}"
+          f"{', CUDA graph' if cuda_graph and device == 'cuda' else ''})")
+    return images
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Sample a DDPM exported by export.py with ONNX Runtime.")
+    p.add_argument("--n", type=int, default=64, help="number of images (default: 64)")
+    p.add_argument("--model", default="ddpm.onnx", help="the exported model (default: ddpm.onnx)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps; fewer than T respaces the chain (default: T)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm",
+                   help="ddpm: ancestral (Algorithm 2); ddim: Song et al. (default: ddpm)")
+    p.add_argument("--eta", type=float, default=0.0,
+                   help="DDIM noise, 0 deterministic .. 1 (default: 0; ddim only)")
+    p.add_argument("--seed", type=int, default=0, help="seed of x_T and the noise (default: 0)")
+    p.add_argument("--batch", type=int, default=None, help="images per batch (default: all of --n)")
+    p.add_argument("--provider", choices=["auto", "cuda", "cpu"], default="auto",
+                   help="ONNX Runtime provider (default: auto, CUDA if usable)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="capture each step in a CUDA graph (default: off)")
+    p.add_argument("--out", default="samples.png",
+                   help="the grid picture, .png/.jpg/.webp/.bmp (default: samples.png)")
+    p.add_argument("--outdir", default=None, help="also write one PNG per image here (default: none)")
+    args = p.parse_args(argv)
+    try:
+        sample(args.model, args.n, args.steps, args.sampler, args.eta, args.seed, args.batch,
+               args.provider, args.cuda_graph, args.out, args.outdir)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:
+        raise SystemExit("\ninterrupted") from None
 
 
 if __name__ == "__main__":

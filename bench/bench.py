@@ -33,6 +33,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+import convert  # noqa: E402
 import ddpm  # noqa: E402
 import export  # noqa: E402
 import sample_ort  # noqa: E402
@@ -116,15 +117,7 @@ class DiffusersEps(torch.nn.Module):
 
 def diffusers_unet(cfg):
     from diffusers import UNet2DModel
-    levels = len(cfg.ch_mult)
-    down = ["AttnDownBlock2D" if cfg.image_size // 2 ** i in cfg.attn_resolutions else "DownBlock2D"
-            for i in range(levels)]
-    return UNet2DModel(sample_size=cfg.image_size, in_channels=cfg.in_channels, out_channels=cfg.in_channels,
-                       block_out_channels=tuple(cfg.ch * m for m in cfg.ch_mult),
-                       layers_per_block=cfg.num_res_blocks, down_block_types=tuple(down),
-                       up_block_types=tuple(k.replace("Down", "Up") for k in reversed(down)),
-                       attention_head_dim=None, norm_eps=1e-6, downsample_padding=0,
-                       flip_sin_to_cos=False, freq_shift=1, dropout=cfg.dropout)
+    return UNet2DModel(**convert.unet2d_config(cfg))
 
 
 def ort_sampler(onnx_path, cfg, batch, steps, provider, io_binding=True, cuda_graph=False):
@@ -240,7 +233,8 @@ def main(argv=None):
     flops = ddpm.count_flops(ddpm.UNet(cfg).eval(), cfg)
     tmp = tempfile.mkdtemp()
     ckpt = os.path.join(tmp, "ckpt.pt")
-    torch.save({"config": ddpm.asdict(cfg), "model": {k: v.cpu() for k, v in ours.state_dict().items()}}, ckpt)
+    ddpm.save_checkpoint(ckpt, ddpm.checkpoint_state(cfg, ours.cpu()))
+    ours.to(device)
     with contextlib.redirect_stdout(sys.stderr):
         export.export(ckpt, os.path.join(tmp, "fp32.onnx"))
         if device == "cuda":

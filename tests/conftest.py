@@ -1,5 +1,119 @@
+"""Shared by the test files: the repository root on sys.path, a script runner, the checks that a
+user's mistake ends in one sentence, never a traceback, and Gaussian data, whose optimal eps and
+reverse process are closed forms (for the PyTorch and the ONNX Runtime samplers alike)."""
+import contextlib
+import io
+import math
 import os
+import subprocess
 import sys
+
+import numpy as np
+import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+
+def run_script(script, *args, cwd=None, env=None, timeout=600):
+    """python ROOT/script args..., output captured."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+
+
+def assert_clean_error(r, *fragments):
+    """A finished subprocess failed with a message holding every fragment, and no traceback."""
+    assert r.returncode != 0, r.stdout[-2000:]
+    assert "Traceback" not in r.stderr, r.stderr
+    for fragment in fragments:
+        assert fragment in r.stderr, r.stderr
+    print(r.stderr.strip().splitlines()[-1])
+
+
+def refusal(main, argv, *fragments):
+    """main(argv) run in this process must exit with a message (argparse's usage error or our
+    'error: ...'), not raise anything else; returns the message, which holds every fragment."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in argv])
+    code = exit_info.value.code
+    message = code if isinstance(code, str) else err.getvalue()
+    assert code not in (0, None), f"{argv} was accepted"
+    for fragment in fragments:
+        assert fragment in message, f"{argv}: {message!r} lacks {fragment!r}"
+    print(f"{' '.join(map(str, argv))[:70]:<70} -> {message.strip().splitlines()[-1][:150]}")
+    return message
+
+
+# -- Gaussian data: a closed-form answer for whole trajectories, needing no reference library --
+
+MU, S = 0.3, 0.5  # data x_0 ~ N(MU, S^2) in every pixel
+# (sampler, steps, var_type, eta): full and respaced chains, both variance types, DDIM's eta
+SAMPLER_CASES = [("ddpm", 1000, "fixed_large", 0.0), ("ddpm", 1000, "fixed_small", 0.0),
+                 ("ddpm", 100, "fixed_large", 0.0), ("ddpm", 100, "fixed_small", 0.0),
+                 ("ddim", 50, "fixed_large", 0.0), ("ddim", 50, "fixed_large", 1.0),
+                 ("ddim", 20, "fixed_small", 0.5)]
+
+
+class GaussianOracle(torch.nn.Module):
+    """The optimal eps for data N(MU, S^2): x_t ~ N(sqrt(abar) MU, abar S^2 + 1 - abar) and
+    E[eps | x_t] = sqrt(1 - abar) (x_t - sqrt(abar) MU) / (abar S^2 + 1 - abar). Fed the original t."""
+
+    def __init__(self, betas):
+        super().__init__()
+        self.register_buffer("abar", torch.from_numpy(np.cumprod(1 - np.asarray(betas))))
+
+    def forward(self, x_t, t):
+        abar = self.abar[t].to(x_t.dtype).view(-1, 1, 1, 1)
+        return (1 - abar).sqrt() * (x_t - abar.sqrt() * MU) / (abar * S * S + 1 - abar)
+
+
+def implied_moments(betas, sampler, steps, var_type, eta):
+    """Mean and variance of x_0 that the reverse process implies for x_T ~ N(0, 1) and the
+    oracle: each step is affine, x_{t-1} = P x_t + Q + sigma z, so m <- P m + Q and
+    v <- P^2 v + sigma^2. P and Q from eq. 11 (DDPM) and eq. 12 (DDIM), written out here."""
+    T_ = len(betas)
+    kept = np.arange(T_) if sampler == "ddpm" and steps == T_ else np.arange(steps) * (T_ // steps)
+    abar_all = np.cumprod(1 - np.asarray(betas))
+    m, v = 0.0, 1.0
+    for k in range(len(kept) - 1, -1, -1):
+        abar = abar_all[kept[k]]
+        abar_prev = abar_all[kept[k - 1]] if k > 0 else 1.0
+        beta = 1 - abar / abar_prev
+        A = math.sqrt(1 - abar) / (abar * S * S + 1 - abar)  # eps = A x_t + B
+        B = -A * math.sqrt(abar) * MU
+        if sampler == "ddpm":  # mu = (x_t - beta / sqrt(1 - abar) eps) / sqrt(alpha)
+            c = beta / math.sqrt(1 - abar)
+            P, Q = (1 - c * A) / math.sqrt(1 - beta), -c * B / math.sqrt(1 - beta)
+            var = beta if var_type == "fixed_large" else beta * (1 - abar_prev) / (1 - abar)
+            var = var if k > 0 else 0.0
+        else:  # x' = sqrt(abar') x0 + sqrt(1 - abar' - sigma^2) eps + sigma z
+            sigma = eta * math.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
+            c = math.sqrt(1 - abar_prev - sigma ** 2)
+            P = math.sqrt(abar_prev) * (1 - math.sqrt(1 - abar) * A) / math.sqrt(abar) + c * A
+            Q = -math.sqrt(abar_prev) * math.sqrt(1 - abar) * B / math.sqrt(abar) + c * B
+            var = sigma ** 2
+        m, v = P * m + Q, P * P * v + var
+    return m, v
+
+
+def probe_inputs(n_steps, shape=(1, 1, 1)):
+    """x_T and per-step noise for exact moments of an affine sampler: image 0 gets all zeros (its
+    output is the mean), image 1 x_T = 1 (output - mean = x_T's coefficient a), image 2 + k noise 1
+    at step k only (coefficient c_k). Then var = a^2 + sum c_k^2: no sampling error."""
+    B = n_steps + 2
+    x_T = np.zeros((B, *shape))
+    x_T[1] = 1.0
+    noise = np.zeros((n_steps, B, *shape))
+    for k in range(n_steps):
+        noise[k, 2 + k] = 1.0
+    return x_T, noise
+
+
+def probe_moments(out):
+    """(mean, variance) from the outputs of probe_inputs, per pixel; shape (2, pixels)."""
+    out = out.reshape(out.shape[0], -1)
+    mean = out[0]
+    coefs = out[1:] - mean
+    return np.stack([mean, (coefs ** 2).sum(0)])

@@ -5,14 +5,21 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import ddpm
+from conftest import MU, S, SAMPLER_CASES, GaussianOracle, implied_moments, probe_inputs, probe_moments
 
 T = 1000
 
 
 def diffusion(schedule, **kw):
     return ddpm.GaussianDiffusion(ddpm.get_betas(schedule, T), **kw)
+
+
+def linear_betas(T=T):
+    """Ho et al. sec. 4, written out here: 1e-4 .. 0.02 over T = 1000 steps."""
+    return np.array([1e-4 + (0.02 - 1e-4) * k / (T - 1) for k in range(T)])
 
 
 # -- schedules and q ------------------------------------------------------------------------
@@ -36,7 +43,7 @@ def test_q_sample_is_eq4():
     d = diffusion("linear")
     x0, noise = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randn(4, 3, 8, 8, dtype=torch.float64)
     i = torch.tensor([0, 10, 500, 999])
-    abar = np.cumprod(1 - np.linspace(1e-4, 0.02, T))[i.numpy()]
+    abar = np.cumprod(1 - linear_betas())[i.numpy()]
     expected = torch.from_numpy(np.sqrt(abar)).view(-1, 1, 1, 1) * x0 + \
         torch.from_numpy(np.sqrt(1 - abar)).view(-1, 1, 1, 1) * noise
     err = (d.q_sample(x0, i, noise) - expected).abs().max().item()
@@ -44,12 +51,13 @@ def test_q_sample_is_eq4():
     assert err < 1e-12
 
 
-def test_linear_schedule_endpoints_and_rescaling():
+def test_linear_schedule_is_ho_et_al_and_rescales():
     b = ddpm.get_betas("linear", 1000)
-    assert b[0] == pytest.approx(1e-4, abs=1e-15) and b[-1] == pytest.approx(0.02, abs=1e-15)
+    err = np.abs(b - linear_betas()).max()
+    print(f"linear betas vs 1e-4 + (0.02 - 1e-4) k / 999: max abs error {err:.1e}")
+    assert err < 1e-15 and b.dtype == np.float64
     b4 = ddpm.get_betas("linear", 4000)  # improved-diffusion: scale = 1000 / T
     assert b4[0] == pytest.approx(0.25e-4, abs=1e-15) and b4[-1] == pytest.approx(0.005, abs=1e-15)
-    assert b.dtype == np.float64
 
 
 def test_cosine_alpha_bar_is_f_over_f0_up_to_clipping():
@@ -94,7 +102,7 @@ def test_posterior_equals_bayes_rule(schedule):
 
 def test_mu_from_eps_eq11_equals_posterior_of_predicted_x0():
     d = diffusion("linear", clip_x0=False)
-    betas = ddpm.get_betas("linear", T)
+    betas = linear_betas()
     alphas, abar = 1 - betas, np.cumprod(1 - betas)
     x_t = torch.randn(5, 3, 4, 4, dtype=torch.float64)
     eps = torch.randn(5, 3, 4, 4, dtype=torch.float64)
@@ -102,12 +110,12 @@ def test_mu_from_eps_eq11_equals_posterior_of_predicted_x0():
     for t in [0, 1, 2, 50, 500, 998, 999]:
         i = torch.full((5,), t)
         mu_eq11 = (x_t - betas[t] / math.sqrt(1 - abar[t]) * eps) / math.sqrt(alphas[t])
-        mean, _, _ = d.p_mean_variance(eps, x_t, i)
+        mean, _, _ = d.p_mean_variance(x_t, i, eps)
         worst = max(worst, (mean - mu_eq11).abs().max().item())
     print(f"eq. 11 vs q_posterior(pred_x0): max abs error {worst:.2e} (float64)")
     assert worst < 1e-10
     # and in float32, as the samplers run
-    mean32, _, _ = d.p_mean_variance(eps.float(), x_t.float(), torch.full((5,), 500))
+    mean32, _, _ = d.p_mean_variance(x_t.float(), torch.full((5,), 500), eps.float())
     mu = (x_t - betas[500] / math.sqrt(1 - abar[500]) * eps) / math.sqrt(alphas[500])
     err32 = (mean32.double() - mu).abs().max().item()
     print(f"float32: max abs error {err32:.2e}")
@@ -115,12 +123,12 @@ def test_mu_from_eps_eq11_equals_posterior_of_predicted_x0():
 
 
 def test_variance_types():
-    betas = ddpm.get_betas("linear", T)
+    betas = linear_betas()
     abar = np.cumprod(1 - betas)
     x = torch.zeros(1, 1, 1, 1, dtype=torch.float64)
     i = torch.tensor([700])
-    _, var_large, _ = diffusion("linear", var_type="fixed_large").p_mean_variance(x, x, i)
-    _, var_small, _ = diffusion("linear", var_type="fixed_small").p_mean_variance(x, x, i)
+    _, var_large, _ = diffusion("linear", var_type="fixed_large").p_mean_variance(x, i, x)
+    _, var_small, _ = diffusion("linear", var_type="fixed_small").p_mean_variance(x, i, x)
     assert var_large.item() == pytest.approx(betas[700], rel=1e-12)
     assert var_small.item() == pytest.approx((1 - abar[699]) / (1 - abar[700]) * betas[700], rel=1e-12)
 
@@ -128,7 +136,7 @@ def test_variance_types():
 def test_respacing_keeps_alpha_bars_and_original_t():
     d = diffusion("linear")
     kept = ddpm.ddim_timesteps(T, 50)
-    assert list(kept[:3]) == [0, 20, 40] and len(kept) == 50
+    assert list(kept[:3]) == [0, 20, 40] and len(kept) == 50 and kept[-1] == 980
     r = d.respace(kept)
     assert np.allclose(r.alphas_cumprod, d.alphas_cumprod[kept], rtol=1e-12, atol=0)
     assert list(r.timesteps) == list(kept)
@@ -136,61 +144,94 @@ def test_respacing_keeps_alpha_bars_and_original_t():
     assert np.allclose(full.betas, d.betas, rtol=1e-10, atol=0)
 
 
-# -- U-Net ------------------------------------------------------------------------------------
+# -- one step of each sampler, against the paper's formulas written out here --------------------
 
-def test_cifar10_preset_has_ho_et_al_parameter_count():
-    n = ddpm.count_params(ddpm.UNet(ddpm.make_config("cifar10")))
-    print(f"cifar10 preset: {n:,} parameters")
-    assert n == 35_746_307
-
-
-@pytest.mark.parametrize("preset", list(ddpm.PRESETS))
-def test_every_preset_keeps_the_image_shape(preset):
-    cfg = ddpm.make_config(preset)
-    model = ddpm.UNet(cfg).eval()
-    x = torch.randn(2, 3, cfg.image_size, cfg.image_size)
-    with torch.no_grad():
-        out = model(x, torch.tensor([0, 999]))
-    print(f"{preset}: {ddpm.count_params(model):,} parameters, {tuple(x.shape)} -> {tuple(out.shape)}")
-    assert out.shape == x.shape and torch.isfinite(out).all()
-
-
-def test_tiny_preset_is_small():
-    n = ddpm.count_params(ddpm.UNet(ddpm.make_config("tiny")))
-    assert 1_000_000 <= n <= 2_000_000, n
-
-
-def test_output_depends_on_t():
-    torch.manual_seed(0)
-    model = ddpm.UNet(ddpm.make_config("tiny")).eval()
-    for p in model.parameters():  # conv_out starts non-zero anyway; perturb to be sure
-        p.data.add_(0.01 * torch.randn_like(p))
-    x = torch.randn(1, 3, 32, 32).repeat(3, 1, 1, 1)
-    with torch.no_grad():
-        out = model(x, torch.tensor([0, 1, 500]))
-    d01, d0500 = (out[0] - out[1]).abs().max().item(), (out[0] - out[2]).abs().max().item()
-    print(f"|eps(t=0) - eps(t=1)| = {d01:.2e}, |eps(t=0) - eps(t=500)| = {d0500:.2e}")
-    assert d01 > 1e-6 and d0500 > 1e-4
+def reference_step(betas, kept, k, x_t, eps, noise, sampler, var_type, clip, eta):
+    """x_{t-1} for chain index k of the chain over the kept t's, from the paper's equations:
+    respaced betas from the kept alpha-bars; x_0 by eq. 15 (clipped if asked); DDPM: the posterior
+    mean (eq. 7) and sigma^2 = beta or beta-tilde, no noise at k = 0; DDIM: Song et al. eq. 12
+    with the eps that the (clipped) x_0 implies."""
+    abar_all = np.cumprod(1 - betas)
+    abar = abar_all[kept[k]]
+    abar_prev = abar_all[kept[k - 1]] if k > 0 else 1.0
+    beta = 1 - abar / abar_prev
+    x0 = (x_t - math.sqrt(1 - abar) * eps) / math.sqrt(abar)
+    if clip:
+        x0 = x0.clamp(-1, 1)
+    if sampler == "ddpm":
+        mean = (math.sqrt(abar_prev) * beta * x0 + math.sqrt(1 - beta) * (1 - abar_prev) * x_t) / (1 - abar)
+        var = beta if var_type == "fixed_large" else beta * (1 - abar_prev) / (1 - abar)
+        return mean + (math.sqrt(var) * noise if k > 0 else 0)
+    eps_used = (x_t - math.sqrt(abar) * x0) / math.sqrt(1 - abar)
+    sigma = eta * math.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
+    return math.sqrt(abar_prev) * x0 + math.sqrt(1 - abar_prev - sigma ** 2) * eps_used + sigma * noise
 
 
-def test_timestep_embedding_formula():
-    t = torch.tensor([0, 7, 999])
-    emb = ddpm.get_timestep_embedding(t, 128)
-    half = 64
-    k = 5
-    freq = math.exp(-math.log(10000) * k / (half - 1))
-    assert emb[1, k].item() == pytest.approx(math.sin(7 * freq), abs=1e-6)
-    assert emb[2, half + k].item() == pytest.approx(math.cos(999 * freq), abs=1e-5)
+STEP_CASES = [(sampler, eta, var_type, clip, steps)  # DDIM's variance is eta's, not var_type's
+              for sampler, eta, var_type in [("ddpm", 0.0, "fixed_large"), ("ddpm", 0.0, "fixed_small"),
+                                             ("ddim", 0.0, "fixed_large"), ("ddim", 0.6, "fixed_small")]
+              for clip in (True, False) for steps in (1000, 40)]
 
 
-def test_bad_image_size_is_a_clear_error():
-    with pytest.raises(ValueError, match="multiple of 8"):
-        ddpm.make_config("cifar10", image_size=36)
-    with pytest.raises(ValueError, match="unknown model preset"):
-        ddpm.make_config("huge")
+@pytest.mark.parametrize("sampler,eta,var_type,clip,steps", STEP_CASES)
+def test_one_step_of_each_sampler_equals_the_paper(sampler, eta, var_type, clip, steps):
+    betas = linear_betas()
+    kept = np.arange(T) if steps == T else np.arange(steps) * (T // steps)
+    d = ddpm.GaussianDiffusion(betas, var_type=var_type, clip_x0=clip)
+    chain = d if steps == T else d.respace(kept)
+    g = torch.Generator().manual_seed(steps)
+    worst = 0.0
+    for k in sorted({0, 1, 2, len(kept) // 2, len(kept) - 2, len(kept) - 1}):
+        x_t = 3 * torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)  # some x_0 land outside [-1, 1]
+        eps = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+        noise = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+        i = torch.full((2,), k)
+        if sampler == "ddpm":
+            ours, _ = chain.p_sample(x_t, i, eps, noise)
+        else:
+            ours, _ = chain.ddim_step(x_t, i, eps, noise, eta)
+        ref = reference_step(betas, kept, k, x_t, eps, noise, sampler, var_type, clip, eta)
+        worst = max(worst, (ours - ref).abs().max().item())
+    print(f"{sampler} eta={eta} {var_type} clip={clip} {steps} steps: max abs error {worst:.2e}")
+    assert worst < 1e-10
 
 
-# -- samplers ---------------------------------------------------------------------------------
+# -- whole trajectories: Gaussian data, whose optimal eps and reverse process are closed forms ----
+
+@pytest.mark.parametrize("sampler,steps,var_type,eta", SAMPLER_CASES)
+def test_sampler_output_moments_match_the_closed_form(sampler, steps, var_type, eta):
+    """A 10% error in any step coefficient moves these moments by far more than the tolerance
+    (measured: sigma x 1.5 more than doubles the variance, DDIM's eps x 0.9 shrinks it 5000x)."""
+    betas = linear_betas()
+    d = ddpm.GaussianDiffusion(betas, var_type=var_type, clip_x0=False)
+    x_T, noise = probe_inputs(steps)
+    out = ddpm.sample_loop(GaussianOracle(betas), d, torch.from_numpy(x_T), sampler, steps=steps, eta=eta,
+                           noise_fn=lambda k, shape: torch.from_numpy(noise[k]))
+    (mean,), (var,) = probe_moments(out.numpy())
+    m, v = implied_moments(betas, sampler, steps, var_type, eta)
+    print(f"{sampler} {steps} steps {var_type} eta={eta}: mean {mean:.6f} (closed form {m:.6f}), "
+          f"variance {var:.6f} ({v:.6f}); errors {abs(mean - m):.1e}, {abs(var / v - 1):.1e} relative; "
+          f"the data's: {MU}, {S * S}")
+    assert abs(mean - m) < 1e-9 and abs(var - v) < 1e-9 * v
+    # and the reverse process does bring N(0, 1) back to the data, up to discretization (largest
+    # for 20 DDIM steps: variance 0.181 against 0.25)
+    assert abs(mean - MU) < 0.01 and abs(var / (S * S) - 1) < 0.3
+
+
+def test_sampled_moments_converge_to_the_closed_form():
+    """Plain random sampling too (not the probe): 1000 ancestral steps on 40,000 pixels."""
+    betas = linear_betas()
+    d = ddpm.GaussianDiffusion(betas, var_type="fixed_small", clip_x0=False)
+    g = torch.Generator().manual_seed(0)
+    x0 = ddpm.sample_loop(GaussianOracle(betas), d, torch.randn(4, 1, 100, 100, generator=g), "ddpm",
+                          generator=g)
+    m, v = implied_moments(betas, "ddpm", T, "fixed_small", 0.0)
+    n = x0.numel()
+    print(f"sampled: mean {x0.mean().item():.4f} (closed form {m:.4f}), variance "
+          f"{x0.var().item():.4f} ({v:.4f}), {n} pixels")
+    assert abs(x0.mean().item() - m) < 5 * math.sqrt(v / n)
+    assert abs(x0.var().item() / v - 1) < 5 * math.sqrt(2 / n)
+
 
 class OracleEps(torch.nn.Module):
     """The exact eps for a one-point data distribution at x_star: eps = (x_t - sqrt(abar) x*) / sqrt(1-abar)."""
@@ -219,6 +260,22 @@ def test_perfect_oracle_returns_the_data_point(sampler, steps):
     assert err < 1e-8 and max(pred) < 1e-6  # pred_x0 exact at every step: original t was fed
 
 
+def test_sampler_feeds_the_original_t_in_order():
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x, t):
+            seen.append(t.tolist())
+            return torch.zeros_like(x)
+
+    d = diffusion("linear")
+    ddpm.sample_loop(Recorder(), d, torch.zeros(2, 1, 1, 1), "ddim", steps=4)
+    assert seen == [[750, 750], [500, 500], [250, 250], [0, 0]]
+    seen.clear()
+    ddpm.sample_loop(Recorder(), ddpm.GaussianDiffusion(ddpm.get_betas("cosine", 5)), torch.zeros(1, 1, 1, 1))
+    assert seen == [[4], [3], [2], [1], [0]]
+
+
 def test_ddim_eta0_is_deterministic_given_x_T():
     model = ddpm.UNet(ddpm.make_config("tiny", image_size=16)).eval()
     d = ddpm.GaussianDiffusion(ddpm.get_betas("linear", T))
@@ -230,20 +287,214 @@ def test_ddim_eta0_is_deterministic_given_x_T():
     assert not torch.equal(a, c)  # eta=1 does use the noise
 
 
-def test_ddpm_with_the_same_injected_noise_repeats_exactly():
-    model = ddpm.UNet(ddpm.make_config("tiny", image_size=16)).eval()
-    d = ddpm.GaussianDiffusion(ddpm.get_betas("linear", 100))
-    x_T = torch.randn(2, 3, 16, 16)
-    noise = torch.randn(100, 2, 3, 16, 16)
-    a = ddpm.sample_loop(model, d, x_T, "ddpm", noise_fn=lambda k, shape: noise[k])
-    b = ddpm.sample_loop(model, d, x_T, "ddpm", noise_fn=lambda k, shape: noise[k])
-    other = ddpm.sample_loop(model, d, x_T, "ddpm", noise_fn=lambda k, shape: noise[99 - k])
-    print(f"same noise: max diff {(a - b).abs().max().item()}, other noise: {(a - other).abs().max().item():.3f}")
-    assert torch.equal(a, b) and not torch.allclose(a, other)
+@pytest.mark.parametrize("kw,fragment", [(dict(steps=0), "--steps"), (dict(steps=1001), "--steps"),
+                                         (dict(sampler="ddim", eta=2.0), "--eta"),
+                                         (dict(sampler="ddim", eta=float("nan")), "--eta"),
+                                         (dict(sampler="ddim", eta=-0.5), "--eta"),
+                                         (dict(sampler="ddpm", eta=0.5), "ancestral"),
+                                         (dict(sampler="plms"), "unknown sampler")])
+def test_sampler_settings_that_give_wrong_images_are_refused(kw, fragment):
+    d = diffusion("linear")
+    with pytest.raises(ValueError, match=fragment):
+        ddpm.sample_loop(OracleEps(torch.zeros(1), d.betas), d, torch.zeros(1, 1, 1, 1), **kw)
+
+
+# -- training pieces ----------------------------------------------------------------------------
+
+def test_training_loss_is_eq14_with_the_original_t():
+    betas = linear_betas()
+    abar = np.cumprod(1 - betas)
+    calls = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x_t, t):
+            calls.append((x_t.clone(), t.clone()))
+            return 0.5 * x_t
+
+    x0 = torch.rand(3, 3, 4, 4, dtype=torch.float64) * 2 - 1
+    noise = torch.randn(3, 3, 4, 4, dtype=torch.float64)
+    i = torch.tensor([0, 400, 999])
+    loss = ddpm.GaussianDiffusion(betas).training_loss(Recorder(), x0, i, noise)
+    x_t, t = calls[0]
+    s = torch.from_numpy(abar[[0, 400, 999]]).view(-1, 1, 1, 1)
+    assert t.tolist() == [0, 400, 999]
+    assert (x_t - (s.sqrt() * x0 + (1 - s).sqrt() * noise)).abs().max() < 1e-12
+    expected = ((noise - 0.5 * x_t) ** 2).mean()
+    print(f"L_simple {loss.item():.6f}, written out {expected.item():.6f}")
+    assert abs(loss.item() - expected.item()) < 1e-6
+
+
+def test_ema_update_is_the_moving_average():
+    model, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in ema.parameters()]
+    ddpm.ema_update(ema, model, 0.9)
+    for b, p, q in zip(before, ema.parameters(), model.parameters()):
+        assert torch.allclose(p, 0.9 * b + 0.1 * q, atol=1e-7)
+
+
+def test_every_micro_batch_draws_its_own_t_and_eps():
+    seeds = {ddpm.micro_batch_seed(0, step, m) for step in range(50) for m in range(4)}
+    assert len(seeds) == 200 and ddpm.micro_batch_seed(0, 3, 1) == ddpm.micro_batch_seed(0, 3, 1)
+    assert ddpm.micro_batch_seed(1, 3, 1) != ddpm.micro_batch_seed(0, 3, 1)
+
+
+def test_learning_rate_warmup_and_cosine():
+    cfg = ddpm.Config(lr=1e-3, warmup=10, steps=110)
+    assert ddpm.learning_rate(cfg, 0) == pytest.approx(1e-4)
+    assert ddpm.learning_rate(cfg, 9) == pytest.approx(1e-3)
+    assert ddpm.learning_rate(cfg, 100) == pytest.approx(1e-3)
+    cfg.cosine_lr = True
+    assert ddpm.learning_rate(cfg, 60) == pytest.approx(5e-4)
+    assert ddpm.learning_rate(cfg, 110) == pytest.approx(0, abs=1e-12)
+
+
+# -- U-Net ------------------------------------------------------------------------------------
+
+def test_cifar10_and_tiny_presets_have_their_parameter_counts():
+    n = ddpm.count_params(ddpm.UNet(ddpm.make_config("cifar10")))
+    tiny = ddpm.count_params(ddpm.UNet(ddpm.make_config("tiny")))
+    print(f"cifar10 preset: {n:,} parameters (google/ddpm-cifar10-32: 35,746,307); tiny {tiny:,}")
+    assert n == 35_746_307 and tiny == 1_113_955
+
+
+@pytest.mark.parametrize("preset", list(ddpm.PRESETS))
+def test_every_preset_keeps_the_image_shape(preset):
+    cfg = ddpm.make_config(preset)
+    model = ddpm.UNet(cfg).eval()
+    x = torch.randn(2, 3, cfg.image_size, cfg.image_size)
+    with torch.no_grad():
+        out = model(x, torch.tensor([0, 999]))
+    print(f"{preset}: {ddpm.count_params(model):,} parameters, {tuple(x.shape)} -> {tuple(out.shape)}")
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def reference_unet(w, cfg, x, t):
+    """Ho et al.'s U-Net written out as functions of the weights, after diffusion_tf/models/unet.py
+    (nonlinearity swish, normalize GroupNorm(32), resnet_block, attn_block, downsample with
+    'SAME' padding of a stride-2 conv, nearest upsample, skip connections concatenated [h, skip])."""
+    def gn(h, name):
+        return F.group_norm(h, 32, w[name + ".weight"], w[name + ".bias"], eps=1e-6)
+
+    def conv(h, name, stride=1, padding=1):
+        return F.conv2d(h, w[name + ".weight"], w[name + ".bias"], stride=stride, padding=padding)
+
+    def dense(h, name):
+        return h @ w[name + ".weight"].T + w[name + ".bias"]
+
+    def resnet(h, name):
+        out = conv(F.silu(gn(h, name + ".norm1")), name + ".conv1")
+        out = out + dense(F.silu(temb), name + ".temb_proj")[:, :, None, None]
+        out = conv(F.silu(gn(out, name + ".norm2")), name + ".conv2")
+        if name + ".nin_shortcut.weight" in w:
+            h = conv(h, name + ".nin_shortcut", padding=0)
+        return h + out
+
+    def attention(h, name):
+        B, C, H, W = h.shape
+        n = gn(h, name + ".norm")
+        q, k, v = (conv(n, f"{name}.{p}", padding=0).reshape(B, C, H * W) for p in "qkv")
+        weights = torch.softmax(torch.einsum("bci,bcj->bij", q, k) * C ** -0.5, dim=2)  # over keys
+        out = torch.einsum("bij,bcj->bci", weights, v).reshape(B, C, H, W)
+        return h + conv(out, name + ".proj_out", padding=0)
+
+    half = cfg.ch // 2
+    freqs = torch.exp(torch.arange(half) * -(math.log(10000) / (half - 1)))
+    angles = t.float()[:, None] * freqs[None]
+    temb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    temb = dense(F.silu(dense(temb, "temb.dense.0")), "temb.dense.1")
+
+    levels = len(cfg.ch_mult)
+    hs = [conv(x, "conv_in")]
+    for level in range(levels):
+        for j in range(cfg.num_res_blocks):
+            h = resnet(hs[-1], f"down.{level}.block.{j}")
+            if f"down.{level}.attn.{j}.q.weight" in w:
+                h = attention(h, f"down.{level}.attn.{j}")
+            hs.append(h)
+        if level != levels - 1:
+            hs.append(conv(F.pad(hs[-1], (0, 1, 0, 1)), f"down.{level}.downsample.conv", stride=2, padding=0))
+    h = resnet(hs[-1], "mid.block_1")
+    h = attention(h, "mid.attn_1")
+    h = resnet(h, "mid.block_2")
+    for level in reversed(range(levels)):
+        for j in range(cfg.num_res_blocks + 1):
+            h = resnet(torch.cat([h, hs.pop()], dim=1), f"up.{level}.block.{j}")
+            if f"up.{level}.attn.{j}.q.weight" in w:
+                h = attention(h, f"up.{level}.attn.{j}")
+        if level != 0:
+            h = conv(F.interpolate(h, scale_factor=2, mode="nearest"), f"up.{level}.upsample.conv")
+    assert not hs
+    return conv(F.silu(gn(h, "norm_out")), "conv_out")
+
+
+@pytest.mark.parametrize("preset,size", [("tiny", 32), ("cifar10", 32)])
+def test_unet_equals_ho_et_al_written_out(preset, size):
+    torch.manual_seed(0)
+    cfg = ddpm.make_config(preset, image_size=size)
+    model = ddpm.UNet(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # off their initial values: no norm or bias can hide a mix-up
+            p.add_(0.05 * torch.randn_like(p))
+    x, t = torch.randn(2, 3, size, size), torch.tensor([3, 871])
+    with torch.no_grad():
+        ours = model(x, t)
+        ref = reference_unet(dict(model.state_dict()), cfg, x, t)
+    err = ((ours - ref).abs().max() / ref.abs().max()).item()
+    print(f"{preset}: U-Net vs Ho et al. written out, relative error {err:.2e}")
+    assert err < 1e-5
+    assert sum(".attn." in k or ".attn_1." in k for k in model.state_dict()) > 0
+
+
+def test_output_depends_on_t():
+    torch.manual_seed(0)
+    model = ddpm.UNet(ddpm.make_config("tiny")).eval()
+    for p in model.parameters():  # conv_out starts non-zero anyway; perturb to be sure
+        p.data.add_(0.01 * torch.randn_like(p))
+    x = torch.randn(1, 3, 32, 32).repeat(3, 1, 1, 1)
+    with torch.no_grad():
+        out = model(x, torch.tensor([0, 1, 500]))
+    d01, d0500 = (out[0] - out[1]).abs().max().item(), (out[0] - out[2]).abs().max().item()
+    print(f"|eps(t=0) - eps(t=1)| = {d01:.2e}, |eps(t=0) - eps(t=500)| = {d0500:.2e}")
+    assert d01 > 1e-6 and d0500 > 1e-4
+
+
+def test_timestep_embedding_formula():
+    t = torch.tensor([0, 7, 999])
+    emb = ddpm.get_timestep_embedding(t, 128)
+    half = 64
+    k = 5
+    freq = math.exp(-math.log(10000) * k / (half - 1))
+    assert emb[1, k].item() == pytest.approx(math.sin(7 * freq), abs=1e-6)
+    assert emb[2, half + k].item() == pytest.approx(math.cos(999 * freq), abs=1e-5)
+
+
+@pytest.mark.parametrize("kw,fragment", [
+    (dict(image_size=36), "multiple of 8"), (dict(attn_resolutions=(7,)), "would never run"),
+    (dict(in_channels=4), "grayscale"), (dict(ema_decay=2.0), "--ema-decay"),
+    (dict(grad_clip=-1.0), "--grad-clip"), (dict(save_every=-1), "--save-every"),
+    (dict(log_every=0), "--log-every"), (dict(device="tpu"), "--device"),
+    (dict(steps=0), "--steps"), (dict(lr=float("nan")), "--lr"), (dict(dropout=1.0), "--dropout"),
+    (dict(batch_size=0), "--batch-size"), (dict(T=1), "T=1"), (dict(ch=48), "multiple of 32"),
+    (dict(T=10), "T >= 20")])
+def test_bad_settings_are_a_clear_error(kw, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        ddpm.make_config("cifar10", **kw)
+
+
+def test_other_image_sizes_put_attention_at_the_level_nearest_16():
+    assert ddpm.make_config("tiny", image_size=48).attn_resolutions == (12,)
+    assert ddpm.make_config("cifar10", image_size=64).attn_resolutions == (16,)
+    assert ddpm.make_config("tiny", image_size=48, attn_resolutions=(24,)).attn_resolutions == (24,)
+
+
+def test_unknown_preset_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown model preset"):
+        ddpm.make_config("huge")
 
 
 # -- learning -----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_tiny_model_overfits_eight_images():
     torch.manual_seed(0)
     cfg = ddpm.make_config("tiny", image_size=16)

@@ -1,28 +1,25 @@
 """Our implementation against an independent one, diffusers: the google/ddpm-cifar10-32 layout
-converted weight for weight, and the DDPM / DDIM schedulers step for step. No network: the
-reference model is built here and saved with save_pretrained."""
-import json
+converted weight for weight both ways (convert.py), and the DDPM / DDIM schedulers step for step.
+No network: the reference model is built here and saved with save_pretrained. Every test here
+carries the `diffusers` marker; diffusers is a dev requirement, so its absence is a failure."""
 import os
-import subprocess
-import sys
 
+import diffusers
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
 
+import convert
 import ddpm
 import export
+from conftest import assert_clean_error, run_script
 
-diffusers = pytest.importorskip("diffusers", reason="diffusers is a dev requirement (requirements-dev.txt)")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.diffusers
 
-# google/ddpm-cifar10-32 as UNet2DModel arguments
-GOOGLE_CIFAR10 = dict(
-    sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
-    layers_per_block=2, down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None,
-    norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, dropout=0.1)
+# google/ddpm-cifar10-32 as UNet2DModel arguments, from our cifar10 preset (tests/test_convert.py
+# checks these against the hub's config.json)
+GOOGLE_CIFAR10 = convert.unet2d_config(ddpm.make_config("cifar10"))
 
 
 def perturbed_unet(**overrides):
@@ -43,7 +40,7 @@ def google_like(tmp_path_factory):
     unet.save_pretrained(d)
     diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", variance_type="fixed_large",
                             clip_sample=True).save_pretrained(d)
-    cfg = ddpm.convert_diffusers(str(d), str(d / "ckpt.pt"))
+    cfg = convert.from_diffusers(str(d), str(d / "ckpt.pt"))
     model, _ = ddpm.load_checkpoint(str(d / "ckpt.pt"))
     return d, unet, model, cfg
 
@@ -96,7 +93,7 @@ def test_old_attention_names_and_bin_weights(google_like, tmp_path):
     assert any(".query." in k for k in old)
     torch.save(old, tmp_path / "diffusion_pytorch_model.bin")
     (tmp_path / "config.json").write_text((d / "config.json").read_text())
-    ddpm.convert_diffusers(str(tmp_path), str(tmp_path / "old.pt"))
+    convert.from_diffusers(str(tmp_path), str(tmp_path / "old.pt"))
     again, _ = ddpm.load_checkpoint(str(tmp_path / "old.pt"))
     for k, v in model.state_dict().items():
         assert torch.equal(v, again.state_dict()[k]), k
@@ -105,10 +102,10 @@ def test_old_attention_names_and_bin_weights(google_like, tmp_path):
 def test_layout_that_is_not_ho_et_al_is_a_clear_error(tmp_path):
     perturbed_unet(attention_head_dim=8).save_pretrained(tmp_path / "heads")
     with pytest.raises(ValueError, match="attention_head_dim=8"):
-        ddpm.convert_diffusers(str(tmp_path / "heads"), str(tmp_path / "x.pt"))
+        convert.from_diffusers(str(tmp_path / "heads"), str(tmp_path / "x.pt"))
     perturbed_unet(flip_sin_to_cos=True, freq_shift=0).save_pretrained(tmp_path / "flip")
     with pytest.raises(ValueError, match="flip_sin_to_cos=True"):
-        ddpm.convert_diffusers(str(tmp_path / "flip"), str(tmp_path / "x.pt"))
+        convert.from_diffusers(str(tmp_path / "flip"), str(tmp_path / "x.pt"))
 
 
 def test_unknown_and_missing_keys_are_listed(google_like, tmp_path):
@@ -119,19 +116,48 @@ def test_unknown_and_missing_keys_are_listed(google_like, tmp_path):
     torch.save(state, tmp_path / "diffusion_pytorch_model.bin")
     (tmp_path / "config.json").write_text((d / "config.json").read_text())
     with pytest.raises(ValueError) as e:
-        ddpm.convert_diffusers(str(tmp_path), str(tmp_path / "x.pt"))
+        convert.from_diffusers(str(tmp_path), str(tmp_path / "x.pt"))
     print(e.value)
     assert "1 unknown (extra.weight)" in str(e.value) and "1 missing (conv_in.bias)" in str(e.value)
 
 
 def test_convert_cli(google_like, tmp_path):
     d, _, _, _ = google_like
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "ddpm.py"), "convert", "--from-diffusers", str(d),
-                        "-o", str(tmp_path / "c.pt")], capture_output=True, text=True)
+    r = run_script("convert.py", "--from-diffusers", d, "-o", tmp_path / "c.pt")
     assert r.returncode == 0 and "35,746,307" in r.stdout, r.stderr
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "ddpm.py"), "convert", "--from-diffusers",
-                        str(tmp_path)], capture_output=True, text=True)
-    assert r.returncode != 0 and "Traceback" not in r.stderr and "no config.json" in r.stderr
+    assert_clean_error(run_script("convert.py", "--from-diffusers", d, "-o", tmp_path / "c.pt"),
+                       "exists", "--overwrite")
+    assert_clean_error(run_script("convert.py", "--from-diffusers", tmp_path), "no config.json")
+
+
+@pytest.mark.parametrize("schedule,var_type,clip", [("linear", "fixed_large", True), ("cosine", "fixed_small", False)])
+def test_to_diffusers_loads_in_ddpm_pipeline_and_samples(tmp_path, schedule, var_type, clip):
+    """Our checkpoint -> a DDPMPipeline folder: same eps for the same input, same scheduler
+    tables, and the pipeline samples; converting it back gives our weights bit for bit."""
+    cfg = ddpm.make_config("tiny", image_size=16, schedule=schedule, var_type=var_type, clip_x0=clip)
+    torch.manual_seed(0)
+    model = ddpm.UNet(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    ddpm.save_checkpoint(tmp_path / "ours.pt", ddpm.checkpoint_state(cfg, model))
+    convert.to_diffusers(str(tmp_path / "ours.pt"), str(tmp_path / "pipe"))
+    pipe = diffusers.DDPMPipeline.from_pretrained(str(tmp_path / "pipe"))
+    x, t = torch.randn(3, 3, 16, 16), torch.tensor([0, 417, 999])
+    with torch.no_grad():
+        err = (pipe.unet(x, t).sample - model(x, t)).abs().max().item()
+    betas_err = np.abs(pipe.scheduler.betas.double().numpy() - ddpm.get_betas(schedule, 1000)).max()
+    print(f"{schedule}: DDPMPipeline's UNet vs ours, max abs error {err:.2e}; betas {betas_err:.1e}")
+    assert err < 1e-5 and betas_err < 1e-6  # diffusers keeps its betas in float32
+    sched = pipe.scheduler.config
+    assert (sched.variance_type, sched.clip_sample, sched.num_train_timesteps) == (var_type, clip, 1000)
+    images = pipe(batch_size=2, num_inference_steps=5, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
+    back = convert.from_diffusers(str(tmp_path / "pipe"), str(tmp_path / "back.pt"))
+    again, _ = ddpm.load_checkpoint(str(tmp_path / "back.pt"))
+    assert (back.schedule, back.var_type, back.clip_x0) == (schedule, var_type, clip)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
 
 
 # -- schedulers ---------------------------------------------------------------------------------
@@ -169,7 +195,7 @@ def test_one_ancestral_step_equals_ddpm_scheduler(variance_type, clip):
             eps = torch.randn(2, 3, 8, 8, generator=g, dtype=dtype)
             noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1000 + t), dtype=dtype)
             theirs = sched.step(eps, t, x_t, generator=torch.Generator().manual_seed(1000 + t)).prev_sample
-            ours, _ = d.p_sample(eps, x_t, torch.full((2,), t), noise)
+            ours, _ = d.p_sample(x_t, torch.full((2,), t), eps, noise)
             worst = max(worst, (ours - theirs).abs().max().item())
         print(f"DDPM step ({variance_type}, clip={clip}), diffusers tables in {precision}: "
               f"max abs error over t = {worst:.2e} (tolerance {tol:.0e})")
@@ -255,15 +281,15 @@ def test_scheduler_config_sets_variance_clip_and_refuses_other_betas(google_like
     for name in ("config.json", "diffusion_pytorch_model.safetensors"):
         (tmp_path / name).write_bytes((d / name).read_bytes())
     diffusers.DDPMScheduler(variance_type="fixed_small", clip_sample=False).save_pretrained(tmp_path)
-    cfg = ddpm.convert_diffusers(str(tmp_path), str(tmp_path / "a.pt"))
+    cfg = convert.from_diffusers(str(tmp_path), str(tmp_path / "a.pt"))
     assert (cfg.var_type, cfg.clip_x0, cfg.schedule) == ("fixed_small", False, "linear")
     cosine = diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2")
     cosine.save_pretrained(tmp_path)
-    assert ddpm.convert_diffusers(str(tmp_path), str(tmp_path / "b.pt")).schedule == "cosine"
+    assert convert.from_diffusers(str(tmp_path), str(tmp_path / "b.pt")).schedule == "cosine"
     err = np.abs(cosine.betas.double().numpy() - ddpm.get_betas("cosine", 1000)).max()
     print(f"diffusers squaredcos_cap_v2 betas (float32) vs our cosine: max abs error {err:.1e}")
     assert err < 1e-6
     # diffusers takes 1e-4..0.02 as given for any T; ours scales them by 1000/T: not the same betas
     diffusers.DDPMScheduler(num_train_timesteps=500).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="betas we do not build"):
-        ddpm.convert_diffusers(str(tmp_path), str(tmp_path / "c.pt"))
+        convert.from_diffusers(str(tmp_path), str(tmp_path / "c.pt"))

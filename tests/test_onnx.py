@@ -1,5 +1,7 @@
-"""export.py and sample_ort.py: ONNX Runtime against PyTorch, per call and over whole
-trajectories fed identical noise; metadata; bad input; running without torch."""
+"""export.py and sample_ort.py: the step graph and step table against ddpm.py for every sampler
+setting, the ONNX Runtime sampler against the Gaussian closed form, ONNX Runtime against
+PyTorch per call and over whole trajectories fed identical noise, metadata (and tampered
+metadata), bad input, and running without torch."""
 import json
 import os
 import subprocess
@@ -15,8 +17,8 @@ from PIL import Image
 import ddpm
 import export
 import sample_ort
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import SAMPLER_CASES, GaussianOracle, assert_clean_error, implied_moments, probe_inputs, \
+    probe_moments, refusal, run_script
 
 
 def cuda_usable():
@@ -48,16 +50,114 @@ def exported(tmp_path_factory):
     d = tmp_path_factory.mktemp("onnx")
     cfg = ddpm.make_config("tiny", image_size=16, data="shapes", steps=200, batch_size=16, lr=1e-3,
                            warmup=20, ema_decay=0.95, out=str(d / "run"), ckpt=str(d / "ckpt.pt"),
-                           num_workers=0, sample_every=10 ** 6, save_every=10 ** 6, log_every=50)
+                           num_workers=0, sample_every=0, save_every=0, log_every=50)
     ddpm.train(cfg)
     export.export(str(d / "ckpt.pt"), str(d / "ddpm.onnx"))
     model, _ = ddpm.load_checkpoint(str(d / "ckpt.pt"))
     return d, cfg, model
 
 
-def run(script, *args, cwd=None, env=None):
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True,
-                          text=True, cwd=cwd, env=env, timeout=600)
+@pytest.fixture(scope="module")
+def oracle_onnx(tmp_path_factory):
+    """The Gaussian-data oracle eps (no weights: a few KB) exported with export.py's metadata as a
+    1-channel 4x4 model, unclipped, so the ONNX Runtime sampler has a closed-form answer."""
+    d = tmp_path_factory.mktemp("oracle")
+    cfg = ddpm.make_config("tiny", image_size=4, in_channels=1, attn_resolutions=(), clip_x0=False)
+    betas = ddpm.get_betas(cfg.schedule, cfg.T)
+    oracle = GaussianOracle(betas).float()
+    export.export_module(oracle, cfg, str(d / "oracle.onnx"), oracle)
+    return d / "oracle.onnx", betas
+
+
+# -- the step: sample_ort's table and export's graph against ddpm.py ------------------------------
+
+STEP_SETTINGS = [(sampler, steps, var_type, clip, eta)
+                 for sampler, steps, var_type, eta in [("ddpm", 1000, "fixed_large", 0.0), ("ddpm", 1000, "fixed_small", 0.0),
+                                                       ("ddpm", 100, "fixed_large", 0.0), ("ddpm", 100, "fixed_small", 0.0),
+                                                       ("ddim", 1000, "fixed_large", 0.0), ("ddim", 50, "fixed_large", 0.0),
+                                                       ("ddim", 50, "fixed_small", 1.0), ("ddim", 25, "fixed_large", 0.3)]
+                 for clip in (True, False)]
+
+
+def chain_of(betas, sampler, steps, var_type, clip):
+    d = ddpm.GaussianDiffusion(betas, var_type=var_type, clip_x0=clip)
+    return d if sampler == "ddpm" and steps == len(betas) else d.respace(ddpm.ddim_timesteps(len(betas), steps))
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("sampler,steps,var_type,clip,eta", STEP_SETTINGS)
+def test_every_step_table_column_equals_ddpm(schedule, sampler, steps, var_type, clip, eta):
+    """Each column [a, b, c1, c2, c3, s] against the arrays ddpm.GaussianDiffusion computes."""
+    betas = ddpm.get_betas(schedule, 1000)
+    ts, coefs = sample_ort.step_table(betas, sampler, steps, eta, var_type)
+    c = chain_of(betas, sampler, steps, var_type, clip)
+    i = np.arange(c.num_timesteps)[::-1]  # sampling order
+    assert list(ts) == list(c.timesteps[i])
+    abar, abar_prev = c.alphas_cumprod[i], c.alphas_cumprod_prev[i]
+    if sampler == "ddpm":
+        variance = c.betas[i] if var_type == "fixed_large" else c.posterior_variance[i]
+        expected = [c.sqrt_recip_alphas_cumprod[i], c.sqrt_recipm1_alphas_cumprod[i],
+                    c.posterior_mean_coef1[i], c.posterior_mean_coef2[i], 0 * abar,
+                    np.sqrt(variance) * (i > 0)]  # no noise on the last step
+    else:
+        sigma = eta * np.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
+        expected = [c.sqrt_recip_alphas_cumprod[i], c.sqrt_recipm1_alphas_cumprod[i],
+                    np.sqrt(abar_prev), 0 * abar, np.sqrt(1 - abar_prev - sigma ** 2), sigma]
+    worst = 0.0
+    for col, (name, want) in enumerate(zip(["a", "b", "c1", "c2", "c3", "s"], expected)):
+        err = np.abs(coefs[:, col] - want).max() / max(np.abs(want).max(), 1e-30)
+        worst = max(worst, err)
+        assert err < 1e-6, f"column {name}: relative error {err:.2e}"
+    print(f"{schedule} {sampler} {steps} {var_type} eta={eta}: worst column relative error {worst:.2e}")
+
+
+@pytest.mark.parametrize("sampler,steps,var_type,clip,eta", STEP_SETTINGS)
+def test_step_graph_equals_ddpm_step(sampler, steps, var_type, clip, eta):
+    """export.step_graph run by ONNX Runtime with sample_ort's coefficients gives ddpm.py's
+    p_sample / ddim_step (float64) at the first, middle and last steps of the chain."""
+    betas = ddpm.get_betas("linear", 1000)
+    ts, coefs = sample_ort.step_table(betas, sampler, steps, eta, var_type)
+    graph = export.step_graph(clip, export.MIN_OPSET, 8)
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    c = chain_of(betas, sampler, steps, var_type, clip)
+    rng = np.random.default_rng(steps)
+    worst = 0.0
+    n = len(ts)
+    for k in sorted({0, 1, n // 2, n - 2, n - 1}):  # k: step number; chain index n - 1 - k
+        x_t = (3 * rng.standard_normal((2, 3, 4, 4))).astype(np.float32)  # some x_0 outside [-1, 1]
+        eps = rng.standard_normal((2, 3, 4, 4)).astype(np.float32)
+        noise = rng.standard_normal((2, 3, 4, 4)).astype(np.float32)
+        got = session.run(["x_prev"], {"x_t": x_t, "eps": eps, "noise": noise, "coef": coefs[k]})[0]
+        i = torch.full((2,), n - 1 - k)
+        args = [torch.from_numpy(a).double() for a in (x_t, eps, noise)]
+        if sampler == "ddpm":
+            ref, _ = c.p_sample(args[0], i, args[1], args[2])
+        else:
+            ref, _ = c.ddim_step(args[0], i, args[1], args[2], eta)
+        worst = max(worst, np.abs(got - ref.numpy()).max() / max(1.0, np.abs(ref.numpy()).max()))
+    print(f"{sampler} {steps} {var_type} clip={clip} eta={eta}: step graph vs ddpm.py, "
+          f"max relative error {worst:.2e}")
+    assert worst < 1e-5
+
+
+# -- whole trajectories: the ONNX Runtime sampler against the Gaussian closed form ---------------
+
+@pytest.mark.parametrize("sampler,steps,var_type,eta", SAMPLER_CASES)
+def test_ort_sampler_output_moments_match_the_closed_form(oracle_onnx, sampler, steps, var_type, eta):
+    """sample_ort's whole loop (table, step graph, IO binding, noise order) on the exported oracle:
+    the exact output moments (probe inputs) against the reverse process written out in the test."""
+    path, betas = oracle_onnx
+    denoiser, step, meta, device = sample_ort.open_sessions(str(path), "cpu")
+    ts, coefs = sample_ort.step_table(meta["betas"], sampler, steps, eta, var_type)
+    x_T, noise = probe_inputs(len(ts), (1, 4, 4))
+    x_T, noise = x_T.astype(np.float32), noise.astype(np.float32)
+    out = sample_ort.Sampler(denoiser, step, x_T.shape, device).run(x_T, ts, coefs, lambda k, shape: noise[k])
+    mean, var = probe_moments(out.astype(np.float64))
+    m, v = implied_moments(betas, sampler, steps, var_type, eta)
+    err_m, err_v = np.abs(mean - m).max(), np.abs(var / v - 1).max()
+    print(f"ORT {sampler} {steps} {var_type} eta={eta}: mean {mean.mean():.5f} (closed form {m:.5f}), "
+          f"variance {var.mean():.5f} ({v:.5f}); max errors {err_m:.1e}, {err_v:.1e} relative")
+    assert err_m < 1e-4 and err_v < 1e-3  # float32; a 10% coefficient error moves them by > 0.1
 
 
 # -- per call -----------------------------------------------------------------------------------
@@ -103,6 +203,19 @@ def test_metadata_round_trip(exported):
     assert raw["ddpm.format"] == "1"
 
 
+def test_metadata_of_an_unclipped_grayscale_model(oracle_onnx):
+    path, betas = oracle_onnx
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    meta = sample_ort.read_metadata(session, str(path))
+    assert (meta["image_size"], meta["in_channels"], meta["clip_x0"]) == (4, 1, False)
+    assert np.array_equal(meta["betas"], betas)
+    # the step graph in the metadata does not clip either: x_0 = 3 passes through unchanged
+    step = ort.InferenceSession(meta["step_graph"], providers=["CPUExecutionProvider"])
+    x_t, zeros = np.full((1, 1, 4, 4), 3.0, np.float32), np.zeros((1, 1, 4, 4), np.float32)
+    coef = np.array([1, 1, 1, 0, 0, 0], np.float32)  # x_prev = pred_x0 = x_t - eps
+    assert step.run(None, {"x_t": x_t, "eps": zeros, "noise": zeros, "coef": coef})[0].max() == 3.0
+
+
 def test_ema_weights_are_exported_by_default(tmp_path, exported):
     d, _, _ = exported
     export.export(str(d / "ckpt.pt"), str(tmp_path / "raw.onnx"), ema=False)
@@ -115,27 +228,10 @@ def test_ema_weights_are_exported_by_default(tmp_path, exported):
     assert meta["ddpm.ema"] == "false"
 
 
-def test_schedule_tables_match_ddpm(exported):
-    """sample_ort's float64 coefficients equal ddpm.GaussianDiffusion's, for every sampler."""
-    betas = ddpm.get_betas("cosine", 1000)
-    for sampler, steps, eta, var in [("ddpm", None, 0, "fixed_large"), ("ddpm", 100, 0, "fixed_small"),
-                                     ("ddim", 50, 0.0, "fixed_large"), ("ddim", 50, 0.7, "fixed_large")]:
-        ts, coefs = sample_ort.step_table(betas, sampler, steps, eta, var)
-        d = ddpm.GaussianDiffusion(betas, var_type=var)
-        if steps:
-            d = d.respace(ddpm.ddim_timesteps(1000, steps))
-        assert list(ts) == list(d.timesteps[::-1])
-        i = np.arange(d.num_timesteps)[::-1]
-        assert np.allclose(coefs[:, 0], d.sqrt_recip_alphas_cumprod[i], rtol=1e-6)
-        assert np.allclose(coefs[:, 1], d.sqrt_recipm1_alphas_cumprod[i], rtol=1e-6)
-        if sampler == "ddpm":
-            assert np.allclose(coefs[:, 2], d.posterior_mean_coef1[i], rtol=1e-6)
-            assert np.allclose(coefs[:, 3], d.posterior_mean_coef2[i], rtol=1e-6)
+# -- whole trajectories with a trained U-Net --------------------------------------------------------
 
-
-# -- whole trajectories -------------------------------------------------------------------------
-
-@pytest.mark.parametrize("sampler,steps,eta", [("ddpm", 1000, 0.0), ("ddim", 50, 0.0), ("ddim", 50, 1.0)])
+@pytest.mark.parametrize("sampler,steps,eta", [pytest.param("ddpm", 1000, 0.0, marks=pytest.mark.slow),
+                                               ("ddpm", 100, 0.0), ("ddim", 50, 0.0), ("ddim", 50, 1.0)])
 def test_trajectory_parity_with_identical_noise(exported, sampler, steps, eta):
     d, cfg, model = exported
     rng = np.random.default_rng(7)
@@ -153,6 +249,25 @@ def test_trajectory_parity_with_identical_noise(exported, sampler, steps, eta):
     assert err < 1e-3
 
 
+# -- pictures ------------------------------------------------------------------------------------
+
+def test_uint8_and_grid_agree_with_ddpm():
+    x = np.random.default_rng(0).uniform(-1.3, 1.3, (5, 3, 4, 4)).astype(np.float32)
+    ours = sample_ort.to_uint8(x)
+    assert np.array_equal(ours, ddpm.to_uint8(torch.from_numpy(x)))
+    assert ours.shape == (5, 4, 4, 3) and ours[x.transpose(0, 2, 3, 1) >= 1].min() == 255
+
+
+def test_grid_layout(tmp_path):
+    images = np.stack([np.full((3, 2, 1), 10 * k, np.uint8) for k in range(5)])
+    sample_ort.save_grid(images, str(tmp_path / "a.png"), pad=1)
+    ddpm.save_grid(images, str(tmp_path / "b.png"), pad=1)
+    a = np.asarray(Image.open(tmp_path / "a.png"))
+    assert np.array_equal(a, np.asarray(Image.open(tmp_path / "b.png")))
+    assert a.shape == (2 * 4 + 1, 3 * 3 + 1)  # 5 images: 3 per row, 2 rows, pad 1
+    assert a[1, 1] == 0 and a[1, 4] == 10 and a[5, 1] == 30 and a[5, 7] == 255  # the sixth cell is empty
+
+
 # -- the scripts --------------------------------------------------------------------------------
 
 def test_sample_ort_runs_without_torch(exported, tmp_path):
@@ -163,8 +278,8 @@ def test_sample_ort_runs_without_torch(exported, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(tmp_path / "blocker"))
     check = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
     assert check.returncode != 0 and "blocked" in check.stderr
-    r = run("sample_ort.py", "--model", str(d / "ddpm.onnx"), "--n", "3", "--sampler", "ddim",
-            "--steps", "5", "--out", "g.png", "--outdir", "imgs", "--provider", "cpu", cwd=tmp_path, env=env)
+    r = run_script("sample_ort.py", "--model", d / "ddpm.onnx", "--n", "3", "--sampler", "ddim",
+                   "--steps", "5", "--out", "g.png", "--outdir", "imgs", "--provider", "cpu", cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr
     assert "image-steps/s" in r.stdout and "CPUExecutionProvider" in r.stdout
     print(r.stdout.strip().splitlines()[-1])
@@ -177,12 +292,21 @@ def test_export_and_sample_cli_with_defaults(exported, tmp_path):
     """python export.py ckpt.pt, then python sample_ort.py with no --model, in one folder."""
     d, _, _ = exported
     os.symlink(d / "ckpt.pt", tmp_path / "ckpt.pt")
-    r = run("export.py", "ckpt.pt", cwd=tmp_path)
+    r = run_script("export.py", "ckpt.pt", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "relative" in r.stdout and (tmp_path / "ddpm.onnx").exists()
-    r = run("sample_ort.py", "--n", "2", "--steps", "3", "--sampler", "ddim", cwd=tmp_path)
+    r = run_script("sample_ort.py", "--n", "2", "--steps", "3", "--sampler", "ddim", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "samples.png").exists()
+
+
+def test_grayscale_model_samples_grayscale_pictures(oracle_onnx, tmp_path):
+    path, _ = oracle_onnx
+    images = sample_ort.sample(str(path), n=3, steps=10, sampler="ddim", out=str(tmp_path / "g.png"),
+                               outdir=str(tmp_path / "imgs"), provider="cpu")
+    assert images.shape == (3, 4, 4, 1)
+    with Image.open(tmp_path / "g.png") as g, Image.open(tmp_path / "imgs" / "00002.png") as one:
+        assert g.mode == "L" and one.mode == "L" and one.size == (4, 4)
 
 
 def test_fp16_export_error_against_fp32(exported, tmp_path):
@@ -196,32 +320,145 @@ def test_fp16_export_error_against_fp32(exported, tmp_path):
     assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in m.graph.initializer)
 
 
-def assert_clean_error(r, fragment):
-    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
-    assert fragment in r.stderr, r.stderr
-    print(r.stderr.strip().splitlines()[-1])
+def test_export_refuses_to_destroy_its_input_and_writes_nothing_on_failure(exported, tmp_path, monkeypatch):
+    d, _, _ = exported
+    ckpt = tmp_path / "ckpt.pt"
+    ckpt.write_bytes((d / "ckpt.pt").read_bytes())
+    before = ckpt.read_bytes()
+    refusal(export.main, [ckpt, "-o", ckpt], ".onnx")
+    (tmp_path / "ckpt.onnx").symlink_to(ckpt)
+    refusal(export.main, [ckpt, "-o", tmp_path / "ckpt.onnx"], "the input file")
+    assert ckpt.read_bytes() == before
+    # a check that fails leaves no file and no temp file behind
+    monkeypatch.setitem(export.TOLERANCE, "fp32", 0.0)
+    refusal(export.main, [ckpt, "-o", tmp_path / "m.onnx"], "was not written")
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.onnx", "ckpt.pt"]
 
 
 def test_bad_inputs_give_one_sentence(exported, tmp_path):
     d, _, _ = exported
-    assert_clean_error(run("sample_ort.py", "--model", "nope.onnx", cwd=tmp_path), "does not exist")
+    model = str(d / "ddpm.onnx")
     (tmp_path / "junk.onnx").write_bytes(b"\x08\x07 this is not protobuf" * 50)
-    assert_clean_error(run("sample_ort.py", "--model", "junk.onnx", cwd=tmp_path), "corrupt")
-    plain = export.step_graph(True, 17, 8)  # a valid ONNX model without our metadata
-    onnx.save(plain, str(tmp_path / "plain.onnx"))
-    assert_clean_error(run("sample_ort.py", "--model", "plain.onnx", cwd=tmp_path), "not one written by export.py")
-    assert_clean_error(run("sample_ort.py", "--model", str(d / "ddpm.onnx"), "--n", "0", cwd=tmp_path),
-                       "at least 1")
-    assert_clean_error(run("export.py", "missing.pt", cwd=tmp_path), "does not exist")
-    assert_clean_error(run("export.py", str(d / "ckpt.pt"), "--opset", "13", "-o", "x.onnx", cwd=tmp_path),
-                       "17 or later")
+    onnx.save(export.step_graph(True, 17, 8), str(tmp_path / "plain.onnx"))  # valid, no metadata
+    (tmp_path / "a_dir.png").mkdir()
+    (tmp_path / "a_dir.onnx").mkdir()
+    for argv, fragment in [
+            (["--model", "nope.onnx"], "does not exist"),
+            (["--model", tmp_path / "junk.onnx"], "corrupt"),
+            (["--model", tmp_path / "plain.onnx"], "not one written by export.py"),
+            (["--model", model, "--n", "0"], "--n 0"),
+            (["--model", model, "--batch", "0"], "--batch 0"),
+            (["--model", model, "--steps", "0"], "--steps"),
+            (["--model", model, "--steps", "1001"], "--steps"),
+            (["--model", model, "--sampler", "ddim", "--eta", "2"], "--eta"),
+            (["--model", model, "--sampler", "ddim", "--eta", "nan"], "--eta"),
+            (["--model", model, "--sampler", "ddim", "--eta", "-0.5"], "--eta"),
+            (["--model", model, "--eta", "0.5"], "ancestral"),
+            (["--model", model, "--out", tmp_path / "a_dir.png"], "is a folder"),
+            (["--model", model, "--out", tmp_path / "x.txt"], ".png"),
+            (["--model", model, "--out", model], ".png"),
+            (["--model", model, "--out", "/proc/no/such/x.png"], "cannot write"),
+            (["--model", model, "--outdir", d / "ckpt.pt"], "is a file"),
+            (["--model", model, "--provider", "tpu"], "invalid choice")]:
+        refusal(sample_ort.main, argv, fragment)
+    for argv, fragment in [
+            (["missing.pt"], "does not exist"),
+            ([d / "ckpt.pt", "--opset", "13", "-o", tmp_path / "x.onnx"], "--opset 13"),
+            ([d / "ckpt.pt", "--opset", "99", "-o", tmp_path / "x.onnx"], "--opset 99"),
+            ([d / "ckpt.pt", "-o", tmp_path / "x.png"], ".onnx"),
+            ([d / "ckpt.pt", "-o", d / "ckpt.pt" / "m.onnx"], "cannot write"),
+            ([d / "ckpt.pt", "-o", tmp_path / "a_dir.onnx"], "is a folder"),
+            ([d / "ckpt.pt", "-o", "/proc/no/such/m.onnx"], "cannot write")]:
+        refusal(export.main, argv, fragment)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_export_at_the_newest_opset(exported, tmp_path):
+    d, _, _ = exported
+    results = export.export(str(d / "ckpt.pt"), str(tmp_path / "new.onnx"), opset=export.MAX_OPSET)
+    assert max(rel for _, _, rel in results) < 1e-5
+    m = onnx.load(str(tmp_path / "new.onnx"))
+    assert max(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) == export.MAX_OPSET
+
+
+def tampered(path, tmp_path, change):
+    """A copy of the ONNX file with its metadata changed: change(dict) edits it in place."""
+    m = onnx.load(str(path))
+    meta = {p.key: p.value for p in m.metadata_props}
+    change(meta)
+    del m.metadata_props[:]
+    for k, v in meta.items():
+        m.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
+    out = tmp_path / f"t{len(os.listdir(tmp_path))}.onnx"
+    onnx.save(m, str(out))
+    return out
+
+
+def set_key(key, value):
+    def change(meta):
+        meta[key] = value
+    return change
+
+
+def drop_key(key):
+    def change(meta):
+        del meta[key]
+    return change
+
+
+@pytest.mark.parametrize("change,fragment", [
+    (drop_key("ddpm.betas"), "lacks the metadata ddpm.betas"),
+    (drop_key("ddpm.step_graph"), "lacks the metadata ddpm.step_graph"),
+    (set_key("ddpm.betas", "[0.1, \"x\"]"), "altered"),
+    (set_key("ddpm.betas", "[0.5, -0.1, 0.2]"), "in (0, 1]"),
+    (set_key("ddpm.betas", "{}"), "altered"),
+    (set_key("ddpm.T", "999"), "ddpm.T is 999"),
+    (set_key("ddpm.image_size", "eight"), "altered"),
+    (set_key("ddpm.image_size", "8"), "x_t has shape"),
+    (set_key("ddpm.in_channels", "3"), "x_t has shape"),
+    (set_key("ddpm.in_channels", "7"), "ddpm.in_channels 7"),
+    (set_key("ddpm.var_type", "learned"), "ddpm.var_type 'learned'"),
+    (set_key("ddpm.clip_x0", "maybe"), "ddpm.clip_x0 'maybe'"),
+    (set_key("ddpm.format", "99"), "format 99"),
+    (set_key("ddpm.step_graph", "not base64 at all!"), "altered"),
+    (set_key("ddpm.step_graph", "AAAA"), "step_graph ONNX Runtime cannot load")])
+def test_tampered_metadata_is_a_sentence(oracle_onnx, tmp_path, change, fragment):
+    path, _ = oracle_onnx
+    out = tampered(path, tmp_path, change)
+    refusal(sample_ort.main, ["--model", out, "--n", 1, "--steps", 2, "--sampler", "ddim",
+                              "--out", tmp_path / "s.png", "--provider", "cpu"], fragment)
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_step_graph_with_other_inputs_is_a_sentence(oracle_onnx, tmp_path):
+    path, _ = oracle_onnx
+    import base64
+    other = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])]),
+        opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
+    out = tampered(path, tmp_path, set_key("ddpm.step_graph", base64.b64encode(other.SerializeToString()).decode()))
+    refusal(sample_ort.main, ["--model", out, "--n", 1, "--out", tmp_path / "s.png"], "not the update export.py writes")
+
+
+def test_help_gives_every_flag_a_default():
+    for main in (export.main, sample_ort.main):
+        import contextlib
+        import io
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+            main(["-h"])
+        flags = [line for line in out.getvalue().splitlines() if line.strip().startswith("-")]
+        text = " ".join(out.getvalue().split())
+        assert text.count("(default") >= len(flags) - 1, out.getvalue()  # -h has none
 
 
 @pytest.mark.skipif(CUDA, reason="a usable GPU is present, so --provider cuda cannot fail here")
 def test_insisting_on_cuda_without_a_gpu_fails_clearly(exported, tmp_path):
     d, _, _ = exported
-    assert_clean_error(run("sample_ort.py", "--model", str(d / "ddpm.onnx"), "--n", "1",
-                           "--provider", "cuda", cwd=tmp_path), "CUDA")
+    assert_clean_error(run_script("sample_ort.py", "--model", d / "ddpm.onnx", "--n", "1",
+                                  "--provider", "cuda", cwd=tmp_path), "CUDA")
 
 
 # -- CUDA (run where a GPU is usable) ----------------------------------------------------------

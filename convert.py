@@ -1,0 +1,320 @@
+"""Ho et al.'s U-Net between ddpm.py checkpoints and diffusers folders, both ways, weight for weight.
+
+  python convert.py --from-diffusers ddpm-cifar10-32/ -o ckpt.pt   # google/ddpm-cifar10-32 -> ours
+  python convert.py --to-diffusers ckpt.pt -o my-ddpm/             # ours -> a DDPMPipeline folder
+
+A diffusers folder is a UNet2DModel (config.json + diffusion_pytorch_model.safetensors or .bin,
+at the top or in unet/) and optionally a scheduler (scheduler_config.json, at the top or in
+scheduler/). --to-diffusers writes the layout `DDPMPipeline.from_pretrained(DIR)` loads:
+model_index.json, unet/ and scheduler/. diffusers itself is not needed for either direction.
+
+The mapping (checked against diffusers in tests/test_diffusers.py):
+  [sin, cos] time embedding (flip_sin_to_cos False, freq_shift 1); Downsample pads right/bottom
+  (downsample_padding 0); one attention head of C channels, whose Linear (C, C) weights are our
+  1x1 convs; GroupNorm(32, eps 1e-6); diffusers' up_blocks[i] is our up[L-1-i]; the middle
+  block's resnets.0 / attentions.0 / resnets.1 are our block_1 / attn_1 / block_2.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+
+import torch
+
+import ddpm
+
+HO_LAYOUT = {  # UNet2DModel settings that make it Ho et al.'s network
+    "act_fn": "silu", "norm_num_groups": 32, "norm_eps": 1e-6, "downsample_padding": 0,
+    "flip_sin_to_cos": False, "freq_shift": 1, "time_embedding_type": "positional",
+    "resnet_time_scale_shift": "default", "center_input_sample": False, "add_attention": True,
+    "class_embed_type": None, "num_class_embeds": None, "time_embedding_dim": None,
+}
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+LFS_POINTER = b"version https://git-lfs.github.com/spec"
+
+# Our layer names and diffusers', inside a residual block and an attention block.
+RESNET_LAYERS = {"norm1": "norm1", "conv1": "conv1", "temb_proj": "time_emb_proj", "norm2": "norm2",
+                 "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
+ATTENTION_LAYERS = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+LEGACY_ATTENTION = {"query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}  # diffusers < 0.14
+TOP_LEVEL = {"temb.dense.0": "time_embedding.linear_1", "temb.dense.1": "time_embedding.linear_2",
+             "conv_in": "conv_in", "norm_out": "conv_norm_out", "conv_out": "conv_out"}
+MID = {"block_1": "resnets.0", "attn_1": "attentions.0", "block_2": "resnets.1"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs
+
+
+def unet2d_config(cfg):
+    """UNet2DModel arguments that build Ho et al.'s network for our Config (the inverse of
+    `model_config`); bench and tests build their diffusers peer from this."""
+    levels = len(cfg.ch_mult)
+    down = ["AttnDownBlock2D" if cfg.image_size // 2 ** k in cfg.attn_resolutions else "DownBlock2D"
+            for k in range(levels)]
+    return dict(sample_size=cfg.image_size, in_channels=cfg.in_channels, out_channels=cfg.in_channels,
+                block_out_channels=[cfg.ch * m for m in cfg.ch_mult], layers_per_block=cfg.num_res_blocks,
+                down_block_types=down, up_block_types=[k.replace("Down", "Up") for k in reversed(down)],
+                attention_head_dim=None, dropout=cfg.dropout,
+                **{k: v for k, v in HO_LAYOUT.items() if v is not None})
+
+
+def model_config(d, path="config.json"):
+    """Our model settings from a UNet2DModel config.json, or ValueError naming what is not Ho et al.'s."""
+    try:
+        channels, size = list(d["block_out_channels"]), int(d["sample_size"])
+        down, up = list(d["down_block_types"]), list(d["up_block_types"])
+        layers = int(d["layers_per_block"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"'{path}' is not a UNet2DModel config ({type(e).__name__}: {e})") from None
+    wrong = [f"{k}={d.get(k)!r} (Ho et al.: {v!r})" for k, v in HO_LAYOUT.items() if d.get(k, v) != v]
+    ch = channels[0]
+    attn = tuple(size // 2 ** k for k, kind in enumerate(down) if kind == "AttnDownBlock2D")
+    if any(kind not in ("DownBlock2D", "AttnDownBlock2D") for kind in down):
+        wrong.append(f"down_block_types={down}")
+    if up != [k.replace("Down", "Up") for k in reversed(down)]:
+        wrong.append(f"up_block_types={up} (must mirror the down blocks)")
+    if d.get("attention_head_dim") not in (None, *channels) or d.get("num_attention_heads") not in (None, 1):
+        wrong.append(f"attention_head_dim={d.get('attention_head_dim')} (Ho et al. use one head: None)")
+    if any(c % ch for c in channels) or d.get("out_channels", 3) != d.get("in_channels", 3):
+        wrong.append(f"block_out_channels={channels} / out_channels={d.get('out_channels')}")
+    if wrong:
+        raise ValueError("this UNet2DModel is not Ho et al.'s layout: " + "; ".join(wrong))
+    return dict(image_size=size, in_channels=d.get("in_channels", 3), ch=ch,
+                ch_mult=tuple(c // ch for c in channels), num_res_blocks=layers,
+                attn_resolutions=attn, dropout=d.get("dropout", 0.1) or 0.1)
+
+
+def schedule_config(sched, path):
+    """Our diffusion settings from a scheduler_config.json; ValueError if its betas are not ours."""
+    T = int(sched.get("num_train_timesteps", 1000))
+    kind = {"linear": "linear", "squaredcos_cap_v2": "cosine"}.get(sched.get("beta_schedule", "linear"))
+    if kind == "linear":  # ours scales 1e-4..0.02 by 1000/T; diffusers takes beta_start/end as given
+        ends = (sched.get("beta_start", 1e-4), sched.get("beta_end", 0.02))
+        if not all(math.isclose(a, b * 1000 / T) for a, b in zip(ends, (1e-4, 0.02))):
+            kind = None
+    if kind is None:
+        raise ValueError(f"scheduler '{path}' uses betas we do not build ({sched.get('beta_schedule')}, "
+                         f"{sched.get('beta_start')}..{sched.get('beta_end')} over T={T})")
+    var_type = sched.get("variance_type", "fixed_small")
+    if var_type not in ("fixed_small", "fixed_large"):
+        raise ValueError(f"scheduler '{path}': variance_type {var_type} is not supported")
+    if sched.get("prediction_type", "epsilon") != "epsilon":
+        raise ValueError(f"scheduler '{path}': prediction_type {sched['prediction_type']} is not "
+                         "supported (ddpm.py's networks predict epsilon)")
+    return dict(var_type=var_type, clip_x0=bool(sched.get("clip_sample", True)), T=T, schedule=kind)
+
+
+def scheduler_config(cfg):
+    """DDPMScheduler settings with our betas, variance and clipping (the inverse of the above)."""
+    sched = {"_class_name": "DDPMScheduler", "num_train_timesteps": cfg.T, "variance_type": cfg.var_type,
+             "clip_sample": cfg.clip_x0, "clip_sample_range": 1.0, "prediction_type": "epsilon"}
+    if cfg.schedule == "linear":
+        sched.update(beta_schedule="linear", beta_start=1e-4 * 1000 / cfg.T, beta_end=0.02 * 1000 / cfg.T)
+    else:
+        sched.update(beta_schedule="squaredcos_cap_v2")
+    return sched
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter names
+
+
+def our_key(key, num_levels):
+    """Our parameter name for a diffusers UNet2DModel parameter name (None: not ours)."""
+    parts = key.split(".")
+    head, leaf = ".".join(parts[:-1]), parts[-1]
+    fixed = {theirs: ours for ours, theirs in TOP_LEVEL.items()}
+    if head in fixed:
+        return f"{fixed[head]}.{leaf}"
+    layers = {theirs.split(".")[0]: ours for ours, theirs in {**RESNET_LAYERS, **ATTENTION_LAYERS}.items()}
+    layers.update(LEGACY_ATTENTION)
+    try:
+        if parts[0] in ("down_blocks", "up_blocks"):
+            down = parts[0] == "down_blocks"
+            level = int(parts[1]) if down else num_levels - 1 - int(parts[1])
+            ours, kind, rest = "down" if down else "up", parts[2], parts[4:]
+            if kind in ("downsamplers", "upsamplers"):
+                return f"{ours}.{level}.{'downsample' if down else 'upsample'}.conv.{leaf}"
+            group = {"resnets": "block", "attentions": "attn"}[kind]
+            return f"{ours}.{level}.{group}.{parts[3]}.{layers[rest[0]]}.{leaf}"
+        if parts[0] == "mid_block":
+            name = {theirs: ours for ours, theirs in MID.items()}[".".join(parts[1:3])]
+            return f"mid.{name}.{layers[parts[3]]}.{leaf}"
+    except (KeyError, IndexError, ValueError):
+        return None
+    return None
+
+
+def diffusers_key(key, num_levels):
+    """diffusers' UNet2DModel parameter name for one of ours (the inverse of `our_key`)."""
+    parts = key.split(".")
+    head, leaf = ".".join(parts[:-1]), parts[-1]
+    if head in TOP_LEVEL:
+        return f"{TOP_LEVEL[head]}.{leaf}"
+    if parts[0] == "mid":
+        layers = RESNET_LAYERS if parts[1].startswith("block") else ATTENTION_LAYERS
+        return f"mid_block.{MID[parts[1]]}.{layers[parts[2]]}.{leaf}"
+    level = int(parts[1])
+    theirs = "down_blocks" if parts[0] == "down" else "up_blocks"
+    index = level if parts[0] == "down" else num_levels - 1 - level
+    if parts[2] in ("downsample", "upsample"):
+        return f"{theirs}.{index}.{parts[2]}rs.0.conv.{leaf}"
+    group, layers = ("resnets", RESNET_LAYERS) if parts[2] == "block" else ("attentions", ATTENTION_LAYERS)
+    return f"{theirs}.{index}.{group}.{parts[3]}.{layers[parts[4]]}.{leaf}"
+
+
+# ----------------------------------------------------------------------------------------------
+# diffusers -> ours
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"'{path}' cannot be read as JSON ({type(e).__name__})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"'{path}' is not a diffusers config (not a JSON object)")
+    return d
+
+
+def read_weights(unet_dir):
+    """The UNet2DModel's state dict from .safetensors (preferred) or .bin."""
+    found = [os.path.join(unet_dir, f) for f in WEIGHT_FILES if os.path.isfile(os.path.join(unet_dir, f))]
+    if not found:
+        raise ValueError(f"no {' or '.join(WEIGHT_FILES)} in '{unet_dir}'")
+    path = found[0]
+    with open(path, "rb") as f:
+        head = f.read(len(LFS_POINTER))
+    if head == LFS_POINTER:
+        raise ValueError(f"'{path}' is a Git LFS pointer ({os.path.getsize(path)} bytes), not the "
+                         "weights: the folder was cloned without git-lfs. Run 'git lfs install && "
+                         "git lfs pull' inside it, or download it with 'huggingface-cli download "
+                         "google/ddpm-cifar10-32 --local-dir DIR'")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or not a weights file
+        raise ValueError(f"'{path}' cannot be read ({type(e).__name__}); it is corrupt or incomplete") from None
+
+
+def from_diffusers(folder, out="ckpt.pt", overwrite=False):
+    """Read a diffusers UNet2DModel folder and write our self-describing checkpoint."""
+    ddpm.check_output_path(out, ddpm.CHECKPOINT_EXTENSIONS, "-o", overwrite=overwrite)
+    unet_dir = os.path.join(folder, "unet") if os.path.isdir(os.path.join(folder, "unet")) else folder
+    config_path = os.path.join(unet_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"no config.json in '{unet_dir}': not a diffusers UNet2DModel folder")
+    model_cfg = model_config(read_json(config_path), config_path)
+    schedule = dict(var_type="fixed_large", clip_x0=True, T=1000, schedule="linear")  # Ho et al.
+    for path in (os.path.join(folder, "scheduler", "scheduler_config.json"),
+                 os.path.join(folder, "scheduler_config.json")):
+        if os.path.isfile(path):
+            schedule = schedule_config(read_json(path), path)
+            break
+    cfg = ddpm.Config(model="converted", **model_cfg, **schedule)
+    ddpm.check_config(cfg)
+
+    theirs = read_weights(unet_dir)
+    model = ddpm.UNet(cfg)
+    ours = model.state_dict()
+    converted, unknown = {}, []
+    for key, value in theirs.items():
+        name = our_key(key, len(cfg.ch_mult))
+        if name is None or name not in ours or value.numel() != ours[name].numel():
+            unknown.append(key)
+            continue
+        converted[name] = value.reshape(ours[name].shape)  # attention Linear (C, C) -> 1x1 conv
+    missing = sorted(set(ours) - set(converted))
+    if unknown or missing:
+        raise ValueError("the weights do not match Ho et al.'s U-Net: "
+                         f"{len(unknown)} unknown ({', '.join(unknown[:5])}), "
+                         f"{len(missing)} missing ({', '.join(missing[:5])})")
+    model.load_state_dict(converted)
+    ddpm.save_checkpoint(out, ddpm.checkpoint_state(cfg, model))
+    print(f"wrote {out}: {ddpm.count_params(model):,} parameters, {cfg.image_size}x{cfg.image_size}, "
+          f"{cfg.schedule} schedule, {cfg.var_type}, clip_x0={cfg.clip_x0}")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# ours -> diffusers
+
+
+def to_diffusers(ckpt, out, ema=True, overwrite=False):
+    """Write a DDPMPipeline folder (model_index.json, unet/, scheduler/) from our checkpoint."""
+    if os.path.isfile(out) or (os.path.isdir(out) and os.listdir(out) and not overwrite):
+        raise ValueError(f"-o '{out}' exists and is not an empty folder; pick a new folder "
+                         "(or pass --overwrite to replace a folder)")
+    model, cfg = ddpm.load_checkpoint(ckpt, ema=ema)
+    from safetensors.torch import save_file
+    num_levels = len(cfg.ch_mult)
+    theirs = {}
+    for key, value in model.state_dict().items():
+        name = diffusers_key(key, num_levels)
+        is_attention_linear = value.ndim == 4 and ".attentions." in name and name.endswith(".weight") \
+            and "group_norm" not in name
+        theirs[name] = (value[:, :, 0, 0] if is_attention_linear else value).contiguous()
+    unet = {"_class_name": "UNet2DModel", **unet2d_config(cfg)}
+    index = {"_class_name": "DDPMPipeline", "scheduler": ["diffusers", "DDPMScheduler"],
+             "unet": ["diffusers", "UNet2DModel"]}
+    out = os.path.abspath(out)
+    tmp = f"{out}.tmp{os.getpid()}"  # build beside it, then move into place
+    try:
+        os.makedirs(os.path.join(tmp, "unet"))
+        os.makedirs(os.path.join(tmp, "scheduler"))
+        for path, d in ((os.path.join(tmp, "model_index.json"), index),
+                        (os.path.join(tmp, "unet", "config.json"), unet),
+                        (os.path.join(tmp, "scheduler", "scheduler_config.json"), scheduler_config(cfg))):
+            with open(path, "w") as f:
+                json.dump(d, f, indent=2)
+        save_file(theirs, os.path.join(tmp, "unet", WEIGHT_FILES[0]))
+        if os.path.isdir(out):
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except OSError as e:
+        raise ValueError(f"cannot write '{out}' ({e.strerror or e})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"wrote {out}: DDPMPipeline folder ({ddpm.count_params(model):,} parameters, "
+          f"{'EMA' if ema else 'raw'} weights, {cfg.schedule} schedule, {cfg.var_type})")
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Convert Ho et al.'s U-Net between ddpm.py checkpoints "
+                                            "and diffusers folders.")
+    way = p.add_mutually_exclusive_group(required=True)
+    way.add_argument("--from-diffusers", metavar="DIR",
+                     help="a diffusers UNet2DModel or DDPMPipeline folder, e.g. google/ddpm-cifar10-32 "
+                          "(no default: this or --to-diffusers is required)")
+    way.add_argument("--to-diffusers", metavar="CKPT",
+                     help="a ddpm.py checkpoint (no default: this or --from-diffusers is required)")
+    p.add_argument("-o", "--out", default=None,
+                   help="the checkpoint to write (default: ckpt.pt) or the folder to write "
+                        "(default: the checkpoint's name with -diffusers)")
+    p.add_argument("--no-ema", action="store_true",
+                   help="--to-diffusers: write the raw, not the EMA, weights (default: EMA)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output checkpoint or folder (default: refuse)")
+    args = p.parse_args(argv)
+    try:
+        if args.from_diffusers:
+            from_diffusers(args.from_diffusers, args.out or "ckpt.pt", args.overwrite)
+        else:
+            out = args.out or os.path.splitext(args.to_diffusers)[0] + "-diffusers"
+            to_diffusers(args.to_diffusers, out, not args.no_ema, args.overwrite)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:
+        raise SystemExit("\ninterrupted; nothing was written") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

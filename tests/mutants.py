@@ -1,0 +1,161 @@
+"""Plant known bugs, one at a time, and check that the tests catch every one.
+
+  python tests/mutants.py            # all mutants (make mutants), about 20 minutes on 2 cores
+  python tests/mutants.py 3 7        # only these
+
+Each mutant edits one line of ddpm.py, sample_ort.py or export.py in a temporary copy of the
+repository, then runs `pytest -m "not diffusers and not slow" -x` there: the tests that need
+neither the reference library nor minutes of training. A mutant the tests do not catch is a
+hole in them; the script lists those and exits 1. (Not collected by pytest: no test_ prefix.)
+"""
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (file, the exact text, its replacement, what the bug is)
+MUTANTS = [
+    # schedules and the forward process
+    ("ddpm.py", "return np.linspace(scale * 1e-4, scale * 0.02, T", "return np.linspace(scale * 1e-4, scale * 0.021, T",
+     "linear beta_T 0.021"),
+    ("ddpm.py", "        s = 0.008\n", "        s = 0.08\n", "cosine offset s 0.08"),
+    ("ddpm.py", "return self._at(self.sqrt_alphas_cumprod, i, x0) * x0",
+     "return self._at(np.sqrt(self.alphas), i, x0) * x0", "q_sample with alpha for alpha-bar"),
+    # posterior and reverse process
+    ("ddpm.py", "self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev)",
+     "self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod)", "posterior mean: abar_t for abar_{t-1}"),
+    ("ddpm.py", "self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev)",
+     "self.posterior_variance = betas * (1.0 - self.alphas_cumprod)", "beta-tilde with abar_t"),
+    ("ddpm.py", "return mean + nonzero * variance.sqrt() * noise, pred_x0",
+     "return mean + nonzero * 1.5 * variance.sqrt() * noise, pred_x0", "p_sample sigma x 1.5"),
+    ("ddpm.py", "return mean + nonzero * variance.sqrt() * noise, pred_x0",
+     "return mean + variance.sqrt() * noise, pred_x0", "noise on the last step"),
+    ("ddpm.py", 'if self.var_type == "fixed_large":', 'if self.var_type != "fixed_large":', "variance types swapped"),
+    ("ddpm.py", "x_prev = abar_prev.sqrt() * pred_x0 + (1 - abar_prev - sigma ** 2).sqrt() * eps",
+     "x_prev = abar_prev.sqrt() * pred_x0 + 0.9 * (1 - abar_prev - sigma ** 2).sqrt() * eps", "DDIM eps term x 0.9"),
+    ("ddpm.py", "x_prev = abar_prev.sqrt() * pred_x0 + (1 - abar_prev - sigma ** 2).sqrt() * eps",
+     "x_prev = abar_prev.sqrt() * pred_x0 + (1 - abar_prev).sqrt() * eps", "DDIM without sigma^2 in the eps term"),
+    ("ddpm.py", "sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()",
+     "sigma = eta * ((1 - abar_prev) / (1 - abar)).sqrt()", "DDIM sigma without its last factor"),
+    ("ddpm.py", "            eps = self.predict_eps_from_x0(x_t, i, pred_x0)  #",
+     "            pass  #", "DDIM keeps the eps of the unclipped x_0"),
+    ("ddpm.py", "return pred_x0.clamp(-1, 1) if self.clip_x0 else pred_x0",
+     "return pred_x0.clamp(-1, 0.9) if self.clip_x0 else pred_x0", "clip range"),
+    ("ddpm.py", "betas = 1.0 - abar / np.append(1.0, abar[:-1])", "betas = 1.0 - abar", "respaced betas"),
+    ("ddpm.py", "t = torch.as_tensor(self.timesteps[i.cpu().numpy()]", "t = torch.as_tensor(i.cpu().numpy()",
+     "network fed the chain index, not the original t"),
+    ("ddpm.py", "    return np.arange(steps) * (T // steps)\n", "    return np.arange(steps) * (T // steps) + 1\n",
+     "DDIM timesteps shifted by one"),
+    ("ddpm.py", "indices = range(chain.num_timesteps - 1, -1, -1)", "indices = range(chain.num_timesteps - 1, 0, -1)",
+     "the last reverse step skipped"),
+    ("ddpm.py", "if not (isinstance(eta, (int, float)) and 0 <= eta <= 1):", "if eta < 0 or eta > 1:",
+     "eta nan accepted"),
+    # U-Net
+    ("ddpm.py", "return torch.cat([torch.sin(args), torch.cos(args)], dim=1)",
+     "return torch.cat([torch.cos(args), torch.sin(args)], dim=1)", "time embedding [cos, sin]"),
+    ("ddpm.py", "                      / (half - 1))", "                      / half)", "time embedding frequencies"),
+    ("ddpm.py", "return self.conv(F.pad(x, (0, 1, 0, 1)))", "return self.conv(F.pad(x, (1, 0, 1, 0)))",
+     "Downsample pads left/top"),
+    ("ddpm.py", "h = h + self.temb_proj(F.silu(temb))[:, :, None, None]", "h = h + self.temb_proj(temb)[:, :, None, None]",
+     "no swish on the time embedding"),
+    ("ddpm.py", "h = F.scaled_dot_product_attention(q, k, v)", "h = F.scaled_dot_product_attention(q, k, v, scale=1.0)",
+     "attention without C^-1/2"),
+    ("ddpm.py", "h = block(torch.cat([h, hs.pop()], dim=1), temb)", "h = block(torch.cat([hs.pop(), h], dim=1), temb)",
+     "skip concatenated [skip, h]"),
+    ("ddpm.py", "return self.conv_out(F.silu(self.norm_out(h)))", "return self.conv_out(self.norm_out(h))",
+     "no swish before conv_out"),
+    # training
+    ("ddpm.py", "return F.mse_loss(self.model_eps(model, x_t, i).float(), noise.float())",
+     "return F.mse_loss(self.model_eps(model, x_t, i).float(), x0.float())", "L_simple against x_0"),
+    ("ddpm.py", "p_ema.lerp_(p, 1 - decay)", "p_ema.lerp_(p, decay)", "EMA weights swapped"),
+    ("ddpm.py", "return cfg.lr * (step + 1) / cfg.warmup", "return cfg.lr * step / cfg.warmup", "warm-up starts at 0"),
+    ("ddpm.py", "max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float(\"inf\")", "max_norm = cfg.grad_clip",
+     "--grad-clip 0 zeroes the gradients"),
+    ("ddpm.py", "return int(np.random.SeedSequence([seed, step, micro])", "return int(np.random.SeedSequence([seed, micro])",
+     "the same t and eps at every step"),
+    ("ddpm.py", "            raise KeyboardInterrupt\n        self.signal = signum",
+     "            raise KeyboardInterrupt\n        raise KeyboardInterrupt", "a signal stops mid-step"),
+    ("ddpm.py", "        if part in state and not all(", "        if False and not all(", "non-finite weights saved"),
+    ("ddpm.py", "            raise Diverged(f\"the weights after step {at_step} give a loss of {check.item()}\")",
+     "            pass", "diverged weights saved"),
+    ("ddpm.py", "\n            os.remove(os.path.join(folder, f))", "\n            pass", "stale temp files kept"),
+    ("ddpm.py", "if stop.signal or step == cfg.steps or (cfg.save_every", "if step == cfg.steps or (cfg.save_every",
+     "a signal does not save"),
+    ("ddpm.py", "ips = imgs_since / max(t_pause - t_last - paused, 1e-9)", "ips = imgs_since / max(t_pause - t_last, 1e-9)",
+     "img/s counts sampling and saving"),
+    # data and pictures
+    ("ddpm.py", "x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)",
+     "x = ((x.float().clamp(-1, 1) + 1) * 127).round().to(torch.uint8)", "to_uint8 scale"),
+    ("ddpm.py", "    return x / 127.5 - 1.0\n", "    return x / 255.0\n", "data in [0, 1]"),
+    ("ddpm.py", "            arr = arr / 257.0", "            arr = arr / 256.0", "16-bit scale"),
+    # sample_ort.py
+    ("sample_ort.py", "variance = betas if var_type == \"fixed_large\" else betas * (1.0 - abar_prev) / (1.0 - abar)",
+     "variance = betas", "ORT fixed_small uses beta_t"),
+    ("sample_ort.py", "        s[0] = 0.0  # no noise on the last step (t = 0)\n", "", "ORT noise on the last step"),
+    ("sample_ort.py", "c3 = np.sqrt(1 - abar_prev - sigma ** 2)", "c3 = np.sqrt(1 - abar_prev)", "ORT DDIM c3 without sigma^2"),
+    ("sample_ort.py", "c2 = (1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar)", "c2 = (1.0 - abar_prev) * alphas / (1.0 - abar)",
+     "ORT posterior coefficient c2"),
+    ("sample_ort.py", "betas = 1.0 - abar_kept / np.append(1.0, abar_kept[:-1])", "betas = 1.0 - abar_kept",
+     "ORT respaced betas"),
+    ("sample_ort.py", "self.t.update_inplace(np.full(B, t, dtype=np.int64))",
+     "self.t.update_inplace(np.full(B, timesteps[0], dtype=np.int64))", "ORT network always fed the first t"),
+    ("sample_ort.py", "self.noise.update_inplace(np.ascontiguousarray(noise_fn(k, x_T.shape)",
+     "self.noise.update_inplace(np.ascontiguousarray(noise_fn(0, x_T.shape)", "ORT reuses the first noise"),
+    ("sample_ort.py", "return np.round((x + 1) * 127.5).astype(np.uint8)", "return np.round((x + 1) * 127).astype(np.uint8)",
+     "ORT to_uint8 scale"),
+    ("sample_ort.py", "\"clip_x0\": meta[\"ddpm.clip_x0\"] == \"true\"", "\"clip_x0\": meta[\"ddpm.clip_x0\"] != \"true\"",
+     "ORT clip flag inverted"),
+    ("sample_ort.py", "    if not 0 <= eta <= 1:  # also refuses nan", "    if eta < 0 or eta > 1:", "ORT eta nan accepted"),
+    # export.py's step graph and metadata
+    ("export.py", "[-1.0]),\n                  oh.make_tensor(\"hi\", onnx.TensorProto.FLOAT, [], [1.0])",
+     "[-1.0]),\n                  oh.make_tensor(\"hi\", onnx.TensorProto.FLOAT, [], [2.0])", "step graph clips at 2"),
+    ("export.py", "oh.make_node(\"Div\", [\"a_x_minus_x0\", \"b\"], [\"eps_used\"])",
+     "oh.make_node(\"Mul\", [\"a_x_minus_x0\", \"b\"], [\"eps_used\"])", "step graph eps' multiplied by b"),
+    ("export.py", "oh.make_node(\"Mul\", [\"c2\", \"x_t\"], [\"t2\"])", "oh.make_node(\"Mul\", [\"c2\", \"pred_x0\"], [\"t2\"])",
+     "step graph c2 times x_0"),
+    ("export.py", "oh.make_node(\"Mul\", [\"c3\", \"eps_used\"], [\"t3\"])", "oh.make_node(\"Mul\", [\"c3\", \"eps\"], [\"t3\"])",
+     "step graph uses the unclipped eps"),
+    ("export.py", "\"ddpm.clip_x0\": \"true\" if cfg.clip_x0 else \"false\"", "\"ddpm.clip_x0\": \"true\"",
+     "metadata always says clip"),
+    ("export.py", "\"ddpm.betas\": json.dumps(betas.tolist())", "\"ddpm.betas\": json.dumps(betas.astype(np.float32).tolist())",
+     "metadata betas rounded to float32"),
+]
+
+COMMAND = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not diffusers and not slow",
+           "tests/test_core.py", "tests/test_onnx.py", "tests/test_convert.py", "tests/test_train.py"]
+
+
+def main(argv):
+    chosen = [int(a) for a in argv] or range(len(MUTANTS))
+    missed = []
+    for n in chosen:
+        path, old, new, what = MUTANTS[n]
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in os.listdir(ROOT):
+                if name.endswith(".py") or name in ("tests", "pyproject.toml"):
+                    src = os.path.join(ROOT, name)
+                    (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, os.path.join(tmp, name))
+            text = open(os.path.join(tmp, path)).read()
+            if text.count(old) != 1:
+                raise SystemExit(f"mutant {n} ({what}): the text to replace occurs {text.count(old)} times in {path}")
+            with open(os.path.join(tmp, path), "w") as f:
+                f.write(text.replace(old, new))
+            t0 = time.time()
+            r = subprocess.run(COMMAND, cwd=tmp, capture_output=True, text=True)
+            failed = [line.split(" - ")[0] for line in r.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
+            caught = r.returncode != 0 and failed
+            print(f"{n:2d} {'caught' if caught else 'MISSED'} in {time.time() - t0:4.0f}s  {path}: {what}"
+                  + (f"  <- {failed[0].split('::', 1)[-1]}" if caught else ""), flush=True)
+            if not caught:
+                missed.append(what)
+    print(f"\n{len(chosen) - len(missed)} of {len(chosen)} planted bugs caught by "
+          f"pytest -m 'not diffusers and not slow'" + (f"; missed: {', '.join(missed)}" if missed else ""))
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,106 @@
+"""convert.py without diffusers: the name mapping both ways, the layout it writes, and a
+sentence for every folder it cannot use (tests/test_diffusers.py checks it against diffusers)."""
+import contextlib
+import io
+import json
+import os
+
+import pytest
+import torch
+
+import convert
+import ddpm
+from conftest import refusal
+
+# google/ddpm-cifar10-32's unet/config.json on the hub (the keys that define the network)
+GOOGLE_CONFIG = {
+    "act_fn": "silu", "attention_head_dim": None, "block_out_channels": [128, 256, 256, 256],
+    "center_input_sample": False, "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+    "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1, "in_channels": 3, "layers_per_block": 2,
+    "norm_eps": 1e-06, "norm_num_groups": 32, "out_channels": 3, "sample_size": 32,
+    "time_embedding_type": "positional", "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"]}
+
+
+def test_cifar10_preset_is_google_ddpm_cifar10_32():
+    ours = convert.unet2d_config(ddpm.make_config("cifar10"))
+    for key, value in GOOGLE_CONFIG.items():
+        assert ours[key] == value, key
+    back = convert.model_config(GOOGLE_CONFIG)
+    preset = ddpm.make_config("cifar10")
+    assert all(back[name] == getattr(preset, name) for name in ddpm.MODEL_FIELDS if name != "dropout")
+
+
+@pytest.mark.parametrize("preset", list(ddpm.PRESETS))
+def test_parameter_names_map_both_ways(preset):
+    cfg = ddpm.make_config(preset)
+    keys = list(ddpm.UNet(cfg).state_dict())
+    theirs = [convert.diffusers_key(k, len(cfg.ch_mult)) for k in keys]
+    assert len(set(theirs)) == len(keys)
+    assert [convert.our_key(k, len(cfg.ch_mult)) for k in theirs] == keys
+    assert "up_blocks.0.upsamplers.0.conv.weight" in theirs and "mid_block.attentions.0.to_out.0.bias" in theirs
+    assert convert.our_key("mid_block.attentions.0.proj_attn.weight", len(cfg.ch_mult)) == "mid.attn_1.proj_out.weight"
+    assert convert.our_key("something.else.weight", len(cfg.ch_mult)) is None
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path):
+    cfg = ddpm.make_config("tiny", image_size=16)
+    ddpm.save_checkpoint(tmp_path / "tiny.pt", ddpm.checkpoint_state(cfg, ddpm.UNet(cfg)))
+    return tmp_path / "tiny.pt"
+
+
+def test_to_diffusers_writes_a_pipeline_folder_and_refuses_to_clobber(tiny_ckpt, tmp_path):
+    with contextlib.redirect_stdout(io.StringIO()):
+        convert.main(["--to-diffusers", str(tiny_ckpt)])
+    out = tmp_path / "tiny-diffusers"
+    files = sorted(os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs)
+    assert files == ["model_index.json", "scheduler/scheduler_config.json", "unet/config.json",
+                     "unet/diffusion_pytorch_model.safetensors"]
+    assert json.load(open(out / "model_index.json"))["_class_name"] == "DDPMPipeline"
+    refusal(convert.main, ["--to-diffusers", tiny_ckpt], "exists", "--overwrite")
+    refusal(convert.main, ["--to-diffusers", tiny_ckpt, "-o", tiny_ckpt], "exists")
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+    with contextlib.redirect_stdout(io.StringIO()):
+        convert.main(["--to-diffusers", str(tiny_ckpt), "--overwrite"])
+    # and back: the round trip is exact
+    with contextlib.redirect_stdout(io.StringIO()):
+        convert.main(["--from-diffusers", str(out), "-o", str(tmp_path / "back.pt")])
+    a, b = torch.load(tiny_ckpt, weights_only=True), torch.load(tmp_path / "back.pt", weights_only=True)
+    assert all(torch.equal(a["ema"][k], b["model"][k]) for k in a["ema"])
+
+
+def test_unusable_folders_are_sentences(tiny_ckpt, tmp_path):
+    with contextlib.redirect_stdout(io.StringIO()):
+        convert.to_diffusers(str(tiny_ckpt), str(tmp_path / "good"))
+    unet = tmp_path / "good" / "unet"
+    weights = (unet / "diffusion_pytorch_model.safetensors").read_bytes()
+
+    refusal(convert.main, ["--from-diffusers", tmp_path / "nowhere"], "no config.json")
+    (unet / "diffusion_pytorch_model.safetensors").write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 143\n")
+    refusal(convert.main, ["--from-diffusers", tmp_path / "good", "-o", tmp_path / "x.pt"],
+            "Git LFS pointer", "git lfs pull")
+    (unet / "diffusion_pytorch_model.safetensors").write_bytes(weights[:1000])
+    refusal(convert.main, ["--from-diffusers", tmp_path / "good", "-o", tmp_path / "x.pt"], "corrupt")
+    (unet / "diffusion_pytorch_model.safetensors").write_bytes(weights)
+    config = (unet / "config.json").read_text()
+    (unet / "config.json").write_text("{not json")
+    refusal(convert.main, ["--from-diffusers", tmp_path / "good", "-o", tmp_path / "x.pt"], "cannot be read as JSON")
+    (unet / "config.json").write_text(json.dumps({"sample_size": 32}))
+    refusal(convert.main, ["--from-diffusers", tmp_path / "good", "-o", tmp_path / "x.pt"], "not a UNet2DModel config")
+    (unet / "config.json").write_text(config)
+    refusal(convert.main, ["--from-diffusers", tmp_path / "good", "-o", tiny_ckpt], "exists", "--overwrite")
+    refusal(convert.main, ["--from-diffusers", tmp_path / "good", "-o", tmp_path / "x.onnx"], ".pt")
+    refusal(convert.main, ["--to-diffusers", tmp_path / "missing.pt"], "does not exist")
+    refusal(convert.main, [], "required")
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_help_gives_every_flag_a_default():
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        convert.main(["-h"])
+    entries = [e for e in out.getvalue().split("\n  -")[1:] if not e.startswith("h, --help")]
+    assert len(entries) == 5
+    for entry in entries:
+        assert "default" in entry, entry
