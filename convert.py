@@ -27,7 +27,7 @@ import torch
 import ddpm
 
 HO_LAYOUT = {  # UNet2DModel settings that make it Ho et al.'s network
-    "act_fn": "silu", "norm_num_groups": 32, "norm_eps": 1e-6, "downsample_padding": 0,
+    "act_fn": "silu", "norm_eps": 1e-6, "downsample_padding": 0,
     "flip_sin_to_cos": False, "freq_shift": 1, "time_embedding_type": "positional",
     "resnet_time_scale_shift": "default", "center_input_sample": False, "add_attention": True,
     "class_embed_type": None, "num_class_embeds": None, "time_embedding_dim": None,
@@ -43,6 +43,7 @@ LEGACY_ATTENTION = {"query": "q", "key": "k", "value": "v", "proj_attn": "proj_o
 TOP_LEVEL = {"temb.dense.0": "time_embedding.linear_1", "temb.dense.1": "time_embedding.linear_2",
              "conv_in": "conv_in", "norm_out": "conv_norm_out", "conv_out": "conv_out"}
 MID = {"block_1": "resnets.0", "attn_1": "attentions.0", "block_2": "resnets.1"}
+PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}  # ours: diffusers' names
 
 
 # ----------------------------------------------------------------------------------------------
@@ -58,7 +59,7 @@ def unet2d_config(cfg):
     return dict(sample_size=cfg.image_size, in_channels=cfg.in_channels, out_channels=cfg.in_channels,
                 block_out_channels=[cfg.ch * m for m in cfg.ch_mult], layers_per_block=cfg.num_res_blocks,
                 down_block_types=down, up_block_types=[k.replace("Down", "Up") for k in reversed(down)],
-                attention_head_dim=None, dropout=cfg.dropout,
+                attention_head_dim=None, dropout=cfg.dropout, norm_num_groups=cfg.norm_groups,
                 **{k: v for k, v in HO_LAYOUT.items() if v is not None})
 
 
@@ -85,7 +86,8 @@ def model_config(d, path="config.json"):
         raise ValueError("this UNet2DModel is not Ho et al.'s layout: " + "; ".join(wrong))
     return dict(image_size=size, in_channels=d.get("in_channels", 3), ch=ch,
                 ch_mult=tuple(c // ch for c in channels), num_res_blocks=layers,
-                attn_resolutions=attn, dropout=d.get("dropout", 0.1) or 0.1)
+                attn_resolutions=attn, dropout=d.get("dropout", 0.1) or 0.1,
+                norm_groups=int(d.get("norm_num_groups", 32)))
 
 
 def schedule_config(sched, path):
@@ -102,16 +104,19 @@ def schedule_config(sched, path):
     var_type = sched.get("variance_type", "fixed_small")
     if var_type not in ("fixed_small", "fixed_large"):
         raise ValueError(f"scheduler '{path}': variance_type {var_type} is not supported")
-    if sched.get("prediction_type", "epsilon") != "epsilon":
-        raise ValueError(f"scheduler '{path}': prediction_type {sched['prediction_type']} is not "
-                         "supported (ddpm.py's networks predict epsilon)")
-    return dict(var_type=var_type, clip_x0=bool(sched.get("clip_sample", True)), T=T, schedule=kind)
+    prediction = {theirs: ours for ours, theirs in PREDICTION_TYPES.items()}.get(sched.get("prediction_type", "epsilon"))
+    if prediction is None:
+        raise ValueError(f"scheduler '{path}': prediction_type {sched['prediction_type']} is not one of "
+                         f"{', '.join(PREDICTION_TYPES.values())}")
+    return dict(var_type=var_type, clip_x0=bool(sched.get("clip_sample", True)), T=T, schedule=kind,
+                prediction=prediction)
 
 
 def scheduler_config(cfg):
     """DDPMScheduler settings with our betas, variance and clipping (the inverse of the above)."""
     sched = {"_class_name": "DDPMScheduler", "num_train_timesteps": cfg.T, "variance_type": cfg.var_type,
-             "clip_sample": cfg.clip_x0, "clip_sample_range": 1.0, "prediction_type": "epsilon"}
+             "clip_sample": cfg.clip_x0, "clip_sample_range": 1.0,
+             "prediction_type": PREDICTION_TYPES[cfg.prediction]}
     if cfg.schedule == "linear":
         sched.update(beta_schedule="linear", beta_start=1e-4 * 1000 / cfg.T, beta_end=0.02 * 1000 / cfg.T)
     else:
@@ -212,7 +217,7 @@ def from_diffusers(folder, out="ckpt.pt", overwrite=False):
     if not os.path.isfile(config_path):
         raise ValueError(f"no config.json in '{unet_dir}': not a diffusers UNet2DModel folder")
     model_cfg = model_config(read_json(config_path), config_path)
-    schedule = dict(var_type="fixed_large", clip_x0=True, T=1000, schedule="linear")  # Ho et al.
+    schedule = dict(var_type="fixed_large", clip_x0=True, T=1000, schedule="linear", prediction="eps")  # Ho et al.
     for path in (os.path.join(folder, "scheduler", "scheduler_config.json"),
                  os.path.join(folder, "scheduler_config.json")):
         if os.path.isfile(path):

@@ -66,11 +66,13 @@ class Config:
     num_res_blocks: int = 2
     attn_resolutions: tuple = (16,)
     dropout: float = 0.1
+    norm_groups: int = 32  # GroupNorm groups (Ho et al.: 32)
     # diffusion
     T: int = 1000
     schedule: str = "linear"
     var_type: str = "fixed_large"
     clip_x0: bool = True
+    prediction: str = "eps"  # Ho et al.: eps; v (Salimans & Ho 2022) and x0 are converted to eps
     # training
     data: str = "shapes"
     data_dir: str = "data"
@@ -80,6 +82,7 @@ class Config:
     lr: float = 2e-4
     warmup: int = 5000
     cosine_lr: bool = False  # not in Ho et al.
+    min_snr: float = 0.0  # not in Ho et al.: min-SNR-gamma weights (Hang et al. 2023); 0 is L_simple
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
     flip: bool = True
@@ -107,10 +110,13 @@ HELP = {
     "attn_resolutions": "resolutions with self-attention, each one the U-Net reaches "
                         "(default: the preset's)",
     "dropout": "dropout in the residual blocks (default: the preset's)",
+    "norm_groups": "GroupNorm groups; 32 is Ho et al.'s (default: the preset's)",
     "T": "diffusion steps T",
     "schedule": "beta schedule: linear (Ho et al.) or cosine (Nichol & Dhariwal)",
     "var_type": "reverse variance: fixed_large (sigma^2 = beta_t) or fixed_small (beta-tilde_t)",
     "clip_x0": "clip the predicted x_0 to [-1, 1] when sampling",
+    "prediction": "what the network predicts: eps (Ho et al.), v = sqrt(abar) eps - sqrt(1-abar) x_0 "
+                  "(Salimans & Ho 2022) or x0; samplers and export convert it to eps",
     "data": "shapes (built in), cifar10, stl10, or a folder of images (class sub-folders give "
             "labels)",
     "data_dir": "where cifar10 and stl10 are downloaded to or found",
@@ -120,6 +126,8 @@ HELP = {
     "lr": "Adam learning rate after warm-up",
     "warmup": "linear learning-rate warm-up steps",
     "cosine_lr": "decay the learning rate to 0 after warm-up (not in Ho et al.)",
+    "min_snr": "weight each t's loss by min(SNR_t, gamma) as Hang et al. 2023 (gamma 5); 0 is "
+               "Ho et al.'s unweighted L_simple",
     "grad_clip": "clip the gradient norm to this; 0 turns clipping off",
     "ema_decay": "decay of the exponential moving average of the weights, in [0, 1)",
     "flip": "random horizontal flips",
@@ -152,8 +160,10 @@ PRESETS = {
 }
 PRESET_BY_SIZE = {32: "cifar10", 64: "res64", 96: "stl10"}
 MODEL_FIELDS = ("image_size", "in_channels", "ch", "ch_mult", "num_res_blocks",
-                "attn_resolutions", "dropout")
+                "attn_resolutions", "dropout", "norm_groups")
 BUILTIN_DATA = ("shapes", "cifar10", "stl10")
+PREDICTIONS = ("eps", "v", "x0")
+SPACINGS = ("leading", "trailing", "linspace")
 
 
 def make_config(model="cifar10", **overrides):
@@ -187,8 +197,8 @@ def check_config(cfg):
         raise ValueError(f"--attn-resolutions {','.join(map(str, missing))}: this U-Net works at "
                          f"{', '.join(map(str, resolutions))} pixels, so attention there would "
                          "never run")
-    if cfg.ch < 32 or cfg.ch % 32:
-        raise ValueError(f"ch={cfg.ch} must be a positive multiple of 32 (GroupNorm uses 32 groups)")
+    if cfg.norm_groups < 1 or cfg.ch < cfg.norm_groups or cfg.ch % cfg.norm_groups:
+        raise ValueError(f"ch={cfg.ch} must be a positive multiple of --norm-groups {cfg.norm_groups}")
     if cfg.in_channels not in (1, 3):
         raise ValueError(f"--in-channels {cfg.in_channels}: use 1 (grayscale) or 3 (RGB)")
     if not 0 <= cfg.dropout < 1:
@@ -197,6 +207,10 @@ def check_config(cfg):
         raise ValueError(f"unknown schedule '{cfg.schedule}'; use linear or cosine")
     if cfg.var_type not in ("fixed_large", "fixed_small"):
         raise ValueError(f"unknown var_type '{cfg.var_type}'; use fixed_large or fixed_small")
+    if cfg.prediction not in PREDICTIONS:
+        raise ValueError(f"unknown prediction '{cfg.prediction}'; use {', '.join(PREDICTIONS)}")
+    if not (math.isfinite(cfg.min_snr) and cfg.min_snr >= 0):
+        raise ValueError(f"--min-snr {cfg.min_snr}: use gamma > 0 (Hang et al.: 5), or 0 for none")
     if cfg.T < 2:
         raise ValueError(f"T={cfg.T}: the diffusion needs at least 2 steps")
     if cfg.schedule == "linear" and cfg.T < 20:  # beta_T = 0.02 * 1000 / T must stay below 1
@@ -259,17 +273,17 @@ def get_timestep_embedding(t, dim):
     return torch.cat([torch.sin(args), torch.cos(args)], dim=1)  # (B, dim)
 
 
-def Normalize(channels):
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6)
+def Normalize(channels, groups=32):
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, in_channels, out_channels, temb_channels, dropout):
+    def __init__(self, in_channels, out_channels, temb_channels, dropout, groups=32):
         super().__init__()
-        self.norm1 = Normalize(in_channels)
+        self.norm1 = Normalize(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.temb_proj = nn.Linear(temb_channels, out_channels)
-        self.norm2 = Normalize(out_channels)
+        self.norm2 = Normalize(out_channels, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
@@ -287,9 +301,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over the H*W positions, scale C^-1/2."""
 
-    def __init__(self, channels):
+    def __init__(self, channels, groups=32):
         super().__init__()
-        self.norm = Normalize(channels)
+        self.norm = Normalize(channels, groups)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -338,6 +352,7 @@ class UNet(nn.Module):
         self.num_res_blocks = cfg.num_res_blocks
         temb_ch = 4 * cfg.ch
         num_levels = len(cfg.ch_mult)
+        groups = cfg.norm_groups
 
         self.temb = nn.Module()
         self.temb.dense = nn.ModuleList([nn.Linear(cfg.ch, temb_ch), nn.Linear(temb_ch, temb_ch)])
@@ -352,10 +367,10 @@ class UNet(nn.Module):
             block, attn = nn.ModuleList(), nn.ModuleList()
             block_in, block_out = cfg.ch * in_ch_mult[level], cfg.ch * cfg.ch_mult[level]
             for _ in range(cfg.num_res_blocks):
-                block.append(ResnetBlock(block_in, block_out, temb_ch, cfg.dropout))
+                block.append(ResnetBlock(block_in, block_out, temb_ch, cfg.dropout, groups))
                 block_in = block_out
                 if res in cfg.attn_resolutions:
-                    attn.append(AttnBlock(block_in))
+                    attn.append(AttnBlock(block_in, groups))
                 skip_channels.append(block_in)
             down = nn.Module()
             down.block, down.attn = block, attn
@@ -366,9 +381,9 @@ class UNet(nn.Module):
             self.down.append(down)
 
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, temb_ch, cfg.dropout)
-        self.mid.attn_1 = AttnBlock(block_in)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, temb_ch, cfg.dropout)
+        self.mid.block_1 = ResnetBlock(block_in, block_in, temb_ch, cfg.dropout, groups)
+        self.mid.attn_1 = AttnBlock(block_in, groups)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, temb_ch, cfg.dropout, groups)
 
         # upsampling: num_res_blocks + 1 blocks per level, each eating one skip connection
         self.up = nn.ModuleList()
@@ -377,10 +392,10 @@ class UNet(nn.Module):
             block_out = cfg.ch * cfg.ch_mult[level]
             for _ in range(cfg.num_res_blocks + 1):
                 block.append(ResnetBlock(block_in + skip_channels.pop(), block_out, temb_ch,
-                                         cfg.dropout))
+                                         cfg.dropout, groups))
                 block_in = block_out
                 if res in cfg.attn_resolutions:
-                    attn.append(AttnBlock(block_in))
+                    attn.append(AttnBlock(block_in, groups))
             up = nn.Module()
             up.block, up.attn = block, attn
             if level != 0:
@@ -389,7 +404,7 @@ class UNet(nn.Module):
             self.up.insert(0, up)  # self.up[level] is the level at that resolution, as in TF
         assert not skip_channels
 
-        self.norm_out = Normalize(block_in)
+        self.norm_out = Normalize(block_in, groups)
         self.conv_out = nn.Conv2d(block_in, cfg.in_channels, 3, padding=1)
 
     def forward(self, x, t):
@@ -446,12 +461,14 @@ class GaussianDiffusion:
     original t's for a respaced one (`respace`), whose betas come from the kept alpha-bars.
     """
 
-    def __init__(self, betas, var_type="fixed_large", clip_x0=True, timesteps=None):
+    def __init__(self, betas, var_type="fixed_large", clip_x0=True, timesteps=None, prediction="eps",
+                 min_snr=0.0):
         betas = np.asarray(betas, dtype=np.float64)
         assert betas.ndim == 1 and (betas > 0).all() and (betas <= 1).all()
         self.num_timesteps = len(betas)
         self.timesteps = np.arange(len(betas)) if timesteps is None else np.asarray(timesteps)
         self.var_type, self.clip_x0 = var_type, clip_x0
+        self.prediction, self.min_snr = prediction, min_snr
 
         self.betas = betas
         self.alphas = 1.0 - betas
@@ -470,14 +487,16 @@ class GaussianDiffusion:
 
     @classmethod
     def from_config(cls, cfg):
-        return cls(get_betas(cfg.schedule, cfg.T), cfg.var_type, cfg.clip_x0)
+        return cls(get_betas(cfg.schedule, cfg.T), cfg.var_type, cfg.clip_x0, None, cfg.prediction,
+                   cfg.min_snr)
 
     def respace(self, timesteps):
         """A shorter chain over the kept t's: beta_i = 1 - abar(t_i) / abar(t_{i-1})."""
         timesteps = np.asarray(sorted(timesteps))
         abar = self.alphas_cumprod[timesteps]
         betas = 1.0 - abar / np.append(1.0, abar[:-1])
-        return GaussianDiffusion(betas, self.var_type, self.clip_x0, self.timesteps[timesteps])
+        return GaussianDiffusion(betas, self.var_type, self.clip_x0, self.timesteps[timesteps],
+                                 self.prediction, self.min_snr)
 
     @staticmethod
     def _at(arr, i, x):
@@ -510,10 +529,16 @@ class GaussianDiffusion:
     # -- reverse process ------------------------------------------------------------------------
     # Every method takes (x_t, i, eps, ...): the state, its index in this chain, the network output.
 
+    def network_t(self, i, device):
+        """The t the network is fed for chain index i: the original t of a respaced chain."""
+        return torch.as_tensor(self.timesteps[i.cpu().numpy()], dtype=torch.long, device=device)
+
     def model_eps(self, model, x_t, i):
-        """eps_theta(x_t, t) with the network fed the original t of index i."""
-        t = torch.as_tensor(self.timesteps[i.cpu().numpy()], dtype=torch.long, device=x_t.device)
-        return model(x_t, t).to(x_t.dtype)
+        """eps_theta(x_t, t) with the network fed the original t of index i (its output converted
+        to eps if it predicts v or x_0)."""
+        t = self.network_t(i, x_t.device)
+        out = model(x_t, t).to(x_t.dtype)
+        return eps_from_prediction(self.prediction, x_t, out, self._at(self.alphas_cumprod, i, x_t))
 
     def predict_x0(self, x_t, i, eps):
         """The x_0 the samplers use: from eps, clipped to the data range [-1, 1] if clip_x0."""
@@ -548,22 +573,56 @@ class GaussianDiffusion:
         return x_prev + sigma * noise, pred_x0
 
     def training_loss(self, model, x0, i, noise):
-        """L_simple = || eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t) ||^2 (eq. 14)."""
+        """L_simple = || eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t) ||^2 (eq. 14),
+        or the same squared error on v or x_0 for those targets, optionally min-SNR weighted."""
         x_t = self.q_sample(x0, i, noise)
-        return F.mse_loss(self.model_eps(model, x_t, i).float(), noise.float())
+        t = self.network_t(i, x_t.device)
+        out = model(x_t, t).float()
+        if self.prediction == "eps" and not self.min_snr:
+            return F.mse_loss(out, noise.float())
+        abar = self._at(self.alphas_cumprod, i, out)
+        target = {"eps": noise, "x0": x0,
+                  "v": abar.sqrt() * noise - (1 - abar).sqrt() * x0}[self.prediction].float()
+        per_image = ((out - target) ** 2).mean(dim=(1, 2, 3))
+        if self.min_snr:  # Hang et al. eq. 10: the x_0-space weight min(SNR, gamma), per target
+            snr = (abar / (1 - abar)).view(-1)
+            clipped = snr.clamp(max=self.min_snr)
+            per_image = per_image * {"eps": clipped / snr, "v": clipped / (snr + 1), "x0": clipped}[self.prediction]
+        return per_image.mean()
 
 
-def ddim_timesteps(T, steps):
-    """`steps` evenly strided t's, 0, T//steps, ... ('leading' spacing, as DDIMScheduler)."""
+def eps_from_prediction(prediction, x_t, out, abar):
+    """The eps a network output implies, with abar = alpha-bar_t: eps itself; v = sqrt(abar) eps -
+    sqrt(1 - abar) x_0 (Salimans & Ho 2022), so eps = sqrt(1 - abar) x_t + sqrt(abar) v; or x_0,
+    so eps = (x_t - sqrt(abar) x_0) / sqrt(1 - abar) (eq. 4). export.py puts this in the graph."""
+    if prediction == "eps":
+        return out
+    if prediction == "v":
+        return (1 - abar).sqrt() * x_t + abar.sqrt() * out
+    return (x_t - abar.sqrt() * out) / (1 - abar).sqrt()
+
+
+def ddim_timesteps(T, steps, spacing="leading"):
+    """The `steps` t's a shorter chain keeps (Lin et al. 2023, table 2): 'leading' 0, T//steps, ...
+    (DDIM's and DDIMScheduler's default), 'trailing' ..., T-1-T/steps, T-1 (starts at the last t,
+    where x_T is pure noise), 'linspace' rounded linspace(0, T-1)."""
     if not 1 <= steps <= T:
         raise ValueError(f"--steps must be between 1 and T={T}, got {steps}")
-    return np.arange(steps) * (T // steps)
+    if spacing == "leading":
+        return np.arange(steps) * (T // steps)
+    if spacing == "trailing":
+        return np.sort(np.round(np.arange(T, 0, -T / steps)).astype(int) - 1)
+    if spacing == "linspace":
+        return np.unique(np.linspace(0, T - 1, steps).round().astype(int))
+    raise ValueError(f"unknown --spacing '{spacing}'; use {', '.join(SPACINGS)}")
 
 
-def check_sampler(sampler, steps, eta, T):
+def check_sampler(sampler, steps, eta, T, spacing="leading"):
     """ValueError with a sentence for sampler settings that would give no or wrong images."""
     if sampler not in ("ddpm", "ddim"):
         raise ValueError(f"unknown sampler '{sampler}'; use ddpm or ddim")
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown --spacing '{spacing}'; use {', '.join(SPACINGS)}")
     if steps is not None and not (isinstance(steps, (int, np.integer)) and 1 <= steps <= T):
         raise ValueError(f"--steps must be between 1 and T={T}, got {steps}")
     if not (isinstance(eta, (int, float)) and 0 <= eta <= 1):  # also refuses nan
@@ -575,21 +634,23 @@ def check_sampler(sampler, steps, eta, T):
 
 @torch.no_grad()
 def sample_loop(model, diffusion, x_T, sampler="ddpm", steps=None, eta=0.0, noise_fn=None,
-                generator=None, callback=None, progress=False):
+                generator=None, callback=None, progress=False, spacing="leading"):
     """Run the reverse process from x_T (Algorithm 2, or DDIM) and return x_0.
 
-    steps:     number of steps; fewer than T respaces the schedule (network sees original t).
+    steps:     number of steps; fewer than T respaces the schedule (network sees original t),
+               keeping the t's `spacing` names (see ddim_timesteps).
     noise_fn:  noise_fn(k, shape) -> tensor, the fresh noise for the k-th step (k = 0 first);
                default randn from `generator`. Two implementations fed the same noise_fn agree.
-    callback:  callback(k, t, x_t, pred_x0) after every step, e.g. for progress pictures.
+    callback:  callback(k, t, x_t, pred_x0) at every step: the step's input x_t (network time t)
+               and the x_0 predicted from it, e.g. for pictures of the process.
     """
     T = diffusion.num_timesteps
-    check_sampler(sampler, steps, eta, T)
+    check_sampler(sampler, steps, eta, T, spacing)
     steps = steps or T
     if sampler == "ddpm" and steps == T:
         chain = diffusion
     else:
-        chain = diffusion.respace(ddim_timesteps(T, steps))
+        chain = diffusion.respace(ddim_timesteps(T, steps, spacing))
     x = x_T
     indices = range(chain.num_timesteps - 1, -1, -1)
     if progress:
@@ -603,11 +664,12 @@ def sample_loop(model, diffusion, x_T, sampler="ddpm", steps=None, eta=0.0, nois
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         eps = chain.model_eps(model, x, i)
         if sampler == "ddpm":
-            x, pred_x0 = chain.p_sample(x, i, eps, noise)
+            x_prev, pred_x0 = chain.p_sample(x, i, eps, noise)
         else:
-            x, pred_x0 = chain.ddim_step(x, i, eps, noise, eta)
+            x_prev, pred_x0 = chain.ddim_step(x, i, eps, noise, eta)
         if callback is not None:
             callback(k, int(chain.timesteps[i_int]), x, pred_x0)
+        x = x_prev
     return x
 
 
@@ -991,6 +1053,69 @@ def save_grid(images_uint8, path, nrow=None, pad=2):
         grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = images_uint8[k]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(path)
+
+
+PROGRESS_EXTENSIONS = (".png", ".gif", ".webp")
+
+
+def progress_steps(n_steps, animation):
+    """Which steps a process picture shows: 10 evenly spaced for a still, up to 100 for an
+    animation; the first step is always in, the sample itself is added after them."""
+    return sorted(set(np.linspace(0, n_steps - 1, min(n_steps, 100 if animation else 10)).round().astype(int)))
+
+
+def save_progress(frames, final, path):
+    """The reverse process as a picture. frames: [(t, x_t, pred_x0)], both (N, H, W, C) uint8;
+    final: the samples. A .png is a still: one row per image (up to 8), for each frame a pair of
+    columns x_t | predicted x_0, then the sample. A .gif or .webp is an animation: per frame, the
+    x_t of up to 16 images on the left and their predicted x_0 on the right, labelled with t."""
+    n, h, w, c = final.shape
+    zoom = max(1, 64 // h)  # small images enlarged (nearest), so a 32x32 sample is visible
+    pad, label = 2, 12
+
+    def cell(img):
+        img = img.repeat(zoom, axis=0).repeat(zoom, axis=1)
+        return img if c == 3 else np.repeat(img, 3, axis=2)
+
+    H, W = h * zoom, w * zoom
+    if os.path.splitext(path)[1].lower() == ".png":
+        rows = min(n, 8)
+        columns = [(f"t={t}", x, p) for t, x, p in frames] + [("sample", final, final)]
+        sheet = np.full((label + rows * (H + pad), len(columns) * (2 * W + 3 * pad), 3), 255, np.uint8)
+        for j, (_, x, p) in enumerate(columns):
+            left = j * (2 * W + 3 * pad)
+            for r in range(rows):
+                top = label + r * (H + pad)
+                sheet[top:top + H, left:left + W] = cell(x[r])
+                sheet[top:top + H, left + W + pad:left + 2 * W + pad] = cell(p[r])
+        image = Image.fromarray(sheet)
+        draw = ImageDraw.Draw(image)
+        for j, (text, _, _) in enumerate(columns):
+            draw.text((j * (2 * W + 3 * pad), 0), text, fill=(0, 0, 0))
+        image.save(path)
+        return
+    shown = min(n, 16)
+    side = math.ceil(math.sqrt(shown))
+
+    def tile(images):
+        grid = np.full((side * (H + pad), side * (W + pad), 3), 255, np.uint8)
+        for k in range(shown):
+            r, q = divmod(k, side)
+            grid[r * (H + pad):r * (H + pad) + H, q * (W + pad):q * (W + pad) + W] = cell(images[k])
+        return grid
+
+    pictures = []
+    for text, x, p in [(f"t={t}", x, p) for t, x, p in frames] + [("sample", final, final)]:
+        left, right = tile(x), tile(p)
+        frame = np.full((label + left.shape[0], 2 * left.shape[1] + 4 * pad, 3), 255, np.uint8)
+        frame[label:, :left.shape[1]] = left
+        frame[label:, left.shape[1] + 4 * pad:] = right
+        image = Image.fromarray(frame)
+        ImageDraw.Draw(image).text((0, 0), f"{text}: x_t | predicted x_0", fill=(0, 0, 0))
+        pictures.append(image)
+    durations = [60] * (len(pictures) - 1) + [1500]  # hold the samples
+    lossless = {"lossless": True} if path.lower().endswith(".webp") else {}
+    pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=durations, loop=0, **lossless)
 
 
 def save_loss_curve(rows, png_path, width=640, height=360):
@@ -1385,34 +1510,48 @@ def train(cfg, resume=None, overwrite=False):
 
 
 def sample(ckpt, n=64, steps=None, sampler="ddpm", eta=0.0, seed=0, out="samples.png",
-           outdir=None, ema=True, batch=None, device="auto"):
-    """n images from the checkpoint's model into one grid (and one PNG each in outdir)."""
+           outdir=None, ema=True, batch=None, device="auto", progress=(), spacing="leading"):
+    """n images from the checkpoint's model into one grid (and one PNG each in outdir, and the
+    reverse process of the first batch as a picture or animation in each path of progress)."""
     if n < 1:
         raise ValueError(f"--n {n}: sample at least 1 image")
     if batch is not None and batch < 1:
         raise ValueError(f"--batch {batch}: use at least 1 image per batch")
     check_output_path(out, PICTURE_EXTENSIONS, "--out", inputs=(ckpt,))
+    progress = [progress] if isinstance(progress, str) else list(progress or ())
+    for path in progress:
+        check_output_path(path, PROGRESS_EXTENSIONS, "--progress", inputs=(ckpt, out))
     if outdir:
         check_output_folder(outdir, "--outdir")
     device = pick_device(device)
     model, cfg = load_checkpoint(ckpt, ema=ema)
-    check_sampler(sampler, steps, eta, cfg.T)
+    check_sampler(sampler, steps, eta, cfg.T, spacing)
     model.to(device)
     diffusion = GaussianDiffusion.from_config(cfg)
     g = torch.Generator(device=device).manual_seed(seed)
     batch = batch or n
-    images = []
+    images, frames = [], {}
+    n_steps = steps or cfg.T
+    shown = {path: progress_steps(n_steps, not path.lower().endswith(".png")) for path in progress}
+    wanted = set().union(*shown.values())
+
+    def record(k, t, x_t, pred_x0):  # the first batch's process, at the steps the pictures show
+        if not images and k in wanted:
+            frames[k] = (t, to_uint8(x_t), to_uint8(pred_x0))
+
     t0 = time.time()
     for start in range(0, n, batch):
         b = min(batch, n - start)
         x_T = torch.randn(b, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g,
                           device=device)
         x0 = sample_loop(model, diffusion, x_T, sampler=sampler, steps=steps, eta=eta,
-                         generator=g, progress=True)
+                         generator=g, callback=record, progress=True, spacing=spacing)
         images.append(to_uint8(x0))
     elapsed = time.time() - t0
     images = np.concatenate(images)
     try:
+        for path, steps_shown in shown.items():
+            save_progress([frames[k] for k in steps_shown], images[:min(batch, n)], path)
         save_grid(images, out)
         if outdir:
             for k, img in enumerate(images):
@@ -1420,15 +1559,15 @@ def sample(ckpt, n=64, steps=None, sampler="ddpm", eta=0.0, seed=0, out="samples
                     os.path.join(outdir, f"{k:05d}.png"))
     except OSError as e:
         raise ValueError(f"the samples could not be written ({e.strerror or e})") from None
-    n_steps = steps or cfg.T
     print(f"wrote {out}" + (f" and {n} PNGs in {outdir}" if outdir else "") +
+          (f", the process in {' and '.join(progress)}" if progress else "") +
           f"; {n * n_steps / elapsed:.1f} image-steps/s on {device} ({sampler}, {n_steps} steps)")
 
 
 # ----------------------------------------------------------------------------------------------
 # Command line
 
-CHOICES = {"model": list(PRESETS), "schedule": ["linear", "cosine"],
+CHOICES = {"model": list(PRESETS), "schedule": ["linear", "cosine"], "prediction": list(PREDICTIONS),
            "var_type": ["fixed_large", "fixed_small"], "amp": ["bf16", "fp16", "none"]}
 
 
@@ -1501,6 +1640,9 @@ def main(argv=None):
                                help="ddpm: ancestral (Algorithm 2); ddim: Song et al. (default: ddpm)")
     sample_parser.add_argument("--eta", type=float, default=0.0,
                                help="DDIM noise, 0 deterministic .. 1 (default: 0; ddim only)")
+    sample_parser.add_argument("--spacing", choices=SPACINGS, default="leading",
+                               help="which t's a chain shorter than T keeps: leading 0, T/steps, ..; "
+                                    "trailing .., T-1 (Lin et al. 2023) (default: leading)")
     sample_parser.add_argument("--seed", type=int, default=0, help="seed of x_T and the noise (default: 0)")
     sample_parser.add_argument("--batch", type=int, default=None,
                                help="images per network call (default: all of --n)")
@@ -1508,6 +1650,10 @@ def main(argv=None):
                                help="the grid picture, .png/.jpg/.webp/.bmp (default: samples.png)")
     sample_parser.add_argument("--outdir", default=None,
                                help="also write one PNG per image in this folder (default: none)")
+    sample_parser.add_argument("--progress", action="append", default=[], metavar="PATH",
+                               help="also draw the reverse process: .png, a still (x_t and predicted "
+                                    "x_0 at 10 steps), or .gif/.webp, an animation; may be given "
+                                    "more than once (default: none)")
     sample_parser.add_argument("--no-ema", action="store_true",
                                help="use the raw weights, not the EMA (default: EMA)")
     sample_parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -1528,7 +1674,8 @@ def main(argv=None):
             train(cfg, resume, args.overwrite)
         elif args.command == "sample":
             sample(args.ckpt, args.n, args.steps, args.sampler, args.eta, args.seed, args.out,
-                   args.outdir, ema=not args.no_ema, batch=args.batch, device=args.device)
+                   args.outdir, ema=not args.no_ema, batch=args.batch, device=args.device,
+                   progress=args.progress, spacing=args.spacing)
         elif args.command == "info":
             if args.ckpt:
                 model, cfg = load_checkpoint(args.ckpt)

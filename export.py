@@ -55,14 +55,21 @@ class Float32(nn.Module):
 
 
 class Denoiser(nn.Module):
-    """The exported function: float32 in and out, whatever precision runs inside."""
+    """The exported function eps(x_t, t): float32 in and out, whatever precision runs inside; a
+    network that predicts v or x_0 has its output converted to eps in the graph (with alpha-bar
+    indexed by t), so the contract is the same for every model."""
 
-    def __init__(self, unet, dtype):
+    def __init__(self, unet, dtype, cfg):
         super().__init__()
-        self.unet, self.dtype = unet, dtype
+        self.unet, self.dtype, self.prediction = unet, dtype, cfg.prediction
+        abar = np.cumprod(1.0 - ddpm.get_betas(cfg.schedule, cfg.T))
+        self.register_buffer("alphas_cumprod", torch.tensor(abar, dtype=torch.float32))
 
     def forward(self, x_t, t):
-        return self.unet(x_t.to(self.dtype), t).float()
+        out = self.unet(x_t.to(self.dtype), t).float()
+        if self.prediction == "eps":
+            return out
+        return ddpm.eps_from_prediction(self.prediction, x_t, out, self.alphas_cumprod[t].view(-1, 1, 1, 1))
 
 
 def half_precision(unet):
@@ -136,6 +143,7 @@ def metadata(cfg, ema, precision, opset, ir_version):
         "ddpm.preset": cfg.model,
         "ddpm.ema": "true" if ema else "false",
         "ddpm.num_classes": "0",  # unconditional; class-conditional models will set this
+        "ddpm.network_prediction": cfg.prediction,  # what the U-Net predicts; the graph outputs eps
         "ddpm.precision": precision,
         "ddpm.step_graph": base64.b64encode(step_graph(cfg.clip_x0, opset, ir_version).SerializeToString()).decode(),
     }
@@ -206,8 +214,9 @@ def export(ckpt, out="ddpm.onnx", fp16=False, ema=True, opset=MIN_OPSET, check=T
     model, cfg = ddpm.load_checkpoint(ckpt, ema=ema)
     precision = "fp16" if fp16 else "fp32"
     unet = half_precision(copy.deepcopy(model)) if fp16 else model
-    denoiser = Denoiser(unet, torch.float16 if fp16 else torch.float32).eval()
-    results = export_module(denoiser, cfg, out, model, precision, ema, opset, check)
+    denoiser = Denoiser(unet, torch.float16 if fp16 else torch.float32, cfg).eval()
+    reference = Denoiser(model, torch.float32, cfg).eval()
+    results = export_module(denoiser, cfg, out, reference, precision, ema, opset, check)
     size_mb = os.path.getsize(out) / 2 ** 20
     print(f"wrote {out} ({size_mb:.1f} MB, {precision}, {'EMA' if ema else 'raw'} weights, "
           f"preset {cfg.model}, opset {opset})")

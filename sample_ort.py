@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 import onnxruntime as ort
-from PIL import Image
+from PIL import Image, ImageDraw
 
 SUPPORTED_FORMAT = 1
 
@@ -36,11 +36,20 @@ SUPPORTED_FORMAT = 1
 # (tests/test_onnx.py checks that both give the same numbers).
 
 
-def ddim_timesteps(T, steps):
-    """`steps` evenly strided t's, 0, T//steps, ... (as ddpm.ddim_timesteps)."""
+SPACINGS = ("leading", "trailing", "linspace")
+
+
+def ddim_timesteps(T, steps, spacing="leading"):
+    """The t's a shorter chain keeps (as ddpm.ddim_timesteps): leading, trailing or linspace."""
     if not 1 <= steps <= T:
         raise ValueError(f"--steps must be between 1 and T={T}, got {steps}")
-    return np.arange(steps) * (T // steps)
+    if spacing == "leading":
+        return np.arange(steps) * (T // steps)
+    if spacing == "trailing":
+        return np.sort(np.round(np.arange(T, 0, -T / steps)).astype(int) - 1)
+    if spacing == "linspace":
+        return np.unique(np.linspace(0, T - 1, steps).round().astype(int))
+    raise ValueError(f"unknown --spacing '{spacing}'; use {', '.join(SPACINGS)}")
 
 
 def check_sampler(sampler, steps, eta, T):
@@ -56,7 +65,7 @@ def check_sampler(sampler, steps, eta, T):
                          "to set. Use --sampler ddim, or leave --eta out")
 
 
-def step_table(betas, sampler="ddpm", steps=None, eta=0.0, var_type="fixed_large"):
+def step_table(betas, sampler="ddpm", steps=None, eta=0.0, var_type="fixed_large", spacing="leading"):
     """(timesteps, coefs) in sampling order: the network's t and the step graph's
     [a, b, c1, c2, c3, s] for each step, computed in float64 and handed over as float32."""
     betas = np.asarray(betas, dtype=np.float64)
@@ -65,7 +74,7 @@ def step_table(betas, sampler="ddpm", steps=None, eta=0.0, var_type="fixed_large
     steps = steps or T
     timesteps = np.arange(T)
     if not (sampler == "ddpm" and steps == T):  # respace: betas from the kept alpha-bars
-        timesteps = ddim_timesteps(T, steps)
+        timesteps = ddim_timesteps(T, steps, spacing)
         abar_kept = np.cumprod(1.0 - betas)[timesteps]
         betas = 1.0 - abar_kept / np.append(1.0, abar_kept[:-1])
     alphas = 1.0 - betas
@@ -259,7 +268,9 @@ class Sampler:
         self.step_binding.bind_ortvalue_output("x_prev", self.x)
         self.run_options = ort.RunOptions()
 
-    def run(self, x_T, timesteps, coefs, noise_fn, progress=None):
+    def run(self, x_T, timesteps, coefs, noise_fn, progress=None, on_step=None):
+        """x_0 from x_T. on_step(k, sampler), if given, runs between the denoiser and the update,
+        when self.x holds x_t and self.eps the network's output (e.g. for process pictures)."""
         B = x_T.shape[0]
         self.x.update_inplace(np.ascontiguousarray(x_T, dtype=np.float32))
         for k, (t, coef) in enumerate(zip(timesteps, coefs)):
@@ -267,6 +278,8 @@ class Sampler:
             self.coef.update_inplace(coef)
             self.noise.update_inplace(np.ascontiguousarray(noise_fn(k, x_T.shape), dtype=np.float32))
             self.denoiser.run_with_iobinding(self.eps_binding, self.run_options)
+            if on_step:
+                on_step(k, self)
             self.step.run_with_iobinding(self.step_binding, self.run_options)
             if progress:
                 progress(k + 1)
@@ -310,15 +323,81 @@ def save_grid(images, path, pad=2):
     Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(path)
 
 
+# The reverse process as a picture, as ddpm.save_progress (repeated: ddpm.py imports torch;
+# tests/test_onnx.py checks that both draw the same file).
+
+PROGRESS_EXTENSIONS = (".png", ".gif", ".webp")
+
+
+def progress_steps(n_steps, animation):
+    """Which steps a process picture shows: 10 evenly spaced for a still, up to 100 for an
+    animation; the first step is always in, the sample itself is added after them."""
+    return sorted(set(np.linspace(0, n_steps - 1, min(n_steps, 100 if animation else 10)).round().astype(int)))
+
+
+def save_progress(frames, final, path):
+    """The reverse process as a picture. frames: [(t, x_t, pred_x0)], both (N, H, W, C) uint8;
+    final: the samples. A .png is a still: one row per image (up to 8), for each frame a pair of
+    columns x_t | predicted x_0, then the sample. A .gif or .webp is an animation: per frame, the
+    x_t of up to 16 images on the left and their predicted x_0 on the right, labelled with t."""
+    n, h, w, c = final.shape
+    zoom = max(1, 64 // h)  # small images enlarged (nearest), so a 32x32 sample is visible
+    pad, label = 2, 12
+
+    def cell(img):
+        img = img.repeat(zoom, axis=0).repeat(zoom, axis=1)
+        return img if c == 3 else np.repeat(img, 3, axis=2)
+
+    H, W = h * zoom, w * zoom
+    if os.path.splitext(path)[1].lower() == ".png":
+        rows = min(n, 8)
+        columns = [(f"t={t}", x, p) for t, x, p in frames] + [("sample", final, final)]
+        sheet = np.full((label + rows * (H + pad), len(columns) * (2 * W + 3 * pad), 3), 255, np.uint8)
+        for j, (_, x, p) in enumerate(columns):
+            left = j * (2 * W + 3 * pad)
+            for r in range(rows):
+                top = label + r * (H + pad)
+                sheet[top:top + H, left:left + W] = cell(x[r])
+                sheet[top:top + H, left + W + pad:left + 2 * W + pad] = cell(p[r])
+        image = Image.fromarray(sheet)
+        draw = ImageDraw.Draw(image)
+        for j, (text, _, _) in enumerate(columns):
+            draw.text((j * (2 * W + 3 * pad), 0), text, fill=(0, 0, 0))
+        image.save(path)
+        return
+    shown = min(n, 16)
+    side = math.ceil(math.sqrt(shown))
+
+    def tile(images):
+        grid = np.full((side * (H + pad), side * (W + pad), 3), 255, np.uint8)
+        for k in range(shown):
+            r, q = divmod(k, side)
+            grid[r * (H + pad):r * (H + pad) + H, q * (W + pad):q * (W + pad) + W] = cell(images[k])
+        return grid
+
+    pictures = []
+    for text, x, p in [(f"t={t}", x, p) for t, x, p in frames] + [("sample", final, final)]:
+        left, right = tile(x), tile(p)
+        frame = np.full((label + left.shape[0], 2 * left.shape[1] + 4 * pad, 3), 255, np.uint8)
+        frame[label:, :left.shape[1]] = left
+        frame[label:, left.shape[1] + 4 * pad:] = right
+        image = Image.fromarray(frame)
+        ImageDraw.Draw(image).text((0, 0), f"{text}: x_t | predicted x_0", fill=(0, 0, 0))
+        pictures.append(image)
+    durations = [60] * (len(pictures) - 1) + [1500]  # hold the samples
+    lossless = {"lossless": True} if path.lower().endswith(".webp") else {}
+    pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=durations, loop=0, **lossless)
+
+
 # Output checks before any work, as ddpm.check_output_path (repeated: ddpm.py imports torch).
 PICTURE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-def check_output_path(path, flag, inputs=()):
+def check_output_path(path, flag, inputs=(), extensions=PICTURE_EXTENSIONS):
     if os.path.isdir(path):
         raise ValueError(f"{flag} '{path}' is a folder; give a file name")
-    if os.path.splitext(path)[1].lower() not in PICTURE_EXTENSIONS:
-        raise ValueError(f"{flag} '{path}': the name must end in {', '.join(PICTURE_EXTENSIONS)}")
+    if os.path.splitext(path)[1].lower() not in extensions:
+        raise ValueError(f"{flag} '{path}': the name must end in {', '.join(extensions)}")
     if os.path.exists(path) and any(os.path.exists(p) and os.path.samefile(path, p) for p in inputs):
         raise ValueError(f"{flag} '{path}' is the input file; writing it would destroy the input")
     check_writable_folder(os.path.dirname(os.path.abspath(path)), flag)
@@ -336,22 +415,38 @@ def check_writable_folder(folder, flag):
 
 
 def sample(model, n=64, steps=None, sampler="ddpm", eta=0.0, seed=0, batch=None, provider="auto",
-           cuda_graph=False, out="samples.png", outdir=None):
-    """n images from the exported model into one grid (and one PNG each in outdir)."""
+           cuda_graph=False, out="samples.png", outdir=None, progress=(), spacing="leading"):
+    """n images from the exported model into one grid (and one PNG each in outdir, and the
+    reverse process of the first batch as a picture or animation in each path of progress)."""
     if n < 1:
         raise ValueError(f"--n {n}: sample at least 1 image")
     if batch is not None and batch < 1:
         raise ValueError(f"--batch {batch}: use at least 1 image per batch")
     check_output_path(out, "--out", inputs=(model,))
+    progress = [progress] if isinstance(progress, str) else list(progress or ())
+    for path in progress:
+        check_output_path(path, "--progress", (model, out), PROGRESS_EXTENSIONS)
     if outdir:
         check_writable_folder(outdir, "--outdir")
     batch = min(batch or n, n)
     denoiser, step, meta, device = open_sessions(model, provider, cuda_graph, batch)
-    timesteps, coefs = step_table(meta["betas"], sampler, steps, eta, meta["var_type"])
+    timesteps, coefs = step_table(meta["betas"], sampler, steps, eta, meta["var_type"], spacing)
 
     rng = np.random.default_rng(seed)
     C, S = meta["in_channels"], meta["image_size"]
-    images, start = [], time.time()
+    images, frames, start = [], {}, time.time()
+    shown = {path: progress_steps(len(timesteps), not path.lower().endswith(".png")) for path in progress}
+    wanted = set().union(*shown.values())
+
+    def record(k, runner):  # the first batch's process: x_t and the x_0 the step graph predicts
+        if not images and k in wanted:
+            a, b = coefs[k][:2]
+            x_t = runner.x.numpy()
+            pred_x0 = a * x_t - b * runner.eps.numpy()
+            if meta["clip_x0"]:
+                pred_x0 = np.clip(pred_x0, -1, 1)
+            frames[k] = (int(timesteps[k]), to_uint8(x_t), to_uint8(pred_x0))
+
     runner = None
     for first in range(0, n, batch):
         # a captured CUDA graph keeps its shape and addresses: reuse it, padding the last batch
@@ -361,11 +456,13 @@ def sample(model, n=64, steps=None, sampler="ddpm", eta=0.0, seed=0, batch=None,
         x_T = rng.standard_normal((b, C, S, S), dtype=np.float32)
         label = f"{sampler} {first // batch + 1}/{math.ceil(n / batch)}"
         x0 = runner.run(x_T, timesteps, coefs, lambda k, shape: rng.standard_normal(shape, dtype=np.float32),
-                        progress_bar(len(timesteps), label))
+                        progress_bar(len(timesteps), label), record if progress else None)
         images.append(to_uint8(x0)[:n - first])
     elapsed = time.time() - start
     images = np.concatenate(images)
     try:
+        for path, steps_shown in shown.items():
+            save_progress([frames[k] for k in steps_shown], images[:batch], path)
         save_grid(images, out)
         if outdir:
             for k, img in enumerate(images):
@@ -373,7 +470,8 @@ def sample(model, n=64, steps=None, sampler="ddpm", eta=0.0, seed=0, batch=None,
     except OSError as e:
         raise ValueError(f"the samples could not be written ({e.strerror or e})") from None
     name = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}[device]
-    print(f"wrote {out}" + (f" and {n} PNGs in {outdir}" if outdir else ""))
+    print(f"wrote {out}" + (f" and {n} PNGs in {outdir}" if outdir else "") +
+          (f", the process in {' and '.join(progress)}" if progress else ""))
     print(f"{n * len(timesteps) / elapsed:.1f} image-steps/s, {n} images x {len(timesteps)} "
           f"{sampler} steps in {elapsed:.1f}s on {name} ({meta['precision']}, batch {batch}"
           f"{', CUDA graph' if cuda_graph and device == 'cuda' else ''})")
@@ -390,6 +488,9 @@ def main(argv=None):
                    help="ddpm: ancestral (Algorithm 2); ddim: Song et al. (default: ddpm)")
     p.add_argument("--eta", type=float, default=0.0,
                    help="DDIM noise, 0 deterministic .. 1 (default: 0; ddim only)")
+    p.add_argument("--spacing", choices=SPACINGS, default="leading",
+                   help="which t's a chain shorter than T keeps: leading 0, T/steps, ..; trailing .., "
+                        "T-1 (Lin et al. 2023) (default: leading)")
     p.add_argument("--seed", type=int, default=0, help="seed of x_T and the noise (default: 0)")
     p.add_argument("--batch", type=int, default=None, help="images per batch (default: all of --n)")
     p.add_argument("--provider", choices=["auto", "cuda", "cpu"], default="auto",
@@ -399,10 +500,13 @@ def main(argv=None):
     p.add_argument("--out", default="samples.png",
                    help="the grid picture, .png/.jpg/.webp/.bmp (default: samples.png)")
     p.add_argument("--outdir", default=None, help="also write one PNG per image here (default: none)")
+    p.add_argument("--progress", action="append", default=[], metavar="PATH",
+                   help="also draw the reverse process: .png, a still (x_t and predicted x_0 at 10 "
+                        "steps), or .gif/.webp, an animation; may be given more than once (default: none)")
     args = p.parse_args(argv)
     try:
         sample(args.model, args.n, args.steps, args.sampler, args.eta, args.seed, args.batch,
-               args.provider, args.cuda_graph, args.out, args.outdir)
+               args.provider, args.cuda_graph, args.out, args.outdir, args.progress, args.spacing)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     except KeyboardInterrupt:

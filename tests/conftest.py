@@ -50,10 +50,10 @@ def refusal(main, argv, *fragments):
 
 MU, S = 0.3, 0.5  # data x_0 ~ N(MU, S^2) in every pixel
 # (sampler, steps, var_type, eta): full and respaced chains, both variance types, DDIM's eta
-SAMPLER_CASES = [("ddpm", 1000, "fixed_large", 0.0), ("ddpm", 1000, "fixed_small", 0.0),
-                 ("ddpm", 100, "fixed_large", 0.0), ("ddpm", 100, "fixed_small", 0.0),
-                 ("ddim", 50, "fixed_large", 0.0), ("ddim", 50, "fixed_large", 1.0),
-                 ("ddim", 20, "fixed_small", 0.5)]
+SAMPLER_CASES = [("ddpm", 1000, "fixed_large", 0.0, "leading"), ("ddpm", 1000, "fixed_small", 0.0, "leading"),
+                 ("ddpm", 100, "fixed_large", 0.0, "leading"), ("ddpm", 100, "fixed_small", 0.0, "trailing"),
+                 ("ddim", 50, "fixed_large", 0.0, "leading"), ("ddim", 50, "fixed_large", 1.0, "leading"),
+                 ("ddim", 20, "fixed_small", 0.5, "trailing")]
 
 
 class GaussianOracle(torch.nn.Module):
@@ -69,12 +69,17 @@ class GaussianOracle(torch.nn.Module):
         return (1 - abar).sqrt() * (x_t - abar.sqrt() * MU) / (abar * S * S + 1 - abar)
 
 
-def implied_moments(betas, sampler, steps, var_type, eta):
+def implied_moments(betas, sampler, steps, var_type, eta, spacing="leading"):
     """Mean and variance of x_0 that the reverse process implies for x_T ~ N(0, 1) and the
     oracle: each step is affine, x_{t-1} = P x_t + Q + sigma z, so m <- P m + Q and
     v <- P^2 v + sigma^2. P and Q from eq. 11 (DDPM) and eq. 12 (DDIM), written out here."""
     T_ = len(betas)
-    kept = np.arange(T_) if sampler == "ddpm" and steps == T_ else np.arange(steps) * (T_ // steps)
+    if sampler == "ddpm" and steps == T_:
+        kept = np.arange(T_)
+    elif spacing == "leading":  # 0, T/steps, ...
+        kept = np.arange(steps) * (T_ // steps)
+    else:  # trailing: ..., T - 1 - T/steps, T - 1
+        kept = np.array(sorted(round(T_ - k * T_ / steps) - 1 for k in range(steps)))
     abar_all = np.cumprod(1 - np.asarray(betas))
     m, v = 0.0, 1.0
     for k in range(len(kept) - 1, -1, -1):

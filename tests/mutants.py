@@ -1,6 +1,6 @@
 """Plant known bugs, one at a time, and check that the tests catch every one.
 
-  python tests/mutants.py            # all mutants (make mutants), about 20 minutes on 2 cores
+  python tests/mutants.py            # all mutants (make mutants), about 24 minutes on 2 cores
   python tests/mutants.py 3 7        # only these
 
 Each mutant edits one line of ddpm.py, sample_ort.py or export.py in a temporary copy of the
@@ -46,7 +46,7 @@ MUTANTS = [
     ("ddpm.py", "return pred_x0.clamp(-1, 1) if self.clip_x0 else pred_x0",
      "return pred_x0.clamp(-1, 0.9) if self.clip_x0 else pred_x0", "clip range"),
     ("ddpm.py", "betas = 1.0 - abar / np.append(1.0, abar[:-1])", "betas = 1.0 - abar", "respaced betas"),
-    ("ddpm.py", "t = torch.as_tensor(self.timesteps[i.cpu().numpy()]", "t = torch.as_tensor(i.cpu().numpy()",
+    ("ddpm.py", "return torch.as_tensor(self.timesteps[i.cpu().numpy()]", "return torch.as_tensor(i.cpu().numpy()",
      "network fed the chain index, not the original t"),
     ("ddpm.py", "    return np.arange(steps) * (T // steps)\n", "    return np.arange(steps) * (T // steps) + 1\n",
      "DDIM timesteps shifted by one"),
@@ -69,8 +69,14 @@ MUTANTS = [
     ("ddpm.py", "return self.conv_out(F.silu(self.norm_out(h)))", "return self.conv_out(self.norm_out(h))",
      "no swish before conv_out"),
     # training
-    ("ddpm.py", "return F.mse_loss(self.model_eps(model, x_t, i).float(), noise.float())",
-     "return F.mse_loss(self.model_eps(model, x_t, i).float(), x0.float())", "L_simple against x_0"),
+    ("ddpm.py", "return F.mse_loss(out, noise.float())", "return F.mse_loss(out, x0.float())", "L_simple against x_0"),
+    ("ddpm.py", '"v": abar.sqrt() * noise - (1 - abar).sqrt() * x0}', '"v": abar.sqrt() * noise + (1 - abar).sqrt() * x0}',
+     "v target with +x_0"),
+    ("ddpm.py", '"v": clipped / (snr + 1)', '"v": clipped / snr', "min-SNR weight of v as of eps"),
+    ("ddpm.py", "        return (1 - abar).sqrt() * x_t + abar.sqrt() * out\n",
+     "        return abar.sqrt() * x_t + (1 - abar).sqrt() * out\n", "eps from v with the roots swapped"),
+    ("ddpm.py", "        return np.sort(np.round(np.arange(T, 0, -T / steps)).astype(int) - 1)",
+     "        return np.sort(np.round(np.arange(T - 1, 0, -T / steps)).astype(int) - 1)", "trailing starts at T-2"),
     ("ddpm.py", "p_ema.lerp_(p, 1 - decay)", "p_ema.lerp_(p, decay)", "EMA weights swapped"),
     ("ddpm.py", "return cfg.lr * (step + 1) / cfg.warmup", "return cfg.lr * step / cfg.warmup", "warm-up starts at 0"),
     ("ddpm.py", "max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float(\"inf\")", "max_norm = cfg.grad_clip",
@@ -96,6 +102,8 @@ MUTANTS = [
     ("sample_ort.py", "variance = betas if var_type == \"fixed_large\" else betas * (1.0 - abar_prev) / (1.0 - abar)",
      "variance = betas", "ORT fixed_small uses beta_t"),
     ("sample_ort.py", "        s[0] = 0.0  # no noise on the last step (t = 0)\n", "", "ORT noise on the last step"),
+    ("sample_ort.py", "        return np.sort(np.round(np.arange(T, 0, -T / steps)).astype(int) - 1)",
+     "        return np.sort(np.round(np.arange(T, 0, -T / steps)).astype(int))", "ORT trailing off by one"),
     ("sample_ort.py", "c3 = np.sqrt(1 - abar_prev - sigma ** 2)", "c3 = np.sqrt(1 - abar_prev)", "ORT DDIM c3 without sigma^2"),
     ("sample_ort.py", "c2 = (1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar)", "c2 = (1.0 - abar_prev) * alphas / (1.0 - abar)",
      "ORT posterior coefficient c2"),

@@ -69,6 +69,17 @@ def test_to_diffusers_writes_a_pipeline_folder_and_refuses_to_clobber(tiny_ckpt,
     assert all(torch.equal(a["ema"][k], b["model"][k]) for k in a["ema"])
 
 
+@pytest.mark.parametrize("prediction,theirs", [("v", "v_prediction"), ("x0", "sample")])
+def test_prediction_type_goes_both_ways(tmp_path, prediction, theirs):
+    cfg = ddpm.make_config("tiny", image_size=16, prediction=prediction, schedule="cosine")
+    ddpm.save_checkpoint(tmp_path / "m.pt", ddpm.checkpoint_state(cfg, ddpm.UNet(cfg)))
+    with contextlib.redirect_stdout(io.StringIO()):
+        convert.to_diffusers(str(tmp_path / "m.pt"), str(tmp_path / "d"))
+        back = convert.from_diffusers(str(tmp_path / "d"), str(tmp_path / "back.pt"))
+    assert json.load(open(tmp_path / "d" / "scheduler" / "scheduler_config.json"))["prediction_type"] == theirs
+    assert (back.prediction, back.schedule) == (prediction, "cosine")
+
+
 def test_unusable_folders_are_sentences(tiny_ckpt, tmp_path):
     with contextlib.redirect_stdout(io.StringIO()):
         convert.to_diffusers(str(tiny_ckpt), str(tmp_path / "good"))

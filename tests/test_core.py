@@ -198,18 +198,18 @@ def test_one_step_of_each_sampler_equals_the_paper(sampler, eta, var_type, clip,
 
 # -- whole trajectories: Gaussian data, whose optimal eps and reverse process are closed forms ----
 
-@pytest.mark.parametrize("sampler,steps,var_type,eta", SAMPLER_CASES)
-def test_sampler_output_moments_match_the_closed_form(sampler, steps, var_type, eta):
+@pytest.mark.parametrize("sampler,steps,var_type,eta,spacing", SAMPLER_CASES)
+def test_sampler_output_moments_match_the_closed_form(sampler, steps, var_type, eta, spacing):
     """A 10% error in any step coefficient moves these moments by far more than the tolerance
     (measured: sigma x 1.5 more than doubles the variance, DDIM's eps x 0.9 shrinks it 5000x)."""
     betas = linear_betas()
     d = ddpm.GaussianDiffusion(betas, var_type=var_type, clip_x0=False)
     x_T, noise = probe_inputs(steps)
     out = ddpm.sample_loop(GaussianOracle(betas), d, torch.from_numpy(x_T), sampler, steps=steps, eta=eta,
-                           noise_fn=lambda k, shape: torch.from_numpy(noise[k]))
+                           noise_fn=lambda k, shape: torch.from_numpy(noise[k]), spacing=spacing)
     (mean,), (var,) = probe_moments(out.numpy())
-    m, v = implied_moments(betas, sampler, steps, var_type, eta)
-    print(f"{sampler} {steps} steps {var_type} eta={eta}: mean {mean:.6f} (closed form {m:.6f}), "
+    m, v = implied_moments(betas, sampler, steps, var_type, eta, spacing)
+    print(f"{sampler} {steps} steps {spacing} {var_type} eta={eta}: mean {mean:.6f} (closed form {m:.6f}), "
           f"variance {var:.6f} ({v:.6f}); errors {abs(mean - m):.1e}, {abs(var / v - 1):.1e} relative; "
           f"the data's: {MU}, {S * S}")
     assert abs(mean - m) < 1e-9 and abs(var - v) < 1e-9 * v
@@ -299,6 +299,78 @@ def test_sampler_settings_that_give_wrong_images_are_refused(kw, fragment):
         ddpm.sample_loop(OracleEps(torch.zeros(1), d.betas), d, torch.zeros(1, 1, 1, 1), **kw)
 
 
+# -- prediction targets, loss weights, spacings ----------------------------------------------------
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_every_prediction_target_converts_back_to_the_true_eps(prediction):
+    """Fed the exact target, the conversion returns the eps that made x_t (v = sqrt(abar) eps -
+    sqrt(1 - abar) x_0, Salimans & Ho 2022 eq. 4's notation), and the samplers get that eps."""
+    betas = linear_betas()
+    abar_all = np.cumprod(1 - betas)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(4, 3, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
+    eps = torch.randn(4, 3, 4, 4, generator=g, dtype=torch.float64)
+    t = [0, 10, 500, 999]
+    abar = torch.from_numpy(abar_all[t]).view(-1, 1, 1, 1)
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+    target = {"eps": eps, "v": abar.sqrt() * eps - (1 - abar).sqrt() * x0, "x0": x0}[prediction]
+    err = (ddpm.eps_from_prediction(prediction, x_t, target, abar) - eps).abs().max().item()
+
+    class Exact(torch.nn.Module):
+        def forward(self, x, tt):
+            return target
+
+    d = ddpm.GaussianDiffusion(betas, prediction=prediction)
+    err_model = (d.model_eps(Exact(), x_t, torch.tensor(t)) - eps).abs().max().item()
+    loss = d.training_loss(Exact(), x0, torch.tensor(t), eps).item()
+    print(f"{prediction}: eps from the exact target, max abs error {err:.1e} ({err_model:.1e} via "
+          f"model_eps); L on the exact target {loss:.1e}")
+    assert err < 1e-10 and err_model < 1e-10 and loss < 1e-12  # the loss is taken in float32
+
+
+@pytest.mark.parametrize("prediction,weight", [("eps", lambda snr: np.minimum(snr, 5) / snr),
+                                               ("v", lambda snr: np.minimum(snr, 5) / (snr + 1)),
+                                               ("x0", lambda snr: np.minimum(snr, 5))])
+def test_min_snr_weights_are_hang_et_al(prediction, weight):
+    betas = linear_betas()
+    abar = np.cumprod(1 - betas)
+    t = np.array([0, 100, 300, 600, 999])
+    snr = abar[t] / (1 - abar[t])
+
+    class Zero(torch.nn.Module):
+        def forward(self, x, tt):
+            return torch.zeros_like(x)
+
+    x0 = torch.full((5, 1, 2, 2), 0.5, dtype=torch.float64)
+    eps = torch.full((5, 1, 2, 2), -0.25, dtype=torch.float64)
+    d = ddpm.GaussianDiffusion(betas, prediction=prediction, min_snr=5.0)
+    a = torch.from_numpy(abar[t]).view(-1, 1, 1, 1)
+    target = {"eps": eps, "v": a.sqrt() * eps - (1 - a).sqrt() * x0, "x0": x0}[prediction]
+    expected = (weight(snr) * (target ** 2).mean(dim=(1, 2, 3)).numpy()).mean()
+    got = d.training_loss(Zero(), x0, torch.from_numpy(t), eps).item()
+    print(f"{prediction} min-SNR-5 loss {got:.8f}, written out {expected:.8f}")
+    assert got == pytest.approx(expected, rel=1e-6)
+
+
+def test_timestep_spacings_are_lin_et_al():
+    assert list(ddpm.ddim_timesteps(1000, 10, "leading")) == [0, 100, 200, 300, 400, 500, 600, 700, 800, 900]
+    assert list(ddpm.ddim_timesteps(1000, 10, "trailing")) == [99, 199, 299, 399, 499, 599, 699, 799, 899, 999]
+    assert list(ddpm.ddim_timesteps(1000, 10, "linspace")) == [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]
+    assert list(ddpm.ddim_timesteps(1000, 3, "trailing")) == [332, 666, 999]
+    assert list(ddpm.ddim_timesteps(1000, 1000, "trailing")) == list(range(1000))
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x, t):
+            seen.append(int(t[0]))
+            return torch.zeros_like(x)
+
+    ddpm.sample_loop(Recorder(), diffusion("linear"), torch.zeros(1, 1, 1, 1), "ddim", steps=4, spacing="trailing")
+    assert seen == [999, 749, 499, 249]
+    with pytest.raises(ValueError, match="--spacing"):
+        ddpm.sample_loop(Recorder(), diffusion("linear"), torch.zeros(1, 1, 1, 1), "ddim", steps=4, spacing="middle")
+
+
 # -- training pieces ----------------------------------------------------------------------------
 
 def test_training_loss_is_eq14_with_the_original_t():
@@ -373,7 +445,7 @@ def reference_unet(w, cfg, x, t):
     (nonlinearity swish, normalize GroupNorm(32), resnet_block, attn_block, downsample with
     'SAME' padding of a stride-2 conv, nearest upsample, skip connections concatenated [h, skip])."""
     def gn(h, name):
-        return F.group_norm(h, 32, w[name + ".weight"], w[name + ".bias"], eps=1e-6)
+        return F.group_norm(h, cfg.norm_groups, w[name + ".weight"], w[name + ".bias"], eps=1e-6)
 
     def conv(h, name, stride=1, padding=1):
         return F.conv2d(h, w[name + ".weight"], w[name + ".bias"], stride=stride, padding=padding)
@@ -474,7 +546,7 @@ def test_timestep_embedding_formula():
     (dict(grad_clip=-1.0), "--grad-clip"), (dict(save_every=-1), "--save-every"),
     (dict(log_every=0), "--log-every"), (dict(device="tpu"), "--device"),
     (dict(steps=0), "--steps"), (dict(lr=float("nan")), "--lr"), (dict(dropout=1.0), "--dropout"),
-    (dict(batch_size=0), "--batch-size"), (dict(T=1), "T=1"), (dict(ch=48), "multiple of 32"),
+    (dict(batch_size=0), "--batch-size"), (dict(T=1), "T=1"), (dict(ch=48), "multiple of --norm-groups 32"),
     (dict(T=10), "T >= 20")])
 def test_bad_settings_are_a_clear_error(kw, fragment):
     with pytest.raises(ValueError, match=fragment):

@@ -71,26 +71,29 @@ def oracle_onnx(tmp_path_factory):
 
 # -- the step: sample_ort's table and export's graph against ddpm.py ------------------------------
 
-STEP_SETTINGS = [(sampler, steps, var_type, clip, eta)
-                 for sampler, steps, var_type, eta in [("ddpm", 1000, "fixed_large", 0.0), ("ddpm", 1000, "fixed_small", 0.0),
-                                                       ("ddpm", 100, "fixed_large", 0.0), ("ddpm", 100, "fixed_small", 0.0),
-                                                       ("ddim", 1000, "fixed_large", 0.0), ("ddim", 50, "fixed_large", 0.0),
-                                                       ("ddim", 50, "fixed_small", 1.0), ("ddim", 25, "fixed_large", 0.3)]
+STEP_SETTINGS = [(sampler, steps, var_type, clip, eta, spacing)
+                 for sampler, steps, var_type, eta, spacing in [
+                     ("ddpm", 1000, "fixed_large", 0.0, "leading"), ("ddpm", 1000, "fixed_small", 0.0, "leading"),
+                     ("ddpm", 100, "fixed_large", 0.0, "leading"), ("ddpm", 100, "fixed_small", 0.0, "trailing"),
+                     ("ddim", 1000, "fixed_large", 0.0, "leading"), ("ddim", 50, "fixed_large", 0.0, "leading"),
+                     ("ddim", 50, "fixed_small", 1.0, "trailing"), ("ddim", 25, "fixed_large", 0.3, "linspace")]
                  for clip in (True, False)]
 
 
-def chain_of(betas, sampler, steps, var_type, clip):
+def chain_of(betas, sampler, steps, var_type, clip, spacing="leading"):
     d = ddpm.GaussianDiffusion(betas, var_type=var_type, clip_x0=clip)
-    return d if sampler == "ddpm" and steps == len(betas) else d.respace(ddpm.ddim_timesteps(len(betas), steps))
+    if sampler == "ddpm" and steps == len(betas):
+        return d
+    return d.respace(ddpm.ddim_timesteps(len(betas), steps, spacing))
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
-@pytest.mark.parametrize("sampler,steps,var_type,clip,eta", STEP_SETTINGS)
-def test_every_step_table_column_equals_ddpm(schedule, sampler, steps, var_type, clip, eta):
+@pytest.mark.parametrize("sampler,steps,var_type,clip,eta,spacing", STEP_SETTINGS)
+def test_every_step_table_column_equals_ddpm(schedule, sampler, steps, var_type, clip, eta, spacing):
     """Each column [a, b, c1, c2, c3, s] against the arrays ddpm.GaussianDiffusion computes."""
     betas = ddpm.get_betas(schedule, 1000)
-    ts, coefs = sample_ort.step_table(betas, sampler, steps, eta, var_type)
-    c = chain_of(betas, sampler, steps, var_type, clip)
+    ts, coefs = sample_ort.step_table(betas, sampler, steps, eta, var_type, spacing)
+    c = chain_of(betas, sampler, steps, var_type, clip, spacing)
     i = np.arange(c.num_timesteps)[::-1]  # sampling order
     assert list(ts) == list(c.timesteps[i])
     abar, abar_prev = c.alphas_cumprod[i], c.alphas_cumprod_prev[i]
@@ -108,18 +111,18 @@ def test_every_step_table_column_equals_ddpm(schedule, sampler, steps, var_type,
         err = np.abs(coefs[:, col] - want).max() / max(np.abs(want).max(), 1e-30)
         worst = max(worst, err)
         assert err < 1e-6, f"column {name}: relative error {err:.2e}"
-    print(f"{schedule} {sampler} {steps} {var_type} eta={eta}: worst column relative error {worst:.2e}")
+    print(f"{schedule} {sampler} {steps} {spacing} {var_type} eta={eta}: worst column relative error {worst:.2e}")
 
 
-@pytest.mark.parametrize("sampler,steps,var_type,clip,eta", STEP_SETTINGS)
-def test_step_graph_equals_ddpm_step(sampler, steps, var_type, clip, eta):
+@pytest.mark.parametrize("sampler,steps,var_type,clip,eta,spacing", STEP_SETTINGS)
+def test_step_graph_equals_ddpm_step(sampler, steps, var_type, clip, eta, spacing):
     """export.step_graph run by ONNX Runtime with sample_ort's coefficients gives ddpm.py's
     p_sample / ddim_step (float64) at the first, middle and last steps of the chain."""
     betas = ddpm.get_betas("linear", 1000)
-    ts, coefs = sample_ort.step_table(betas, sampler, steps, eta, var_type)
+    ts, coefs = sample_ort.step_table(betas, sampler, steps, eta, var_type, spacing)
     graph = export.step_graph(clip, export.MIN_OPSET, 8)
     session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
-    c = chain_of(betas, sampler, steps, var_type, clip)
+    c = chain_of(betas, sampler, steps, var_type, clip, spacing)
     rng = np.random.default_rng(steps)
     worst = 0.0
     n = len(ts)
@@ -135,27 +138,27 @@ def test_step_graph_equals_ddpm_step(sampler, steps, var_type, clip, eta):
         else:
             ref, _ = c.ddim_step(args[0], i, args[1], args[2], eta)
         worst = max(worst, np.abs(got - ref.numpy()).max() / max(1.0, np.abs(ref.numpy()).max()))
-    print(f"{sampler} {steps} {var_type} clip={clip} eta={eta}: step graph vs ddpm.py, "
+    print(f"{sampler} {steps} {spacing} {var_type} clip={clip} eta={eta}: step graph vs ddpm.py, "
           f"max relative error {worst:.2e}")
     assert worst < 1e-5
 
 
 # -- whole trajectories: the ONNX Runtime sampler against the Gaussian closed form ---------------
 
-@pytest.mark.parametrize("sampler,steps,var_type,eta", SAMPLER_CASES)
-def test_ort_sampler_output_moments_match_the_closed_form(oracle_onnx, sampler, steps, var_type, eta):
+@pytest.mark.parametrize("sampler,steps,var_type,eta,spacing", SAMPLER_CASES)
+def test_ort_sampler_output_moments_match_the_closed_form(oracle_onnx, sampler, steps, var_type, eta, spacing):
     """sample_ort's whole loop (table, step graph, IO binding, noise order) on the exported oracle:
     the exact output moments (probe inputs) against the reverse process written out in the test."""
     path, betas = oracle_onnx
     denoiser, step, meta, device = sample_ort.open_sessions(str(path), "cpu")
-    ts, coefs = sample_ort.step_table(meta["betas"], sampler, steps, eta, var_type)
+    ts, coefs = sample_ort.step_table(meta["betas"], sampler, steps, eta, var_type, spacing)
     x_T, noise = probe_inputs(len(ts), (1, 4, 4))
     x_T, noise = x_T.astype(np.float32), noise.astype(np.float32)
     out = sample_ort.Sampler(denoiser, step, x_T.shape, device).run(x_T, ts, coefs, lambda k, shape: noise[k])
     mean, var = probe_moments(out.astype(np.float64))
-    m, v = implied_moments(betas, sampler, steps, var_type, eta)
+    m, v = implied_moments(betas, sampler, steps, var_type, eta, spacing)
     err_m, err_v = np.abs(mean - m).max(), np.abs(var / v - 1).max()
-    print(f"ORT {sampler} {steps} {var_type} eta={eta}: mean {mean.mean():.5f} (closed form {m:.5f}), "
+    print(f"ORT {sampler} {steps} {spacing} {var_type} eta={eta}: mean {mean.mean():.5f} (closed form {m:.5f}), "
           f"variance {var.mean():.5f} ({v:.5f}); max errors {err_m:.1e}, {err_v:.1e} relative")
     assert err_m < 1e-4 and err_v < 1e-3  # float32; a 10% coefficient error moves them by > 0.1
 
@@ -201,6 +204,35 @@ def test_metadata_round_trip(exported):
     assert raw["ddpm.schedule"] == "linear" and raw["ddpm.T"] == "1000" and raw["ddpm.preset"] == "tiny"
     assert raw["ddpm.ema"] == "true" and raw["ddpm.num_classes"] == "0" and raw["ddpm.precision"] == "fp32"
     assert raw["ddpm.format"] == "1"
+
+
+@pytest.mark.parametrize("prediction", ["v", "x0"])
+def test_a_model_that_predicts_v_or_x0_exports_eps(tmp_path, prediction):
+    """The graph converts the network's output to eps with alpha-bar indexed by t, so the contract
+    and sample_ort.py stay the same: ONNX Runtime's eps against PyTorch's model_eps, and 20 DDIM
+    steps through both samplers (cosine schedule, clipping off: smooth in a random model)."""
+    cfg = ddpm.make_config("tiny", image_size=16, prediction=prediction, schedule="cosine", clip_x0=False)
+    torch.manual_seed(0)
+    model = ddpm.UNet(cfg).eval()
+    ddpm.save_checkpoint(tmp_path / "c.pt", ddpm.checkpoint_state(cfg, model))
+    export.export(str(tmp_path / "c.pt"), str(tmp_path / "m.onnx"))
+    d = ddpm.GaussianDiffusion.from_config(cfg)
+    x, t = torch.randn(3, 3, 16, 16), torch.tensor([0, 400, 999])
+    with torch.no_grad():
+        ref = d.model_eps(model, x, t).numpy()
+    got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(["eps"], {"x_t": x.numpy(), "t": t.numpy()})[0]
+    err = np.abs(got - ref).max() / np.abs(ref).max()
+    rng = np.random.default_rng(0)
+    x_T = rng.standard_normal((2, 3, 16, 16), dtype=np.float32)
+    torch_x0 = ddpm.sample_loop(model, d, torch.from_numpy(x_T), "ddim", steps=20).numpy()
+    denoiser, step, meta, device = sample_ort.open_sessions(str(tmp_path / "m.onnx"), "cpu")
+    ts, coefs = sample_ort.step_table(meta["betas"], "ddim", 20)
+    ort_x0 = sample_ort.Sampler(denoiser, step, x_T.shape, device).run(x_T, ts, coefs, lambda k, s: 0 * x_T)
+    traj = np.abs(ort_x0 - torch_x0).max() / np.abs(torch_x0).max()
+    print(f"{prediction}: ONNX eps vs PyTorch, relative {err:.1e}; 20 DDIM steps, relative {traj:.1e}")
+    assert err < 1e-5 and traj < 1e-4
+    raw = ort.InferenceSession(str(tmp_path / "m.onnx")).get_modelmeta().custom_metadata_map
+    assert raw["ddpm.network_prediction"] == prediction
 
 
 def test_metadata_of_an_unclipped_grayscale_model(oracle_onnx):
@@ -266,6 +298,40 @@ def test_grid_layout(tmp_path):
     assert np.array_equal(a, np.asarray(Image.open(tmp_path / "b.png")))
     assert a.shape == (2 * 4 + 1, 3 * 3 + 1)  # 5 images: 3 per row, 2 rows, pad 1
     assert a[1, 1] == 0 and a[1, 4] == 10 and a[5, 1] == 30 and a[5, 7] == 255  # the sixth cell is empty
+
+
+def test_process_pictures_are_drawn_alike_by_both_scripts(tmp_path):
+    rng = np.random.default_rng(0)
+    frames = [(t, rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8),
+               rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)) for t in (999, 500, 0)]
+    final = rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    for ext in (".png", ".gif", ".webp"):
+        ddpm.save_progress(frames, final, str(tmp_path / f"a{ext}"))
+        sample_ort.save_progress(frames, final, str(tmp_path / f"b{ext}"))
+        assert (tmp_path / f"a{ext}").read_bytes() == (tmp_path / f"b{ext}").read_bytes()
+    with Image.open(tmp_path / "a.png") as still:
+        # 5 rows of 16x16 images shown 4x (64 px), a label line; 4 column pairs (3 steps and the sample)
+        assert still.size == (4 * (2 * 64 + 6), 12 + 5 * (64 + 2))
+        cell = np.asarray(still.convert("RGB"))[12:12 + 64, 0:64]
+        assert np.array_equal(cell[::4, ::4], frames[0][1][0])  # x_t of image 0 at t = 999
+    with Image.open(tmp_path / "a.gif") as animation:
+        assert animation.n_frames == 4
+
+
+def test_sample_ort_draws_the_reverse_process(exported, tmp_path):
+    d, _, _ = exported
+    sample_ort.sample(str(d / "ddpm.onnx"), n=3, steps=20, sampler="ddim", provider="cpu",
+                      out=str(tmp_path / "s.png"), progress=str(tmp_path / "p.png"))
+    sample_ort.sample(str(d / "ddpm.onnx"), n=3, steps=20, sampler="ddim", provider="cpu",
+                      out=str(tmp_path / "s.png"), progress=str(tmp_path / "p.gif"))
+    with Image.open(tmp_path / "p.png") as still, Image.open(tmp_path / "p.gif") as animation:
+        assert still.size == (11 * (2 * 64 + 6), 12 + 3 * 66)  # 10 steps and the sample
+        assert animation.n_frames == 21  # every one of the 20 steps, and the sample
+        sample_column = np.asarray(still.convert("RGB"))[12:12 + 64, 10 * 134:10 * 134 + 64]
+    with Image.open(tmp_path / "s.png") as grid:
+        first = np.asarray(grid.convert("RGB"))[2:18, 2:18]
+    assert np.array_equal(sample_column[::4, ::4], first)  # the last column is the sample itself
+    refusal(sample_ort.main, ["--model", d / "ddpm.onnx", "--n", 1, "--progress", tmp_path / "p.txt"], ".gif")
 
 
 # -- the scripts --------------------------------------------------------------------------------

@@ -463,6 +463,31 @@ def test_cli_train_then_sample(tmp_path):
     assert r.returncode == 0 and "parameters" in r.stdout and "FLOPs" in r.stdout
 
 
+def test_sample_draws_the_reverse_process(small_ckpt, tmp_path):
+    shown = []
+
+    def spy(frames, final, path):
+        shown.append((path, [t for t, _, _ in frames], final.shape))
+        real_save_progress(frames, final, path)
+
+    real_save_progress = ddpm.save_progress
+    ddpm.save_progress = spy
+    try:
+        ddpm.main(["sample", "--ckpt", small_ckpt, "--n", "4", "--batch", "2", "--sampler", "ddim", "--steps", "30",
+                   "--out", str(tmp_path / "s.png"), "--progress", str(tmp_path / "p.png")])
+        ddpm.main(["sample", "--ckpt", small_ckpt, "--n", "2", "--steps", "150", "--out", str(tmp_path / "s.png"),
+                   "--progress", str(tmp_path / "p.webp")])
+    finally:
+        ddpm.save_progress = real_save_progress
+    (still, ts, shape), (animation, ts2, _) = shown
+    assert ts[0] == 29 * (1000 // 30) and ts[-1] == 0 and len(ts) == 10 and shape[0] == 2  # the first batch
+    assert len(ts2) == 100 and ts2[0] == 149 * (1000 // 150)  # 100 of the 150 respaced steps (T = 1000)
+    with Image.open(tmp_path / "p.webp") as webp:
+        assert webp.n_frames == 101
+    refusal(ddpm.main, ["sample", "--ckpt", small_ckpt, "--progress", tmp_path / "p.jpg"], ".gif")
+    refusal(ddpm.main, ["sample", "--ckpt", small_ckpt, "--progress", small_ckpt], ".png")
+
+
 @pytest.fixture(scope="module")
 def small_ckpt(tmp_path_factory):
     d = tmp_path_factory.mktemp("small")

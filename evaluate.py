@@ -1,0 +1,524 @@
+"""Measure what a model learned, the way published numbers are computed.
+
+  python evaluate.py fid --ckpt ckpt.pt --n 50000 --ref cifar10-train     # sample, then FID, IS, KID
+  python evaluate.py fid --onnx ddpm.onnx --n 50000 --ref cifar10-train   # the samples from ONNX Runtime
+  python evaluate.py fid samples/ cifar10-train                          # a folder of PNGs against a reference
+  python evaluate.py fid samples_a/ samples_b/                            # or two folders, or a .npz
+  python evaluate.py shapes runs/demo/samples.png                          # the built-in shapes' judge
+
+FID, Inception Score and KID come from torch-fidelity: its port of the TensorFlow Inception-v3
+graph of 2015-12-05 that Heusel et al.'s FID code and Salimans et al.'s Inception Score code use
+(the same weights, TF1's bilinear resize to 299x299, 2048-d pool features for FID and KID,
+the 1008 unbiased logits for IS), which its authors report matches the TensorFlow numbers to
+within a fraction of a percent. The protocol of Ho et al. (FID 3.17, IS 9.46 on CIFAR-10): 50,000
+samples from the EMA weights against the statistics of the 50,000 training images.
+
+Reference statistics are computed once and cached as .npz (mu, sigma: pytorch-fid's keys, and up
+to 10,000 features for KID). Samples are written as numbered PNGs while they are made, so an
+interrupted run continues where it stopped and gives the same images. Nothing is downloaded
+unless asked for: without the Inception weights it says which file to fetch and where to put
+it (or pass --inception-weights PATH).
+"""
+
+import argparse
+import glob
+import hashlib
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+
+import ddpm
+
+INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                 "weights-inception-2015-12-05-6726825d.pth")
+KID_FEATURES = 10_000  # reference features kept in the .npz for KID (it uses subsets of 1,000)
+REFERENCES = ("cifar10-train", "cifar10-test", "stl10-train", "shapes")
+IMAGE_FILES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+# ----------------------------------------------------------------------------------------------
+# Inception features (torch-fidelity)
+
+
+def default_inception_weights():
+    """Where torch-fidelity's own download would put the weights (torch's hub cache)."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(INCEPTION_URL))
+
+
+class Inception:
+    """torch-fidelity's TF-compatible Inception-v3: uint8 images in, pool features and logits out."""
+
+    def __init__(self, weights=None, device="cpu", batch=64):
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        path = weights or default_inception_weights()
+        if not os.path.isfile(path):
+            if weights:
+                raise ValueError(f"--inception-weights '{weights}' does not exist")
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                torch.hub.download_url_to_file(INCEPTION_URL, path, progress=True)
+            except Exception as e:
+                raise ValueError(
+                    f"the Inception weights are not at '{path}' and could not be downloaded "
+                    f"({type(e).__name__}). Download {INCEPTION_URL} (91 MB) and put it there, or "
+                    "pass --inception-weights PATH") from None
+        try:
+            self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                                   feature_extractor_weights_path=path).to(device)
+        except Exception as e:
+            raise ValueError(f"'{path}' is not torch-fidelity's Inception-v3 weights "
+                             f"({type(e).__name__}: {str(e)[:150]})") from None
+        self.device, self.batch = device, batch
+
+    @torch.no_grad()
+    def __call__(self, images_uint8):
+        """(N, H, W, C) uint8 -> (pool features (N, 2048), logits (N, 1008)), float64 numpy."""
+        pool, logits = [], []
+        for start in range(0, len(images_uint8), self.batch):
+            x = torch.from_numpy(np.ascontiguousarray(images_uint8[start:start + self.batch]))
+            x = x.permute(0, 3, 1, 2)
+            if x.shape[1] == 1:  # grayscale: the same value in R, G and B
+                x = x.repeat(1, 3, 1, 1)
+            f, l = self.net(x.to(self.device))
+            pool.append(f.double().cpu().numpy())
+            logits.append(l.double().cpu().numpy())
+        return np.concatenate(pool), np.concatenate(logits)
+
+
+# ----------------------------------------------------------------------------------------------
+# The metrics (torch-fidelity's definitions)
+
+
+def frechet_distance(stats_a, stats_b):
+    """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^1/2) (Heusel et al. 2017)."""
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+    a = {"mu": np.asarray(stats_a["mu"], np.float64), "sigma": np.asarray(stats_a["sigma"], np.float64)}
+    b = {"mu": np.asarray(stats_b["mu"], np.float64), "sigma": np.asarray(stats_b["sigma"], np.float64)}
+    if a["mu"].shape != b["mu"].shape:
+        raise ValueError(f"the two sets have features of {a['mu'].shape[0]} and {b['mu'].shape[0]} "
+                         "dimensions; both must come from the same Inception layer")
+    return fid_statistics_to_metric(a, b, verbose=False)["frechet_inception_distance"]
+
+
+def statistics(features):
+    """mu and sigma of the features (float64), and up to KID_FEATURES of them (a fixed draw)."""
+    keep = np.random.default_rng(0).permutation(len(features))[:KID_FEATURES]
+    return {"mu": features.mean(0), "sigma": np.cov(features, rowvar=False),
+            "features": features[np.sort(keep)].astype(np.float32), "n": len(features)}
+
+
+def inception_score(logits, splits=10):
+    """exp E_x KL(p(y|x) || p(y)) over `splits` shuffled splits (Salimans et al. 2016): mean, std."""
+    from torch_fidelity.metric_isc import isc_features_to_metric
+    out = isc_features_to_metric(torch.from_numpy(logits), splits=min(splits, len(logits)))
+    return out["inception_score_mean"], out["inception_score_std"]
+
+
+def kernel_inception_distance(features_a, features_b):
+    """Squared MMD with the cubic polynomial kernel, 100 subsets (Binkowski et al. 2018): mean, std."""
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    size = min(1000, len(features_a), len(features_b))
+    out = kid_features_to_metric(torch.from_numpy(np.asarray(features_a, np.float64)),
+                                 torch.from_numpy(np.asarray(features_b, np.float64)),
+                                 kid_subsets=100, kid_subset_size=size, verbose=False)
+    return out["kernel_inception_distance_mean"], out["kernel_inception_distance_std"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Image sets: folders, built-in references, samples from a checkpoint or an ONNX file
+
+
+def image_files(folder):
+    files = sorted(f for f in glob.glob(os.path.join(folder, "*")) if f.lower().endswith(IMAGE_FILES))
+    if not files:
+        raise ValueError(f"'{folder}' holds no images ({', '.join(IMAGE_FILES)})")
+    return files
+
+
+def read_images(files):
+    """(N, H, W, 3) uint8; every image must have the size of the first."""
+    images = []
+    for f in files:
+        try:
+            with Image.open(f) as img:
+                images.append(np.asarray(img.convert("RGB")))
+        except OSError as e:
+            raise ValueError(f"'{f}' cannot be read as an image ({e})") from None
+        if images[-1].shape != images[0].shape:
+            raise ValueError(f"'{f}' is {images[-1].shape[1]}x{images[-1].shape[0]}, the others "
+                             f"{images[0].shape[1]}x{images[0].shape[0]}; FID compares sets of one size")
+    return np.stack(images)
+
+
+def reference_images(name, data_dir):
+    """A built-in reference set as (N, H, W, 3) uint8."""
+    if name == "shapes":
+        images = ddpm.ShapesDataset(seed=12345).images  # not the training draw (seed 0)
+        return ddpm.to_uint8(images)
+    import torchvision
+    dataset, split = name.split("-")
+    url, filename = ddpm.DOWNLOADS[dataset]
+    try:
+        if dataset == "cifar10":
+            base = torchvision.datasets.CIFAR10(data_dir, train=split == "train", download=True)
+            return np.asarray(base.data)
+        base = torchvision.datasets.STL10(data_dir, split="train", download=True)
+        return np.asarray(base.data).transpose(0, 2, 3, 1)
+    except Exception as e:
+        raise ValueError(f"{dataset} is not in '{data_dir}' and could not be downloaded "
+                         f"({type(e).__name__}). Download {url} and put the file at "
+                         f"{os.path.join(data_dir, filename)}, then run again") from None
+
+
+def reference_statistics(ref, inception, stats_dir, data_dir):
+    """Statistics of --ref (a built-in name, a folder, or a .npz), cached in stats_dir."""
+    if ref.endswith(".npz"):
+        return load_statistics(ref)
+    if ref in REFERENCES:
+        key = ref
+    else:  # a folder, named by its path
+        key = f"{os.path.basename(os.path.normpath(ref))}-{hashlib.sha1(os.path.abspath(ref).encode()).hexdigest()[:8]}"
+    cache = os.path.join(stats_dir, f"{key}-inception.npz")
+    if os.path.isfile(cache):
+        print(f"reference: {ref}, statistics cached in {cache}")
+        return load_statistics(cache)
+    images = reference_images(ref, data_dir) if ref in REFERENCES else read_images(image_files(ref))
+    print(f"reference: {ref}, {len(images)} images; computing its Inception statistics once")
+    stats = statistics(inception(images)[0])
+    ddpm.check_writable_folder(stats_dir, "--stats-dir")
+    ddpm.write_atomically(cache, lambda tmp: np.savez(open(tmp, "wb"), **stats))
+    print(f"reference statistics cached in {cache}")
+    return stats
+
+
+def load_statistics(path):
+    try:
+        with np.load(path) as f:
+            stats = {k: f[k] for k in f.files}
+    except (OSError, ValueError) as e:
+        raise ValueError(f"'{path}' cannot be read as a .npz of statistics ({e})") from None
+    if "mu" not in stats or "sigma" not in stats:
+        raise ValueError(f"'{path}' has no mu and sigma (the keys pytorch-fid and this script write)")
+    return stats
+
+
+def sample_to_folder(folder, n, batch, make_batch):
+    """n samples as numbered PNGs in folder, made batch by batch by make_batch(start, size) ->
+    (size, H, W, C) uint8, which must depend on start alone (a fixed seed per batch): an
+    interrupted run finds the PNGs already there and continues, with the same images."""
+    from tqdm import tqdm
+    ddpm.check_output_folder(folder, "--samples")
+    done = 0
+    while done < n and os.path.isfile(os.path.join(folder, f"{done:05d}.png")):
+        done += 1
+    start = done - done % batch  # a batch is made whole or not at all
+    if done:
+        print(f"samples: {done} of {n} already in {folder}; continuing")
+    bar = tqdm(total=n, initial=start, desc="sampling", unit="img", dynamic_ncols=True)
+    for first in range(start, n, batch):
+        size = min(batch, n - first)
+        for k, img in enumerate(make_batch(first, size)):
+            path = os.path.join(folder, f"{first + k:05d}.png")
+            ddpm.write_atomically(path, lambda tmp: Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img)
+                                  .save(tmp, format="PNG"))
+        bar.update(size)
+    bar.close()
+    return [os.path.join(folder, f"{k:05d}.png") for k in range(n)]
+
+
+def torch_batches(ckpt, sampler, steps, eta, seed, device, spacing="leading"):
+    """make_batch for sample_to_folder from a checkpoint (EMA weights), on `device`."""
+    device = ddpm.pick_device(device)
+    model, cfg = ddpm.load_checkpoint(ckpt)
+    model.to(device)
+    ddpm.check_sampler(sampler, steps, eta, cfg.T, spacing)
+    diffusion = ddpm.GaussianDiffusion.from_config(cfg)
+
+    def make_batch(start, size):
+        g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + start)
+        x_T = torch.randn(size, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g, device=device)
+        x0 = ddpm.sample_loop(model, diffusion, x_T, sampler, steps, eta, generator=g, spacing=spacing)
+        return ddpm.to_uint8(x0)
+    return make_batch
+
+
+def onnx_batches(path, sampler, steps, eta, seed, provider, batch, spacing="leading"):
+    """make_batch for sample_to_folder from an exported model, through ONNX Runtime."""
+    import sample_ort
+    denoiser, step, meta, device = sample_ort.open_sessions(path, provider)
+    timesteps, coefs = sample_ort.step_table(meta["betas"], sampler, steps, eta, meta["var_type"], spacing)
+    C, S = meta["in_channels"], meta["image_size"]
+    runners = {}
+
+    def make_batch(start, size):
+        rng = np.random.default_rng([seed, start])
+        runner = runners.setdefault(size, sample_ort.Sampler(denoiser, step, (size, C, S, S), device))
+        x_T = rng.standard_normal((size, C, S, S), dtype=np.float32)
+        x0 = runner.run(x_T, timesteps, coefs, lambda k, shape: rng.standard_normal(shape, dtype=np.float32))
+        return sample_ort.to_uint8(x0)
+    return make_batch
+
+
+# ----------------------------------------------------------------------------------------------
+# The judge of the built-in shapes (the demo's measure)
+
+
+def judge_shapes(images_uint8, classifier):
+    """Per image, whether it is one clean shape of the dataset: the background (the median of the
+    border pixels) in the data's range 0..110 and flat, the shape's pixels (those far from the
+    background) in 140..255 and flat, one connected shape of plausible size, and the classifier
+    sure of a class. Returns a dict of boolean arrays, 'good' being all of them."""
+    x = images_uint8.astype(np.float64)
+    n, h, w, _ = x.shape
+    border = np.concatenate([x[:, 0], x[:, -1], x[:, 1:-1, 0], x[:, 1:-1, -1]], axis=1)  # (N, P, 3)
+    bg = np.median(border, axis=1)  # (N, 3)
+    dist = np.abs(x - bg[:, None, None, :]).max(axis=3)  # (N, H, W)
+    fg = dist > 60
+    out = {"background in range": np.all((bg >= 0) & (bg <= 110 + 8), axis=1),
+           "background flat": (np.abs(border - bg[:, None]).max(axis=2) < 25).mean(axis=1) > 0.9}
+    size, connected, fg_range, fg_flat = [], [], [], []
+    for k in range(n):
+        pixels = x[k][fg[k]]
+        area = fg[k].mean()
+        size.append(0.04 < area < 0.6)
+        connected.append(largest_component(fg[k]) >= 0.95 * max(fg[k].sum(), 1))
+        inner = x[k][inner_mask(fg[k])]
+        colour = np.median(pixels, axis=0) if len(pixels) else np.zeros(3)
+        fg_range.append(bool(np.all(colour >= 140 - 8)))
+        fg_flat.append(len(inner) > 0 and np.percentile(np.abs(inner - colour).max(axis=1), 90) < 30)
+    out.update({"shape of plausible size": np.array(size), "one connected shape": np.array(connected),
+                "shape colour in range": np.array(fg_range), "shape flat": np.array(fg_flat)})
+    probs = classifier(images_uint8)
+    out["classifier sure"] = probs.max(axis=1) > 0.9
+    out["class"] = probs.argmax(axis=1)
+    out["good"] = np.all([v for k, v in out.items() if k != "class"], axis=0)
+    return out
+
+
+def largest_component(mask):
+    """Pixels in the largest 4-connected component of a boolean mask."""
+    seen = np.zeros_like(mask)
+    best = 0
+    h, w = mask.shape
+    for i, j in zip(*np.nonzero(mask)):
+        if seen[i, j]:
+            continue
+        stack, count = [(i, j)], 0
+        seen[i, j] = True
+        while stack:
+            a, b = stack.pop()
+            count += 1
+            for c, d in ((a + 1, b), (a - 1, b), (a, b + 1), (a, b - 1)):
+                if 0 <= c < h and 0 <= d < w and mask[c, d] and not seen[c, d]:
+                    seen[c, d] = True
+                    stack.append((c, d))
+        best = max(best, count)
+    return best
+
+
+def inner_mask(mask):
+    """The mask without its edge pixels (anti-aliased edges are neither shape nor background)."""
+    inner = mask.copy()
+    inner[1:] &= mask[:-1]
+    inner[:-1] &= mask[1:]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    return inner
+
+
+class ShapesClassifier(torch.nn.Module):
+    """A small CNN that names the shape class of a 32x32 image (trained by train_shapes_classifier)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(), torch.nn.Linear(64, len(ddpm.SHAPE_CLASSES)))
+
+    @torch.no_grad()
+    def __call__(self, images_uint8):
+        x = ddpm.to_model_range(images_uint8)
+        if x.shape[1] == 1:
+            x = x.repeat(1, 3, 1, 1)
+        if x.shape[-1] != 32:
+            x = torch.nn.functional.interpolate(x, size=32, mode="bilinear", antialias=True)
+        return torch.softmax(self.net.eval()(x), dim=1).numpy()
+
+
+def train_shapes_classifier(n=20_000, steps=600, seed=1):
+    """The judge's classifier, trained on a fresh draw of shapes (not the training set's seed).
+    About 30 s on 2 CPU cores; accuracy on another draw printed."""
+    torch.manual_seed(seed)
+    data = ddpm.ShapesDataset(n=n, size=32, seed=seed + 100)
+    model = ShapesClassifier()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    labels = torch.from_numpy(data.labels)
+    for step in range(steps):
+        idx = torch.randint(0, n, (128,))
+        loss = torch.nn.functional.cross_entropy(model.net.train()(data.images[idx]), labels[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    test = ddpm.ShapesDataset(n=1000, size=32, seed=seed + 200)
+    accuracy = (model(ddpm.to_uint8(test.images)).argmax(1) == test.labels).mean()
+    return model, float(accuracy)
+
+
+def split_grid(path, cell, pad=2):
+    """The cells of a grid written by save_grid, as (N, cell, cell, C) uint8."""
+    with Image.open(path) as img:
+        grid = np.asarray(img.convert("RGB"))
+    rows, cols = (grid.shape[0] - pad) // (cell + pad), (grid.shape[1] - pad) // (cell + pad)
+    if rows * (cell + pad) + pad != grid.shape[0] or cols * (cell + pad) + pad != grid.shape[1]:
+        raise ValueError(f"'{path}' is not a grid of {cell}x{cell} images (pass --cell)")
+    cells = [grid[pad + r * (cell + pad):pad + r * (cell + pad) + cell, pad + q * (cell + pad):pad + q * (cell + pad) + cell]
+             for r in range(rows) for q in range(cols)]
+    return np.stack([c for c in cells if not (c == 255).all()])  # empty cells at the end are white
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def fid_command(args):
+    if args.ckpt and args.onnx:
+        raise ValueError("give --ckpt or --onnx, not both")
+    sampling = bool(args.ckpt or args.onnx)
+    sets = list(args.inputs) + ([args.ref] if args.ref else [])
+    if len(sets) != (1 if sampling else 2):
+        raise ValueError("give --ckpt or --onnx and a reference (--ref NAME, a folder or a .npz), or "
+                         "two sets: a folder of images, then a folder, .npz or reference name")
+    reference = sets[-1]
+    if not (reference in REFERENCES or os.path.isdir(reference) or
+            (reference.endswith(".npz") and os.path.isfile(reference))):
+        raise ValueError(f"--ref '{reference}' is neither {', '.join(REFERENCES)}, a folder of images, "
+                         "nor an existing .npz of statistics")
+    if not sampling and not os.path.isdir(sets[0]):
+        raise ValueError(f"'{sets[0]}' is not a folder of images")
+    if args.n < 2:
+        raise ValueError(f"--n {args.n}: FID needs at least 2 samples (papers use 50,000)")
+    if args.batch < 1:
+        raise ValueError(f"--batch {args.batch}: use at least 1 image per batch")
+    if args.json:
+        ddpm.check_output_path(args.json, (".json",), "--json")
+    inception = Inception(args.inception_weights, args.device if args.device != "auto" else
+                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    result = {}
+    if args.ckpt or args.onnx:
+        name = os.path.splitext(os.path.basename(args.ckpt or args.onnx))[0]
+        spaced = "" if args.spacing == "leading" else f"-{args.spacing}"
+        folder = args.samples or os.path.join("runs", "eval", f"{name}-{args.sampler}-{args.steps or 'T'}{spaced}")
+        if args.ckpt:
+            make_batch = torch_batches(args.ckpt, args.sampler, args.steps, args.eta, args.seed, args.device,
+                                       args.spacing)
+        else:
+            make_batch = onnx_batches(args.onnx, args.sampler, args.steps, args.eta, args.seed,
+                                      args.provider, args.batch, args.spacing)
+        files = sample_to_folder(folder, args.n, args.batch, make_batch)
+        result["samples"] = folder
+    else:
+        files = image_files(sets[0])
+        result["samples"] = sets[0]
+    images = read_images(files)
+    print(f"samples: {len(images)} images of {images.shape[2]}x{images.shape[1]} from {result['samples']}")
+    features, logits = inception(images)
+    ref = reference_statistics(reference, inception, args.stats_dir, args.data_dir)
+    ours = statistics(features)
+    result.update(n_samples=len(images), reference=reference, n_reference=int(ref.get("n", -1)))
+    result["fid"] = frechet_distance(ours, ref)
+    result["inception_score"], result["inception_score_std"] = inception_score(logits)
+    if "features" in ref and len(ref["features"]) >= 2:
+        result["kid"], result["kid_std"] = kernel_inception_distance(features, ref["features"])
+    print(f"FID {result['fid']:.4f}   IS {result['inception_score']:.4f} ± {result['inception_score_std']:.4f}"
+          + (f"   KID {result['kid']:.6f} ± {result['kid_std']:.6f}" if "kid" in result else "   (no KID: "
+             "the reference .npz holds no features)"))
+    if len(images) < 50_000 or result["n_reference"] not in (-1, 50_000):
+        print(f"note: {len(images)} samples against {result['n_reference']} reference images; published "
+              "CIFAR-10 numbers use 50,000 and the training set's 50,000. FID falls as n grows, so "
+              "numbers from other n are not comparable")
+    if args.json:
+        ddpm.write_atomically(args.json, lambda tmp: open(tmp, "w").write(json.dumps(result, indent=1)))
+    return result
+
+
+def shapes_command(args):
+    if os.path.isdir(args.images):
+        images = read_images(image_files(args.images))
+    elif os.path.isfile(args.images):
+        images = split_grid(args.images, args.cell)
+    else:
+        raise ValueError(f"'{args.images}' is neither a grid picture nor a folder of images")
+    classifier, accuracy = train_shapes_classifier()
+    verdict = judge_shapes(images, classifier)
+    print(f"judge: classifier accuracy on fresh shapes {accuracy:.3f}")
+    for name, ok in verdict.items():
+        if name != "class":
+            print(f"  {name:<26} {ok.mean():6.1%}")
+    counts = np.bincount(verdict["class"][verdict["good"]], minlength=len(ddpm.SHAPE_CLASSES))
+    print(f"good cells: {verdict['good'].sum()} of {len(images)} ({verdict['good'].mean():.1%}); classes of the "
+          "good ones: " + ", ".join(f"{c} {k}" for c, k in zip(ddpm.SHAPE_CLASSES, counts) if k))
+    if args.json:
+        ddpm.check_output_path(args.json, (".json",), "--json")
+        summary = {name: float(ok.mean()) for name, ok in verdict.items() if name != "class"}
+        summary.update(n_images=len(images), classifier_accuracy=accuracy)
+        ddpm.write_atomically(args.json, lambda tmp: open(tmp, "w").write(json.dumps(summary, indent=1)))
+    return verdict
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("fid", help="FID, Inception Score and KID")
+    p.add_argument("inputs", nargs="*", metavar="SET",
+                   help="a folder of images, then a folder, .npz or reference name to compare with "
+                        "(default: none; use --ckpt or --onnx to sample instead)")
+    p.add_argument("--ckpt", default=None, help="sample from this checkpoint's EMA weights (default: none)")
+    p.add_argument("--onnx", default=None, help="sample from this exported model with ONNX Runtime (default: none)")
+    p.add_argument("--ref", default=None,
+                   help=f"the reference: {', '.join(REFERENCES)}, a folder or a .npz (default: the last SET)")
+    p.add_argument("--n", type=int, default=50_000, help="samples to make (default: 50000, as papers)")
+    p.add_argument("--batch", type=int, default=250, help="images per sampling batch (default: 250)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="(default: ddpm)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: T)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (default: 0)")
+    p.add_argument("--spacing", choices=ddpm.SPACINGS, default="leading",
+                   help="the t's of a respaced chain, as for sampling (default: leading)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the samples (default: 0)")
+    p.add_argument("--samples", default=None,
+                   help="folder for the samples, resumable (default: runs/eval/<model>-<sampler>-<steps>)")
+    p.add_argument("--stats-dir", default=os.path.join("data", "fid_stats"),
+                   help="where reference statistics are cached (default: data/fid_stats)")
+    p.add_argument("--data-dir", default="data", help="where cifar10 / stl10 are found (default: data)")
+    p.add_argument("--inception-weights", default=None, metavar="PATH",
+                   help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: torch's "
+                        "hub cache, downloaded once if missing)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")
+    p.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="ONNX Runtime provider for --onnx (default: auto)")
+    p.add_argument("--json", default=None, help="also write the numbers here (default: none)")
+
+    s = sub.add_parser("shapes", help="judge samples of the built-in shapes: one clean shape per image?")
+    s.add_argument("images", help="a grid picture (as sample writes) or a folder of images")
+    s.add_argument("--cell", type=int, default=32, help="image size inside a grid (default: 32)")
+    s.add_argument("--json", default=None, help="also write the scores here (default: none)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "fid":
+            fid_command(args)
+        else:
+            shapes_command(args)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:
+        raise SystemExit("\ninterrupted; samples written so far are kept and reused") from None
+
+
+if __name__ == "__main__":
+    main()
