@@ -1078,9 +1078,9 @@ def save_progress(frames, final, path):
         return img if c == 3 else np.repeat(img, 3, axis=2)
 
     H, W = h * zoom, w * zoom
+    columns = [(f"t={t}", x, p) for t, x, p in frames] + [("sample", final, final)]
     if os.path.splitext(path)[1].lower() == ".png":
         rows = min(n, 8)
-        columns = [(f"t={t}", x, p) for t, x, p in frames] + [("sample", final, final)]
         sheet = np.full((label + rows * (H + pad), len(columns) * (2 * W + 3 * pad), 3), 255, np.uint8)
         for j, (_, x, p) in enumerate(columns):
             left = j * (2 * W + 3 * pad)
@@ -1105,7 +1105,7 @@ def save_progress(frames, final, path):
         return grid
 
     pictures = []
-    for text, x, p in [(f"t={t}", x, p) for t, x, p in frames] + [("sample", final, final)]:
+    for text, x, p in columns:
         left, right = tile(x), tile(p)
         frame = np.full((label + left.shape[0], 2 * left.shape[1] + 4 * pad, 3), 255, np.uint8)
         frame[label:, :left.shape[1]] = left

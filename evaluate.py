@@ -408,10 +408,9 @@ def fid_command(args):
         raise ValueError(f"--batch {args.batch}: use at least 1 image per batch")
     if args.json:
         ddpm.check_output_path(args.json, (".json",), "--json")
-    inception = Inception(args.inception_weights, args.device if args.device != "auto" else
-                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    inception = Inception(args.inception_weights, ddpm.pick_device(args.device))
     result = {}
-    if args.ckpt or args.onnx:
+    if sampling:
         name = os.path.splitext(os.path.basename(args.ckpt or args.onnx))[0]
         spaced = "" if args.spacing == "leading" else f"-{args.spacing}"
         folder = args.samples or os.path.join("runs", "eval", f"{name}-{args.sampler}-{args.steps or 'T'}{spaced}")
@@ -455,6 +454,8 @@ def shapes_command(args):
         images = split_grid(args.images, args.cell)
     else:
         raise ValueError(f"'{args.images}' is neither a grid picture nor a folder of images")
+    if args.json:  # before the half minute of training
+        ddpm.check_output_path(args.json, (".json",), "--json")
     classifier, accuracy = train_shapes_classifier()
     verdict = judge_shapes(images, classifier)
     print(f"judge: classifier accuracy on fresh shapes {accuracy:.3f}")
@@ -465,7 +466,6 @@ def shapes_command(args):
     print(f"good cells: {verdict['good'].sum()} of {len(images)} ({verdict['good'].mean():.1%}); classes of the "
           "good ones: " + ", ".join(f"{c} {k}" for c, k in zip(ddpm.SHAPE_CLASSES, counts) if k))
     if args.json:
-        ddpm.check_output_path(args.json, (".json",), "--json")
         summary = {name: float(ok.mean()) for name, ok in verdict.items() if name != "class"}
         summary.update(n_images=len(images), classifier_accuracy=accuracy)
         ddpm.write_atomically(args.json, lambda tmp: open(tmp, "w").write(json.dumps(summary, indent=1)))

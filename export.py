@@ -62,7 +62,7 @@ class Denoiser(nn.Module):
     def __init__(self, unet, dtype, cfg):
         super().__init__()
         self.unet, self.dtype, self.prediction = unet, dtype, cfg.prediction
-        abar = np.cumprod(1.0 - ddpm.get_betas(cfg.schedule, cfg.T))
+        abar = ddpm.GaussianDiffusion.from_config(cfg).alphas_cumprod
         self.register_buffer("alphas_cumprod", torch.tensor(abar, dtype=torch.float32))
 
     def forward(self, x_t, t):
