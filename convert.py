@@ -56,7 +56,8 @@ def unet2d_config(cfg):
     levels = len(cfg.ch_mult)
     down = ["AttnDownBlock2D" if cfg.image_size // 2 ** k in cfg.attn_resolutions else "DownBlock2D"
             for k in range(levels)]
-    return dict(sample_size=cfg.image_size, in_channels=cfg.in_channels, out_channels=cfg.in_channels,
+    out_channels = cfg.in_channels * (2 if cfg.var_type == "learned_range" else 1)  # eps and v
+    return dict(sample_size=cfg.image_size, in_channels=cfg.in_channels, out_channels=out_channels,
                 block_out_channels=[cfg.ch * m for m in cfg.ch_mult], layers_per_block=cfg.num_res_blocks,
                 down_block_types=down, up_block_types=[k.replace("Down", "Up") for k in reversed(down)],
                 attention_head_dim=None, dropout=cfg.dropout, norm_num_groups=cfg.norm_groups,
@@ -64,7 +65,8 @@ def unet2d_config(cfg):
 
 
 def model_config(d, path="config.json"):
-    """Our model settings from a UNet2DModel config.json, or ValueError naming what is not Ho et al.'s."""
+    """Our model settings from a UNet2DModel config.json, or ValueError naming what is not Ho et
+    al.'s; and whether it outputs 2C channels (learned variances)."""
     try:
         channels, size = list(d["block_out_channels"]), int(d["sample_size"])
         down, up = list(d["down_block_types"]), list(d["up_block_types"])
@@ -80,14 +82,15 @@ def model_config(d, path="config.json"):
         wrong.append(f"up_block_types={up} (must mirror the down blocks)")
     if d.get("attention_head_dim") not in (None, *channels) or d.get("num_attention_heads") not in (None, 1):
         wrong.append(f"attention_head_dim={d.get('attention_head_dim')} (Ho et al. use one head: None)")
-    if any(c % ch for c in channels) or d.get("out_channels", 3) != d.get("in_channels", 3):
+    in_channels = d.get("in_channels", 3)
+    if any(c % ch for c in channels) or d.get("out_channels", 3) not in (in_channels, 2 * in_channels):
         wrong.append(f"block_out_channels={channels} / out_channels={d.get('out_channels')}")
     if wrong:
         raise ValueError("this UNet2DModel is not Ho et al.'s layout: " + "; ".join(wrong))
-    return dict(image_size=size, in_channels=d.get("in_channels", 3), ch=ch,
+    return dict(image_size=size, in_channels=in_channels, ch=ch,
                 ch_mult=tuple(c // ch for c in channels), num_res_blocks=layers,
                 attn_resolutions=attn, dropout=d.get("dropout", 0.1) or 0.1,
-                norm_groups=int(d.get("norm_num_groups", 32)))
+                norm_groups=int(d.get("norm_num_groups", 32))), d.get("out_channels", 3) == 2 * in_channels
 
 
 def schedule_config(sched, path):
@@ -102,7 +105,7 @@ def schedule_config(sched, path):
         raise ValueError(f"scheduler '{path}' uses betas we do not build ({sched.get('beta_schedule')}, "
                          f"{sched.get('beta_start')}..{sched.get('beta_end')} over T={T})")
     var_type = sched.get("variance_type", "fixed_small")
-    if var_type not in ("fixed_small", "fixed_large"):
+    if var_type not in ddpm.VAR_TYPES:
         raise ValueError(f"scheduler '{path}': variance_type {var_type} is not supported")
     prediction = {theirs: ours for ours, theirs in PREDICTION_TYPES.items()}.get(sched.get("prediction_type", "epsilon"))
     if prediction is None:
@@ -216,12 +219,18 @@ def from_diffusers(folder, out="ckpt.pt", overwrite=False):
     config_path = os.path.join(unet_dir, "config.json")
     if not os.path.isfile(config_path):
         raise ValueError(f"no config.json in '{unet_dir}': not a diffusers UNet2DModel folder")
-    model_cfg = model_config(read_json(config_path), config_path)
+    model_cfg, learned = model_config(read_json(config_path), config_path)
     schedule = dict(var_type="fixed_large", clip_x0=True, T=1000, schedule="linear", prediction="eps")  # Ho et al.
+    if learned:  # 2C outputs: eps and the variance's v (improved-diffusion's layout)
+        schedule["var_type"] = "learned_range"
     for path in (os.path.join(folder, "scheduler", "scheduler_config.json"),
                  os.path.join(folder, "scheduler_config.json")):
         if os.path.isfile(path):
             schedule = schedule_config(read_json(path), path)
+            if learned != (schedule["var_type"] == "learned_range"):
+                raise ValueError(f"'{config_path}' has out_channels={2 if learned else 1} x in_channels "
+                                 f"but '{path}' has variance_type {schedule['var_type']}: learned_range "
+                                 "needs twice the input channels (eps and v), the fixed types as many")
             break
     cfg = ddpm.Config(model="converted", **model_cfg, **schedule)
     ddpm.check_config(cfg)

@@ -86,7 +86,7 @@ class Config:
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
     flip: bool = True
-    amp: str = "bf16"
+    amp: str = "auto"
     compile: bool = False
     seed: int = 0
     ckpt: str = "ckpt.pt"
@@ -113,7 +113,9 @@ HELP = {
     "norm_groups": "GroupNorm groups; 32 is Ho et al.'s (default: the preset's)",
     "T": "diffusion steps T",
     "schedule": "beta schedule: linear (Ho et al.) or cosine (Nichol & Dhariwal)",
-    "var_type": "reverse variance: fixed_large (sigma^2 = beta_t) or fixed_small (beta-tilde_t)",
+    "var_type": "reverse variance: fixed_large (sigma^2 = beta_t), fixed_small (beta-tilde_t), or "
+                "learned_range (the network interpolates the two, trained with L_hybrid; Nichol & "
+                "Dhariwal 2021)",
     "clip_x0": "clip the predicted x_0 to [-1, 1] when sampling",
     "prediction": "what the network predicts: eps (Ho et al.), v = sqrt(abar) eps - sqrt(1-abar) x_0 "
                   "(Salimans & Ho 2022) or x0; samplers and export convert it to eps",
@@ -131,7 +133,8 @@ HELP = {
     "grad_clip": "clip the gradient norm to this; 0 turns clipping off",
     "ema_decay": "decay of the exponential moving average of the weights, in [0, 1)",
     "flip": "random horizontal flips",
-    "amp": "mixed precision on CUDA: bf16, fp16 or none (the CPU trains in fp32)",
+    "amp": "mixed precision: auto (bf16 on CUDA, fp32 on a CPU), bf16 (also on CPUs with native "
+           "bf16: AVX512-BF16 or AMX), fp16 (CUDA, with a loss scaler) or none",
     "compile": "torch.compile the model",
     "seed": "seed of the data order, t, eps, flips and dropout",
     "ckpt": "checkpoint file, written every --save-every steps and on Ctrl-C",
@@ -163,6 +166,7 @@ MODEL_FIELDS = ("image_size", "in_channels", "ch", "ch_mult", "num_res_blocks",
                 "attn_resolutions", "dropout", "norm_groups")
 BUILTIN_DATA = ("shapes", "cifar10", "stl10")
 PREDICTIONS = ("eps", "v", "x0")
+VAR_TYPES = ("fixed_large", "fixed_small", "learned_range")
 SPACINGS = ("leading", "trailing", "linspace")
 
 
@@ -205,8 +209,8 @@ def check_config(cfg):
         raise ValueError(f"--dropout {cfg.dropout} must be in [0, 1)")
     if cfg.schedule not in ("linear", "cosine"):
         raise ValueError(f"unknown schedule '{cfg.schedule}'; use linear or cosine")
-    if cfg.var_type not in ("fixed_large", "fixed_small"):
-        raise ValueError(f"unknown var_type '{cfg.var_type}'; use fixed_large or fixed_small")
+    if cfg.var_type not in VAR_TYPES:
+        raise ValueError(f"unknown var_type '{cfg.var_type}'; use {', '.join(VAR_TYPES)}")
     if cfg.prediction not in PREDICTIONS:
         raise ValueError(f"unknown prediction '{cfg.prediction}'; use {', '.join(PREDICTIONS)}")
     if not (math.isfinite(cfg.min_snr) and cfg.min_snr >= 0):
@@ -215,8 +219,8 @@ def check_config(cfg):
         raise ValueError(f"T={cfg.T}: the diffusion needs at least 2 steps")
     if cfg.schedule == "linear" and cfg.T < 20:  # beta_T = 0.02 * 1000 / T must stay below 1
         raise ValueError(f"T={cfg.T}: the linear schedule needs T >= 20; use --schedule cosine")
-    if cfg.amp not in ("bf16", "fp16", "none"):
-        raise ValueError(f"unknown --amp '{cfg.amp}'; use bf16, fp16 or none")
+    if cfg.amp not in ("auto", "bf16", "fp16", "none"):
+        raise ValueError(f"unknown --amp '{cfg.amp}'; use auto, bf16, fp16 or none")
     if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.batch_size % cfg.grad_accum:
         raise ValueError("--batch-size must be a positive multiple of --grad-accum")
     if cfg.steps < 1:
@@ -405,10 +409,13 @@ class UNet(nn.Module):
         assert not skip_channels
 
         self.norm_out = Normalize(block_in, groups)
-        self.conv_out = nn.Conv2d(block_in, cfg.in_channels, 3, padding=1)
+        # learned_range: C more channels, the v of the variance interpolation (eq. 15, N&D)
+        out_channels = cfg.in_channels * (2 if cfg.var_type == "learned_range" else 1)
+        self.conv_out = nn.Conv2d(block_in, out_channels, 3, padding=1)
 
     def forward(self, x, t):
-        """x: (B, C, H, W) noisy images x_t in [-1, 1]-ish, t: (B,) int64 in [0, T). Returns eps."""
+        """x: (B, C, H, W) noisy images x_t in [-1, 1]-ish, t: (B,) int64 in [0, T). Returns eps
+        (or v or x_0), and with learned variances C more channels: the interpolation's v."""
         temb = get_timestep_embedding(t, self.ch).to(x.dtype)  # (B, ch), sin/cos in float32
         temb = self.temb.dense[1](F.silu(self.temb.dense[0](temb)))  # (B, 4 ch)
 
@@ -484,6 +491,13 @@ class GaussianDiffusion:
         self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(self.alphas) / (1.0 - self.alphas_cumprod)
+        # log-variances as the bound uses them (Ho et al.'s code, improved-diffusion): beta-tilde_0
+        # is 0, so t = 0 takes beta-tilde_1, in both the fixed_small and the fixed_large table
+        first = self.posterior_variance[1] if len(betas) > 1 else betas[0]
+        self.posterior_log_variance_clipped = np.log(np.append(first, self.posterior_variance[1:]))
+        self.fixed_large_log_variance = np.log(np.append(first, betas[1:]))
+        self.log_betas = np.log(betas)
+        self.log_one_minus_alphas_cumprod = np.log(1.0 - self.alphas_cumprod)
 
     @classmethod
     def from_config(cls, cfg):
@@ -533,31 +547,52 @@ class GaussianDiffusion:
         """The t the network is fed for chain index i: the original t of a respaced chain."""
         return torch.as_tensor(self.timesteps[i.cpu().numpy()], dtype=torch.long, device=device)
 
-    def model_eps(self, model, x_t, i):
-        """eps_theta(x_t, t) with the network fed the original t of index i (its output converted
-        to eps if it predicts v or x_0)."""
+    def model_output(self, model, x_t, i):
+        """(eps_theta(x_t, t), v) with the network fed the original t of index i: its output
+        converted to eps if it predicts v or x_0, and v the learned variance's interpolation
+        weight in [-1, 1] (None for fixed variances)."""
         t = self.network_t(i, x_t.device)
         out = model(x_t, t).to(x_t.dtype)
-        return eps_from_prediction(self.prediction, x_t, out, self._at(self.alphas_cumprod, i, x_t))
+        var_v = None
+        if self.var_type == "learned_range":
+            out, var_v = out.chunk(2, dim=1)
+        return eps_from_prediction(self.prediction, x_t, out, self._at(self.alphas_cumprod, i, x_t)), var_v
 
-    def predict_x0(self, x_t, i, eps):
+    def model_eps(self, model, x_t, i):
+        """eps_theta(x_t, t) alone (see model_output)."""
+        return self.model_output(model, x_t, i)[0]
+
+    def predict_x0(self, x_t, i, eps, clip=None):
         """The x_0 the samplers use: from eps, clipped to the data range [-1, 1] if clip_x0."""
         pred_x0 = self.predict_x0_from_eps(x_t, i, eps)
-        return pred_x0.clamp(-1, 1) if self.clip_x0 else pred_x0
+        return pred_x0.clamp(-1, 1) if (self.clip_x0 if clip is None else clip) else pred_x0
 
-    def p_mean_variance(self, x_t, i, eps):
-        """Mean and variance of p_theta(x_{t-1} | x_t) given eps_theta (eq. 11 via eq. 15 + 7)."""
-        pred_x0 = self.predict_x0(x_t, i, eps)
+    def log_variance(self, i, x, var_v=None):
+        """log sigma_t^2 as the bound uses it: log beta_t (fixed_large), log beta-tilde_t
+        (fixed_small), both with beta-tilde_1 at t = 0; or learned, Nichol & Dhariwal eq. 15:
+        log Sigma = w log beta_t + (1 - w) log beta-tilde_t with w = (v + 1) / 2."""
+        if self.var_type == "learned_range":
+            w = (var_v + 1) / 2
+            return w * self._at(self.log_betas, i, x) + (1 - w) * self._at(self.posterior_log_variance_clipped, i, x)
+        table = self.fixed_large_log_variance if self.var_type == "fixed_large" else self.posterior_log_variance_clipped
+        return self._at(table, i, x)
+
+    def p_mean_variance(self, x_t, i, eps, var_v=None, clip=None):
+        """Mean and variance of p_theta(x_{t-1} | x_t) given eps_theta (eq. 11 via eq. 15 + 7),
+        and v for learned variances."""
+        pred_x0 = self.predict_x0(x_t, i, eps, clip)
         mean, posterior_variance = self.q_posterior(pred_x0, x_t, i)
         if self.var_type == "fixed_large":
             variance = self._at(self.betas, i, x_t)  # sigma_t^2 = beta_t (Ho et al.'s CIFAR-10)
-        else:
+        elif self.var_type == "fixed_small":
             variance = posterior_variance  # sigma_t^2 = beta-tilde_t
+        else:
+            variance = self.log_variance(i, x_t, var_v).exp()
         return mean, variance, pred_x0
 
-    def p_sample(self, x_t, i, eps, noise):
+    def p_sample(self, x_t, i, eps, noise, var_v=None):
         """x_{t-1} = mu + sigma z, with no noise at t = 0 (Algorithm 2, lines 3-4)."""
-        mean, variance, pred_x0 = self.p_mean_variance(x_t, i, eps)
+        mean, variance, pred_x0 = self.p_mean_variance(x_t, i, eps, var_v)
         nonzero = (i != 0).to(x_t.device, x_t.dtype).view(-1, 1, 1, 1)  # a mask, not a branch: traces cleanly
         return mean + nonzero * variance.sqrt() * noise, pred_x0
 
@@ -574,10 +609,26 @@ class GaussianDiffusion:
 
     def training_loss(self, model, x0, i, noise):
         """L_simple = || eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t) ||^2 (eq. 14),
-        or the same squared error on v or x_0 for those targets, optionally min-SNR weighted."""
+        or the same squared error on v or x_0 for those targets, optionally min-SNR weighted; with
+        learned variances L_hybrid = L_simple + lambda L_vlb (Nichol & Dhariwal sec. 3.1)."""
         x_t = self.q_sample(x0, i, noise)
         t = self.network_t(i, x_t.device)
         out = model(x_t, t).float()
+        if self.var_type == "learned_range":
+            out, var_v = out.chunk(2, dim=1)
+            return self.mse_loss(out, x0, i, noise) + self.hybrid_vlb_term(x0, x_t.float(), i, out, var_v)
+        return self.mse_loss(out, x0, i, noise)
+
+    def hybrid_vlb_term(self, x0, x_t, i, out, var_v):
+        """lambda L_vlb with lambda = 1/1000: one uniformly drawn term of the bound, in bits/dim,
+        times T/1000 (L_vlb = T E_t[L_t]), with the gradient stopped on the mean so that it
+        trains only the variance (Nichol & Dhariwal sec. 3.1; improved-diffusion's rescaled MSE)."""
+        eps = eps_from_prediction(self.prediction, x_t, out.detach(), self._at(self.alphas_cumprod, i, x_t))
+        vb = self.vb_terms_bpd(x0.float(), x_t, i, eps, var_v, clip=False)
+        return vb.mean() * self.num_timesteps / 1000.0
+
+    def mse_loss(self, out, x0, i, noise):
+        """The squared error of the output against its target, averaged over pixels and images."""
         if self.prediction == "eps" and not self.min_snr:
             return F.mse_loss(out, noise.float())
         abar = self._at(self.alphas_cumprod, i, out)
@@ -589,6 +640,71 @@ class GaussianDiffusion:
             clipped = snr.clamp(max=self.min_snr)
             per_image = per_image * {"eps": clipped / snr, "v": clipped / (snr + 1), "x0": clipped}[self.prediction]
         return per_image.mean()
+
+    # -- the variational bound (eq. 5), in bits per dimension -----------------------------------
+
+    def prior_bpd(self, x0):
+        """L_T = KL(q(x_T | x_0) || N(0, I)) per image, bits/dim: no parameters, near 0."""
+        i = torch.full((x0.shape[0],), self.num_timesteps - 1, dtype=torch.long)
+        mean = self._at(self.sqrt_alphas_cumprod, i, x0) * x0
+        log_var = self._at(self.log_one_minus_alphas_cumprod, i, x0).expand_as(x0)
+        kl = normal_kl(mean, log_var, torch.zeros_like(x0), torch.zeros_like(x0))
+        return kl.mean(dim=(1, 2, 3)) / math.log(2.0)
+
+    def vb_terms_bpd(self, x0, x_t, i, eps, var_v=None, clip=None):
+        """Per image, bits/dim: L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)) where
+        i > 0, and L_0 = -log p_theta(x_0 | x_1), the discretized decoder, where i = 0 (eq. 5);
+        eps, var_v: the network's output at (x_t, i). The KL is between the true posterior and
+        p_theta with the log-variances of `log_variance` (Ho et al.'s code, improved-diffusion)."""
+        true_mean, _ = self.q_posterior(x0, x_t, i)
+        true_log_var = self._at(self.posterior_log_variance_clipped, i, x_t).expand_as(x_t)
+        mean, _, _ = self.p_mean_variance(x_t, i, eps, var_v, clip)
+        log_var = self.log_variance(i, x_t, var_v).expand_as(x_t)
+        kl = normal_kl(true_mean, true_log_var, mean, log_var).mean(dim=(1, 2, 3))
+        nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var).mean(dim=(1, 2, 3))
+        return torch.where(i.to(x_t.device) == 0, nll, kl) / math.log(2.0)
+
+    @torch.no_grad()
+    def bits_per_dim(self, model, x0, generator=None, callback=None):
+        """The bound L_VLB = L_T + sum_{t>1} L_{t-1} + L_0 of each image in bits/dim, every term
+        evaluated at one x_t ~ q(x_t | x_0) (Ho et al.'s calc_bpd_loop). Returns (total (B,),
+        prior (B,), terms (B, T) with terms[:, 0] = L_0). callback(k) after each of the T terms."""
+        B, T = x0.shape[0], self.num_timesteps
+        terms = torch.zeros(B, T, dtype=torch.float64)
+        for k, i_int in enumerate(range(T - 1, -1, -1)):
+            i = torch.full((B,), i_int, dtype=torch.long)
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            x_t = self.q_sample(x0, i, noise)
+            eps, var_v = self.model_output(model, x_t, i)
+            terms[:, i_int] = self.vb_terms_bpd(x0, x_t, i, eps, var_v).double().cpu()
+            if callback is not None:
+                callback(k)
+        prior = self.prior_bpd(x0).double().cpu()
+        return terms.sum(dim=1) + prior, prior, terms
+
+
+def normal_kl(mean1, log_var1, mean2, log_var2):
+    """KL(N(mean1, e^log_var1) || N(mean2, e^log_var2)) per element, in nats."""
+    return 0.5 * (-1.0 + log_var2 - log_var1 + torch.exp(log_var1 - log_var2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-log_var2))
+
+
+def standard_normal_cdf(x):
+    """Phi(x) by the tanh approximation that Ho et al.'s and improved-diffusion's decoders use."""
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def discretized_gaussian_log_likelihood(x0, mean, log_scale):
+    """log p(x_0) per element of 8-bit data scaled to [-1, 1] under N(mean, e^(2 log_scale)): the
+    mass on the pixel's bin [x - 1/255, x + 1/255], the first and last bins reaching to -inf and
+    +inf (Ho et al. eq. 13). Probabilities are floored at 1e-12, as in both reference codes."""
+    inv_std = torch.exp(-log_scale)
+    cdf_plus = standard_normal_cdf(inv_std * (x0 - mean + 1.0 / 255))
+    cdf_min = standard_normal_cdf(inv_std * (x0 - mean - 1.0 / 255))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_bin = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(x0 < -0.999, log_cdf_plus, torch.where(x0 > 0.999, log_one_minus_cdf_min, log_bin))
 
 
 def eps_from_prediction(prediction, x_t, out, abar):
@@ -662,9 +778,9 @@ def sample_loop(model, diffusion, x_T, sampler="ddpm", steps=None, eta=0.0, nois
             noise = noise_fn(k, x.shape).to(x.device, x.dtype)
         else:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        eps = chain.model_eps(model, x, i)
+        eps, var_v = chain.model_output(model, x, i)
         if sampler == "ddpm":
-            x_prev, pred_x0 = chain.p_sample(x, i, eps, noise)
+            x_prev, pred_x0 = chain.p_sample(x, i, eps, noise, var_v)
         else:
             x_prev, pred_x0 = chain.ddim_step(x, i, eps, noise, eta)
         if callback is not None:
@@ -873,8 +989,8 @@ def to_uint8(x):
 class ShapesDataset(torch.utils.data.Dataset):
     """10 classes of coloured shapes, generated once, deterministic from the seed."""
 
-    def __init__(self, n=10_000, size=32, seed=0, channels=3):
-        rng = np.random.default_rng(seed)
+    def __init__(self, n=10_000, size=32, seed=0, channels=3, split="train"):
+        rng = np.random.default_rng(seed if split == "train" else [seed, 1])  # test: another draw
         self.labels = np.arange(n) % len(SHAPE_CLASSES)
         images = np.stack([draw_shape(c, rng, size) for c in self.labels])  # (N, H, W, 3)
         if channels == 1:  # ITU-R 601 luma, as Pillow's convert("L")
@@ -991,19 +1107,25 @@ DOWNLOADS = {
 }
 
 
-def load_dataset(cfg):
+def load_dataset(cfg, split="train"):
+    """The training images (split 'train'), or the held-out ones ('test': CIFAR-10's 10,000 test
+    images, STL-10's 8,000, another draw of shapes). A folder is its own split."""
+    if split not in ("train", "test"):
+        raise ValueError(f"unknown split '{split}'; use train or test")
     if cfg.data == "shapes":
-        return ShapesDataset(size=cfg.image_size, seed=cfg.seed, channels=cfg.in_channels)
+        return ShapesDataset(size=cfg.image_size, seed=cfg.seed, channels=cfg.in_channels, split=split)
     if cfg.data in DOWNLOADS:
         import torchvision
         url, filename = DOWNLOADS[cfg.data]
         try:
             with contextlib.redirect_stdout(sys.stderr):
                 if cfg.data == "cifar10":
-                    base = torchvision.datasets.CIFAR10(cfg.data_dir, train=True, download=True)
+                    base = torchvision.datasets.CIFAR10(cfg.data_dir, train=split == "train",
+                                                        download=True)
                 else:
-                    base = torchvision.datasets.STL10(cfg.data_dir, split="train+unlabeled",
-                                                      download=True)
+                    base = torchvision.datasets.STL10(
+                        cfg.data_dir, split="train+unlabeled" if split == "train" else "test",
+                        download=True)
         except Exception as e:
             raise ValueError(
                 f"{cfg.data} is not in '{cfg.data_dir}' and could not be downloaded "
@@ -1153,6 +1275,26 @@ def pick_device(name):
     if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
         raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
     return torch.device(name)
+
+
+def cpu_has_bf16():
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 autocast
+    is emulated and slower than fp32."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def amp_dtype(amp, device):
+    """The autocast dtype training uses, or None for fp32."""
+    if device.type == "cuda":
+        return {"auto": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    if amp == "fp16":
+        raise ValueError("--amp fp16 needs CUDA (its loss scaler is CUDA's); on a CPU use --amp "
+                         "bf16 or none")
+    if amp == "bf16" and not cpu_has_bf16():
+        print("warning: --amp bf16: this CPU has no native bf16 (AVX512-BF16 or AMX), where it "
+              "is slower than fp32; training in fp32", file=sys.stderr)
+        return None
+    return torch.bfloat16 if amp == "bf16" else None
 
 
 def learning_rate(cfg, step):
@@ -1345,11 +1487,12 @@ def train(cfg, resume=None, overwrite=False):
               f"learning rate never reaches --lr {cfg.lr} (it ends at "
               f"{learning_rate(cfg, cfg.steps - 1):.2g}); lower --warmup", file=sys.stderr)
 
-    # AMP (nanoGPT style): bf16 autocast by default on CUDA, fp16 with a scaler, fp32 on CPU
-    use_amp = device.type == "cuda" and cfg.amp != "none"
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": torch.float32}[cfg.amp]
-    autocast = torch.autocast("cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and cfg.amp == "fp16")
+    # AMP (nanoGPT style): bf16 autocast by default on CUDA, fp16 with a scaler; a CPU trains in
+    # fp32 unless --amp bf16 is asked for and the CPU has bf16 units (1.5x on AMX)
+    dtype = amp_dtype(cfg.amp, device)
+    autocast = (torch.autocast(device.type, dtype=dtype) if dtype is not None
+                else contextlib.nullcontext())
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
 
     dataset = load_dataset(cfg)
     if len(dataset) < cfg.batch_size:
@@ -1568,7 +1711,7 @@ def sample(ckpt, n=64, steps=None, sampler="ddpm", eta=0.0, seed=0, out="samples
 # Command line
 
 CHOICES = {"model": list(PRESETS), "schedule": ["linear", "cosine"], "prediction": list(PREDICTIONS),
-           "var_type": ["fixed_large", "fixed_small"], "amp": ["bf16", "fp16", "none"]}
+           "var_type": list(VAR_TYPES), "amp": ["auto", "bf16", "fp16", "none"]}
 
 
 def add_config_flags(parser):

@@ -5,6 +5,7 @@
   python evaluate.py fid samples/ cifar10-train                          # a folder of PNGs against a reference
   python evaluate.py fid samples_a/ samples_b/                            # or two folders, or a .npz
   python evaluate.py shapes runs/demo/samples.png                          # the built-in shapes' judge
+  python evaluate.py nll --ckpt ckpt.pt --data cifar10 --split test        # the bound in bits/dim
 
 FID, Inception Score and KID come from torch-fidelity: its port of the TensorFlow Inception-v3
 graph of 2015-12-05 that Heusel et al.'s FID code and Salimans et al.'s Inception Score code use
@@ -21,6 +22,7 @@ it (or pass --inception-weights PATH).
 """
 
 import argparse
+import dataclasses
 import glob
 import hashlib
 import json
@@ -384,7 +386,58 @@ def split_grid(path, cell, pad=2):
 
 
 # ----------------------------------------------------------------------------------------------
+# Negative log-likelihood: the variational bound in bits/dim (Ho et al. Table 2)
+
+
+def negative_log_likelihood(ckpt, data=None, data_dir="data", split="test", n=None, batch=64, seed=0,
+                            device="auto"):
+    """L_VLB of n images of the split in bits/dim, every one of the T terms evaluated per image
+    (GaussianDiffusion.bits_per_dim), with the checkpoint's EMA weights. Returns a dict."""
+    if n is not None and n < 1:
+        raise ValueError(f"--n {n}: evaluate at least 1 image")
+    if batch < 1:
+        raise ValueError(f"--batch {batch}: use at least 1 image per batch")
+    device = ddpm.pick_device(device)
+    model, cfg = ddpm.load_checkpoint(ckpt)
+    model = model.to(device)
+    data_cfg = dataclasses.replace(cfg, data=data or cfg.data, data_dir=data_dir)
+    dataset = ddpm.load_dataset(data_cfg, split)  # no flips: those are the training loop's
+    n = len(dataset) if n is None else min(n, len(dataset))
+    diffusion = ddpm.GaussianDiffusion.from_config(cfg)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=batch)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    totals, priors, terms = [], [], []
+    from tqdm import tqdm
+    with tqdm(total=n * cfg.T, desc="bits/dim", unit="term", unit_scale=True, dynamic_ncols=True) as bar:
+        for x0, _ in loader:
+            total, prior, per_t = diffusion.bits_per_dim(model, x0.to(device), generator,
+                                                         callback=lambda k, b=len(x0): bar.update(b))
+            totals.append(total), priors.append(prior), terms.append(per_t)
+    total, prior, per_t = torch.cat(totals), torch.cat(priors), torch.cat(terms)
+    return {"bits_per_dim": float(total.mean()),
+            "bits_per_dim_stderr": float(total.std() / math.sqrt(n)) if n > 1 else float("nan"),
+            "prior": float(prior.mean()), "decoder": float(per_t[:, 0].mean()),
+            "terms": float(per_t[:, 1:].sum(dim=1).mean()), "n_images": n,
+            "terms_per_t": per_t.mean(dim=0).tolist(), "data": data_cfg.data, "split": split,
+            "var_type": cfg.var_type, "T": cfg.T, "ckpt": ckpt}
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line
+
+
+def nll_command(args):
+    if args.json:
+        ddpm.check_output_path(args.json, (".json",), "--json")
+    r = negative_log_likelihood(args.ckpt, args.data, args.data_dir, args.split, args.n, args.batch,
+                                args.seed, args.device)
+    print(f"{r['data']} {r['split']}, {r['n_images']} images, {r['var_type']}: "
+          f"{r['bits_per_dim']:.4f} ± {r['bits_per_dim_stderr']:.4f} bits/dim (standard error)")
+    print(f"  prior L_T {r['prior']:.6f}   decoder L_0 {r['decoder']:.4f}   "
+          f"sum of L_1..L_T-1 {r['terms']:.4f}")
+    if args.json:
+        ddpm.write_atomically(args.json, lambda tmp: open(tmp, "w").write(json.dumps(r, indent=1)))
+    return r
 
 
 def fid_command(args):
@@ -504,16 +557,27 @@ def main(argv=None):
                    help="ONNX Runtime provider for --onnx (default: auto)")
     p.add_argument("--json", default=None, help="also write the numbers here (default: none)")
 
+    q = sub.add_parser("nll", help="negative log-likelihood: the variational bound in bits/dim")
+    q.add_argument("--ckpt", required=True, help="the checkpoint (its EMA weights)")
+    q.add_argument("--data", default=None,
+                   help="shapes, cifar10, stl10 or a folder of images (default: the checkpoint's data)")
+    q.add_argument("--data-dir", default="data", help="where cifar10 / stl10 are found (default: data)")
+    q.add_argument("--split", choices=["train", "test"], default="test",
+                   help="cifar10's and stl10's test set or a fresh draw of shapes (default: test; a "
+                        "folder is its own split)")
+    q.add_argument("--n", type=int, default=None, help="images to evaluate (default: the whole split)")
+    q.add_argument("--batch", type=int, default=64, help="images per batch (default: 64)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the x_t draws (default: 0)")
+    q.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")
+    q.add_argument("--json", default=None, help="also write the numbers here (default: none)")
+
     s = sub.add_parser("shapes", help="judge samples of the built-in shapes: one clean shape per image?")
     s.add_argument("images", help="a grid picture (as sample writes) or a folder of images")
     s.add_argument("--cell", type=int, default=32, help="image size inside a grid (default: 32)")
     s.add_argument("--json", default=None, help="also write the scores here (default: none)")
     args = parser.parse_args(argv)
     try:
-        if args.command == "fid":
-            fid_command(args)
-        else:
-            shapes_command(args)
+        {"fid": fid_command, "nll": nll_command, "shapes": shapes_command}[args.command](args)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     except KeyboardInterrupt:

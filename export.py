@@ -7,11 +7,15 @@ The contract (other runtimes are written against it):
   inputs   x_t  float32 (B, C, H, W), the noisy images, in [-1, 1] at t=0
            t    int64   (B,), the 0-indexed timestep (0 .. T-1; the paper's t=1 is 0)
   output   eps  float32 (B, C, H, W), the predicted noise
+  and, for a model with learned variances (ddpm.var_type learned_range):
+  output   var_values float32 (B, C, H, W), the network's v of Nichol & Dhariwal eq. 15,
+           log Sigma = (v + 1)/2 log beta_t + (1 - v)/2 log beta-tilde_t
   B is dynamic. Metadata (model.metadata_props, all strings) holds what a sampler needs:
   ddpm.format, ddpm.schedule, ddpm.T, ddpm.betas (JSON, float64), ddpm.image_size,
   ddpm.in_channels, ddpm.var_type, ddpm.clip_x0, ddpm.preset, ddpm.ema, ddpm.num_classes,
   ddpm.precision, and ddpm.step_graph: a base64 ONNX graph of the per-step update
-  x_{t-1} = c1 pred_x0 + c2 x_t + c3 eps' + s noise, which sample_ort.py runs on the device.
+  x_{t-1} = c1 pred_x0 + c2 x_t + c3 eps' + s noise, which sample_ort.py runs on the device
+  (with learned variances s is per pixel, from var_values: see step_graph).
 
 Before it reports success the file is checked: onnx.checker, then ONNX Runtime against
 PyTorch on random inputs at batch 1 and 3; above the precision's tolerance nothing is written
@@ -62,14 +66,17 @@ class Denoiser(nn.Module):
     def __init__(self, unet, dtype, cfg):
         super().__init__()
         self.unet, self.dtype, self.prediction = unet, dtype, cfg.prediction
+        self.learned = cfg.var_type == "learned_range"
         abar = ddpm.GaussianDiffusion.from_config(cfg).alphas_cumprod
         self.register_buffer("alphas_cumprod", torch.tensor(abar, dtype=torch.float32))
 
     def forward(self, x_t, t):
         out = self.unet(x_t.to(self.dtype), t).float()
-        if self.prediction == "eps":
-            return out
-        return ddpm.eps_from_prediction(self.prediction, x_t, out, self.alphas_cumprod[t].view(-1, 1, 1, 1))
+        if self.learned:
+            out, var_values = out.chunk(2, dim=1)
+        if self.prediction != "eps":
+            out = ddpm.eps_from_prediction(self.prediction, x_t, out, self.alphas_cumprod[t].view(-1, 1, 1, 1))
+        return (out, var_values) if self.learned else out
 
 
 def half_precision(unet):
@@ -82,7 +89,11 @@ def half_precision(unet):
     return unet
 
 
-def step_graph(clip_x0, opset, ir_version):
+def output_names(cfg):
+    return ["eps", "var_values"] if cfg.var_type == "learned_range" else ["eps"]
+
+
+def step_graph(clip_x0, opset, ir_version, learned=False):
     """The per-step update as a tiny ONNX graph, so it runs where the images are (GPU or CPU).
 
     inputs x_t, eps, noise (B, C, H, W) float32 and coef (6,) = [a, b, c1, c2, c3, s]:
@@ -92,17 +103,23 @@ def step_graph(clip_x0, opset, ir_version):
       x_prev  = c1 pred_x0 + c2 x_t + c3 eps' + s noise
     DDPM: c1, c2 = the posterior mean coefficients (eq. 7), c3 = 0, s = sigma_t (0 at t=0).
     DDIM: c1 = sqrt(abar_prev), c2 = 0, c3 = sqrt(1 - abar_prev - sigma^2), s = sigma.
+    learned: one more input var_values (B, C, H, W) and coef (9,) = [..., s, g, log_lo, log_hi]
+    with the noise's scale per pixel s + g exp(1/2 (log_lo + (v + 1)/2 (log_hi - log_lo))): DDPM
+    s = 0, g = 1 (0 at t=0), log_lo = log beta-tilde_t (clipped), log_hi = log beta_t; DDIM g = 0.
     """
     image = ["B", "C", "H", "W"]
-    inputs = [oh.make_tensor_value_info(n, onnx.TensorProto.FLOAT, image) for n in ("x_t", "eps", "noise")]
-    inputs.append(oh.make_tensor_value_info("coef", onnx.TensorProto.FLOAT, [6]))
+    names = ("x_t", "eps", "noise", "var_values") if learned else ("x_t", "eps", "noise")
+    inputs = [oh.make_tensor_value_info(n, onnx.TensorProto.FLOAT, image) for n in names]
+    n_coef = 9 if learned else 6
+    inputs.append(oh.make_tensor_value_info("coef", onnx.TensorProto.FLOAT, [n_coef]))
+    coef_names = ["a", "b", "c1", "c2", "c3", "s"] + (["g", "log_lo", "log_hi"] if learned else [])
     nodes = [
-        oh.make_node("Split", ["coef", "split"], ["a", "b", "c1", "c2", "c3", "s"], axis=0),
+        oh.make_node("Split", ["coef", "split"], coef_names, axis=0),
         oh.make_node("Mul", ["a", "x_t"], ["a_x"]),
         oh.make_node("Mul", ["b", "eps"], ["b_eps"]),
         oh.make_node("Sub", ["a_x", "b_eps"], ["pred_x0_raw"]),
     ]
-    inits = [oh.make_tensor("split", onnx.TensorProto.INT64, [6], [1] * 6)]
+    inits = [oh.make_tensor("split", onnx.TensorProto.INT64, [n_coef], [1] * n_coef)]
     if clip_x0:
         inits += [oh.make_tensor("lo", onnx.TensorProto.FLOAT, [], [-1.0]),
                   oh.make_tensor("hi", onnx.TensorProto.FLOAT, [], [1.0])]
@@ -112,11 +129,25 @@ def step_graph(clip_x0, opset, ir_version):
     else:
         nodes += [oh.make_node("Identity", ["pred_x0_raw"], ["pred_x0"]),
                   oh.make_node("Identity", ["eps"], ["eps_used"])]
+    if learned:  # scale = s + g exp(0.5 (log_lo + (v + 1) / 2 (log_hi - log_lo)))
+        inits += [oh.make_tensor("one", onnx.TensorProto.FLOAT, [], [1.0]),
+                  oh.make_tensor("half", onnx.TensorProto.FLOAT, [], [0.5])]
+        nodes += [oh.make_node("Add", ["var_values", "one"], ["v1"]),
+                  oh.make_node("Mul", ["v1", "half"], ["frac"]),
+                  oh.make_node("Sub", ["log_hi", "log_lo"], ["log_span"]),
+                  oh.make_node("Mul", ["frac", "log_span"], ["log_up"]),
+                  oh.make_node("Add", ["log_lo", "log_up"], ["log_var"]),
+                  oh.make_node("Mul", ["log_var", "half"], ["log_std"]),
+                  oh.make_node("Exp", ["log_std"], ["std"]),
+                  oh.make_node("Mul", ["g", "std"], ["g_std"]),
+                  oh.make_node("Add", ["s", "g_std"], ["scale"])]
+    else:
+        nodes.append(oh.make_node("Identity", ["s"], ["scale"]))
     nodes += [
         oh.make_node("Mul", ["c1", "pred_x0"], ["t1"]),
         oh.make_node("Mul", ["c2", "x_t"], ["t2"]),
         oh.make_node("Mul", ["c3", "eps_used"], ["t3"]),
-        oh.make_node("Mul", ["s", "noise"], ["t4"]),
+        oh.make_node("Mul", ["scale", "noise"], ["t4"]),
         oh.make_node("Add", ["t1", "t2"], ["mean12"]),
         oh.make_node("Add", ["mean12", "t3"], ["mean"]),
         oh.make_node("Add", ["mean", "t4"], ["x_prev"]),
@@ -145,7 +176,8 @@ def metadata(cfg, ema, precision, opset, ir_version):
         "ddpm.num_classes": "0",  # unconditional; class-conditional models will set this
         "ddpm.network_prediction": cfg.prediction,  # what the U-Net predicts; the graph outputs eps
         "ddpm.precision": precision,
-        "ddpm.step_graph": base64.b64encode(step_graph(cfg.clip_x0, opset, ir_version).SerializeToString()).decode(),
+        "ddpm.step_graph": base64.b64encode(step_graph(cfg.clip_x0, opset, ir_version, cfg.var_type == "learned_range")
+                                            .SerializeToString()).decode(),
     }
 
 
@@ -159,8 +191,9 @@ def compare_with_torch(path, model, cfg, batches=(1, 3), seed=0):
         x_t = torch.randn(b, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g)
         t = torch.randint(0, cfg.T, (b,), generator=g)
         with torch.no_grad():
-            expected = model(x_t, t).numpy()
-        got = session.run(["eps"], {"x_t": x_t.numpy(), "t": t.numpy()})[0]
+            expected = model(x_t, t)
+        expected = np.concatenate([e.numpy() for e in (expected if isinstance(expected, tuple) else [expected])], 1)
+        got = np.concatenate(session.run(output_names(cfg), {"x_t": x_t.numpy(), "t": t.numpy()}), 1)
         abs_err = float(np.abs(got - expected).max())
         results.append((b, abs_err, abs_err / float(np.abs(expected).max())))
     return results
@@ -177,8 +210,10 @@ def export_module(denoiser, cfg, out, reference, precision="fp32", ema=True, ops
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                torch.onnx.export(denoiser, (x_t, t), tmp, input_names=["x_t", "t"], output_names=["eps"],
-                                  dynamic_axes={"x_t": {0: "batch"}, "t": {0: "batch"}, "eps": {0: "batch"}},
+                names = output_names(cfg)
+                torch.onnx.export(denoiser, (x_t, t), tmp, input_names=["x_t", "t"], output_names=names,
+                                  dynamic_axes={"x_t": {0: "batch"}, "t": {0: "batch"},
+                                                **{name: {0: "batch"} for name in names}},
                                   opset_version=opset, dynamo=False)
         except OSError:
             raise

@@ -67,7 +67,8 @@ def check_sampler(sampler, steps, eta, T):
 
 def step_table(betas, sampler="ddpm", steps=None, eta=0.0, var_type="fixed_large", spacing="leading"):
     """(timesteps, coefs) in sampling order: the network's t and the step graph's
-    [a, b, c1, c2, c3, s] for each step, computed in float64 and handed over as float32."""
+    [a, b, c1, c2, c3, s] for each step (learned_range: and [g, log_lo, log_hi], see export.py's
+    step_graph), computed in float64 and handed over as float32."""
     betas = np.asarray(betas, dtype=np.float64)
     T = len(betas)
     check_sampler(sampler, steps, eta, T)
@@ -87,14 +88,21 @@ def step_table(betas, sampler="ddpm", steps=None, eta=0.0, var_type="fixed_large
         c2 = (1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar)
         c3 = np.zeros_like(betas)
         variance = betas if var_type == "fixed_large" else betas * (1.0 - abar_prev) / (1.0 - abar)
-        s = np.sqrt(variance)
+        s = np.sqrt(variance) if var_type != "learned_range" else np.zeros_like(betas)
         s[0] = 0.0  # no noise on the last step (t = 0)
     else:
         sigma = eta * np.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
         c1, c2 = np.sqrt(abar_prev), np.zeros_like(betas)
         c3 = np.sqrt(1 - abar_prev - sigma ** 2)
         s = sigma
-    coefs = np.stack([a, b, c1, c2, c3, s], axis=1).astype(np.float32)
+    columns = [a, b, c1, c2, c3, s]
+    if var_type == "learned_range":  # the network's v picks the log-variance between these two
+        posterior = betas * (1.0 - abar_prev) / (1.0 - abar)
+        first = posterior[1] if len(betas) > 1 else betas[0]  # beta-tilde_0 = 0: the bound's clip
+        g = np.ones_like(betas) if sampler == "ddpm" else np.zeros_like(betas)
+        g[0] = 0.0 if sampler == "ddpm" else g[0]
+        columns += [g, np.log(np.append(first, posterior[1:])), np.log(betas)]
+    coefs = np.stack(columns, axis=1).astype(np.float32)
     return timesteps[::-1].copy(), coefs[::-1].copy()
 
 
@@ -102,7 +110,7 @@ def step_table(betas, sampler="ddpm", steps=None, eta=0.0, var_type="fixed_large
 # Loading
 
 
-VAR_TYPES = ("fixed_large", "fixed_small")
+VAR_TYPES = ("fixed_large", "fixed_small", "learned_range")
 REQUIRED = ("ddpm.format", "ddpm.betas", "ddpm.image_size", "ddpm.in_channels", "ddpm.var_type",
             "ddpm.clip_x0", "ddpm.precision", "ddpm.step_graph")
 
@@ -142,9 +150,10 @@ def read_metadata(session, path):
     if meta["ddpm.clip_x0"] not in ("true", "false"):
         wrong.append(f"ddpm.clip_x0 '{meta['ddpm.clip_x0']}' is not true or false")
     inputs = {i.name: i for i in session.get_inputs()}
-    if set(inputs) != {"x_t", "t"} or [o.name for o in session.get_outputs()] != ["eps"]:
+    outputs = ["eps", "var_values"] if meta["ddpm.var_type"] == "learned_range" else ["eps"]
+    if set(inputs) != {"x_t", "t"} or [o.name for o in session.get_outputs()] != outputs:
         wrong.append(f"the inputs are {sorted(inputs)} (expected x_t, t) and the outputs "
-                     f"{[o.name for o in session.get_outputs()]} (expected eps)")
+                     f"{[o.name for o in session.get_outputs()]} (expected {', '.join(outputs)})")
     else:
         dims = inputs["x_t"].shape[1:]
         if len(dims) != 3 or any(isinstance(d, int) and d != want for d, want in
@@ -232,7 +241,8 @@ def open_sessions(path, provider="auto", cuda_graph=False, batch=None):
         raise ValueError(f"'{path}' has a ddpm.step_graph ONNX Runtime cannot load "
                          f"({str(e).splitlines()[0][:120]}); export it again with export.py") from None
     names = ({i.name for i in step.get_inputs()}, [o.name for o in step.get_outputs()])
-    if names != ({"x_t", "eps", "noise", "coef"}, ["x_prev"]):
+    learned = {"var_values"} if meta["var_type"] == "learned_range" else set()
+    if names != ({"x_t", "eps", "noise", "coef"} | learned, ["x_prev"]):
         raise ValueError(f"'{path}' has a ddpm.step_graph with inputs {sorted(names[0])} and outputs "
                          f"{names[1]}, not the update export.py writes; export it again")
     return denoiser, step, meta, "cuda" if on_cuda else "cpu"
@@ -248,6 +258,7 @@ class Sampler:
 
     def __init__(self, denoiser, step, shape, device):
         self.denoiser, self.step, self.shape = denoiser, step, shape
+        learned = [o.name for o in denoiser.get_outputs()] == ["eps", "var_values"]
         B = shape[0]
         # buffers owned by ONNX Runtime (from_numpy on the CPU would borrow a numpy array's memory)
         new = ort.OrtValue.ortvalue_from_shape_and_type
@@ -255,13 +266,17 @@ class Sampler:
         self.t = new((B,), np.int64, device, 0)
         self.eps = new(shape, np.float32, device, 0)
         self.noise = new(shape, np.float32, device, 0)
-        self.coef = new((6,), np.float32, device, 0)
+        self.coef = new((9 if learned else 6,), np.float32, device, 0)
+        outputs = {"eps": self.eps}
+        if learned:  # learned variances: the network's v goes to the update too
+            outputs["var_values"] = new(shape, np.float32, device, 0)
         self.eps_binding = denoiser.io_binding()
         self.eps_binding.bind_ortvalue_input("x_t", self.x)
         self.eps_binding.bind_ortvalue_input("t", self.t)
-        self.eps_binding.bind_ortvalue_output("eps", self.eps)
+        for name, value in outputs.items():
+            self.eps_binding.bind_ortvalue_output(name, value)
         self.step_binding = step.io_binding()
-        for name, value in (("x_t", self.x), ("eps", self.eps), ("noise", self.noise), ("coef", self.coef)):
+        for name, value in (("x_t", self.x), ("noise", self.noise), ("coef", self.coef), *outputs.items()):
             self.step_binding.bind_ortvalue_input(name, value)
         # The update writes x_{t-1} over x_t: its last node (an Add of intermediates) runs after
         # every node that reads x_t, so this in-place binding is safe and keeps addresses fixed.

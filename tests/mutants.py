@@ -43,8 +43,8 @@ MUTANTS = [
      "sigma = eta * ((1 - abar_prev) / (1 - abar)).sqrt()", "DDIM sigma without its last factor"),
     ("ddpm.py", "            eps = self.predict_eps_from_x0(x_t, i, pred_x0)  #",
      "            pass  #", "DDIM keeps the eps of the unclipped x_0"),
-    ("ddpm.py", "return pred_x0.clamp(-1, 1) if self.clip_x0 else pred_x0",
-     "return pred_x0.clamp(-1, 0.9) if self.clip_x0 else pred_x0", "clip range"),
+    ("ddpm.py", "return pred_x0.clamp(-1, 1) if (self.clip_x0 if clip is None else clip) else pred_x0",
+     "return pred_x0.clamp(-1, 0.9) if (self.clip_x0 if clip is None else clip) else pred_x0", "clip range"),
     ("ddpm.py", "betas = 1.0 - abar / np.append(1.0, abar[:-1])", "betas = 1.0 - abar", "respaced betas"),
     ("ddpm.py", "return torch.as_tensor(self.timesteps[i.cpu().numpy()]", "return torch.as_tensor(i.cpu().numpy()",
      "network fed the chain index, not the original t"),
@@ -131,10 +131,27 @@ MUTANTS = [
      "metadata always says clip"),
     ("export.py", "\"ddpm.betas\": json.dumps(betas.tolist())", "\"ddpm.betas\": json.dumps(betas.astype(np.float32).tolist())",
      "metadata betas rounded to float32"),
+    # the variational bound and learned variances (issue 11)
+    ("ddpm.py", "cdf_plus = standard_normal_cdf(inv_std * (x0 - mean + 1.0 / 255))",
+     "cdf_plus = standard_normal_cdf(inv_std * (x0 - mean + 2.0 / 255))", "decoder bin twice as wide above"),
+    ("ddpm.py", "self.fixed_large_log_variance = np.log(np.append(first, betas[1:]))",
+     "self.fixed_large_log_variance = np.log(betas)", "fixed_large decoder variance beta_1, not beta-tilde_1"),
+    ("ddpm.py", "    return 0.5 * (-1.0 + log_var2 - log_var1 + torch.exp(log_var1 - log_var2)",
+     "    return 0.5 * (-1.0 + log_var1 - log_var2 + torch.exp(log_var1 - log_var2)", "KL log-variances swapped"),
+    ("ddpm.py", "eps = eps_from_prediction(self.prediction, x_t, out.detach(),",
+     "eps = eps_from_prediction(self.prediction, x_t, out,", "L_hybrid without the stop-gradient"),
+    ("ddpm.py", "            w = (var_v + 1) / 2\n", "            w = (1 - var_v) / 2\n", "learned variance interpolates backwards"),
+    ("ddpm.py", "        return terms.sum(dim=1) + prior, prior, terms", "        return terms.sum(dim=1), prior, terms",
+     "bound without L_T"),
+    ("sample_ort.py", "columns += [g, np.log(np.append(first, posterior[1:])), np.log(betas)]",
+     "columns += [g, np.log(betas), np.log(np.append(first, posterior[1:]))]", "ORT learned variance bounds swapped"),
+    ("export.py", "oh.make_node(\"Mul\", [\"log_var\", \"half\"], [\"log_std\"])",
+     "oh.make_node(\"Identity\", [\"log_var\"], [\"log_std\"])", "step graph: learned variance as std"),
 ]
 
 COMMAND = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not diffusers and not slow",
-           "tests/test_core.py", "tests/test_onnx.py", "tests/test_convert.py", "tests/test_train.py"]
+           "tests/test_core.py", "tests/test_onnx.py", "tests/test_convert.py", "tests/test_train.py",
+           "tests/test_bound.py"]
 
 
 def main(argv):

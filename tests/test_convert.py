@@ -25,7 +25,8 @@ def test_cifar10_preset_is_google_ddpm_cifar10_32():
     ours = convert.unet2d_config(ddpm.make_config("cifar10"))
     for key, value in GOOGLE_CONFIG.items():
         assert ours[key] == value, key
-    back = convert.model_config(GOOGLE_CONFIG)
+    back, learned = convert.model_config(GOOGLE_CONFIG)
+    assert not learned
     preset = ddpm.make_config("cifar10")
     assert all(back[name] == getattr(preset, name) for name in ddpm.MODEL_FIELDS if name != "dropout")
 

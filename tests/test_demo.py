@@ -1,4 +1,4 @@
-"""The demo recipe, end to end, judged (slow: it is the 8-to-10-minute `make demo`): both grids,
+"""The demo recipe, end to end, judged (slow: it is the 8-minute `make demo`): both grids,
 PyTorch and ONNX Runtime, must stay at least DEMO_FLOOR clean shapes of the dataset by
 evaluate.py's judge, and the process pictures must be there."""
 import json
@@ -13,9 +13,10 @@ from PIL import Image
 import evaluate
 from conftest import ROOT
 
-# Measured on the Makefile's recipe: 69% (PyTorch) and 67% (ONNX Runtime) of 36 cells, 59% of 100
-# samples; Ho et al.'s recipe, the demo before it, drew 0% and 8% (README, "The main job").
-DEMO_FLOOR = 0.40
+# Measured on the Makefile's recipe (1,300 steps, bf16): 72% (PyTorch) and 81% (ONNX
+# Runtime) of 36 cells, 78% of 100 samples; the recipe of the previous session (1,000 fp32 steps)
+# 59%, Ho et al.'s recipe 0% and 8% (README, "The main job"). 36 cells move by about 7 points.
+DEMO_FLOOR = 0.55
 
 
 @pytest.mark.slow

@@ -130,7 +130,8 @@ def test_convert_cli(google_like, tmp_path):
     assert_clean_error(run_script("convert.py", "--from-diffusers", tmp_path), "no config.json")
 
 
-@pytest.mark.parametrize("schedule,var_type,clip", [("linear", "fixed_large", True), ("cosine", "fixed_small", False)])
+@pytest.mark.parametrize("schedule,var_type,clip", [("linear", "fixed_large", True), ("cosine", "fixed_small", False),
+                                                    ("cosine", "learned_range", True)])
 def test_to_diffusers_loads_in_ddpm_pipeline_and_samples(tmp_path, schedule, var_type, clip):
     """Our checkpoint -> a DDPMPipeline folder: same eps for the same input, same scheduler
     tables, and the pipeline samples; converting it back gives our weights bit for bit."""
@@ -145,7 +146,9 @@ def test_to_diffusers_loads_in_ddpm_pipeline_and_samples(tmp_path, schedule, var
     pipe = diffusers.DDPMPipeline.from_pretrained(str(tmp_path / "pipe"))
     x, t = torch.randn(3, 3, 16, 16), torch.tensor([0, 417, 999])
     with torch.no_grad():
-        err = (pipe.unet(x, t).sample - model(x, t)).abs().max().item()
+        ours = model(x, t)
+        err = (pipe.unet(x, t).sample - ours).abs().max().item()
+    assert ours.shape[1] == (6 if var_type == "learned_range" else 3)
     betas_err = np.abs(pipe.scheduler.betas.double().numpy() - ddpm.get_betas(schedule, 1000)).max()
     print(f"{schedule}: DDPMPipeline's UNet vs ours, max abs error {err:.2e}; betas {betas_err:.1e}")
     assert err < 1e-5 and betas_err < 1e-6  # diffusers keeps its betas in float32
@@ -158,6 +161,11 @@ def test_to_diffusers_loads_in_ddpm_pipeline_and_samples(tmp_path, schedule, var
     again, _ = ddpm.load_checkpoint(str(tmp_path / "back.pt"))
     assert (back.schedule, back.var_type, back.clip_x0) == (schedule, var_type, clip)
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
+    if var_type == "learned_range":  # 2C outputs with a fixed-variance scheduler: refused
+        path = tmp_path / "pipe" / "scheduler" / "scheduler_config.json"
+        path.write_text(path.read_text().replace('"learned_range"', '"fixed_small"'))
+        with pytest.raises(ValueError, match="learned_range needs twice"):
+            convert.from_diffusers(str(tmp_path / "pipe"), str(tmp_path / "bad.pt"))
 
 
 # -- schedulers ---------------------------------------------------------------------------------
@@ -200,6 +208,38 @@ def test_one_ancestral_step_equals_ddpm_scheduler(variance_type, clip):
         print(f"DDPM step ({variance_type}, clip={clip}), diffusers tables in {precision}: "
               f"max abs error over t = {worst:.2e} (tolerance {tol:.0e})")
         assert worst < tol
+
+
+@pytest.mark.parametrize("steps", [None, 50])
+def test_learned_range_ancestral_step_equals_ddpm_scheduler(steps):
+    """Learned variances (Nichol & Dhariwal eq. 15): diffusers' DDPMScheduler with variance_type
+    learned_range takes the same 2C-channel output (eps, v); full and respaced chains."""
+    betas = ddpm.get_betas("cosine", 1000)
+    d = ddpm.GaussianDiffusion(betas, var_type="learned_range", clip_x0=True)
+    sched = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                                    variance_type="learned_range", clip_sample=True)
+    sched.betas = torch.tensor(betas)  # float64 tables, diffusers' formulas (see in_float64)
+    sched.alphas = 1.0 - sched.betas
+    sched.alphas_cumprod = torch.cumprod(sched.alphas, dim=0)
+    chain = d
+    if steps:
+        sched.set_timesteps(steps)
+        chain = d.respace(sched.timesteps.numpy())
+    kept = np.sort(sched.timesteps.numpy()) if steps else np.arange(1000)  # chain index k <-> t = kept[k]
+    worst = 0.0
+    for k in [1, 2, len(kept) // 3, len(kept) // 2, len(kept) - 1]:
+        t = int(kept[k])
+        g = torch.Generator().manual_seed(k)
+        x_t = torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64)
+        eps = torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64)
+        var_v = torch.rand(2, 3, 8, 8, generator=g, dtype=torch.float64) * 2 - 1
+        noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(99), dtype=torch.float64)
+        theirs = sched.step(torch.cat([eps, var_v], 1), t, x_t,
+                            generator=torch.Generator().manual_seed(99)).prev_sample
+        ours, _ = chain.p_sample(x_t, torch.full((2,), k), eps, noise, var_v)
+        worst = max(worst, (ours - theirs).abs().max().item())
+    print(f"learned_range DDPM step, {steps or 1000} steps: max abs error against diffusers {worst:.2e}")
+    assert worst < F64_TOL
 
 
 def test_q_sample_equals_add_noise():

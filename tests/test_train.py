@@ -579,3 +579,24 @@ def test_help_gives_every_flag_a_default():
         if command == "train":
             for name in ("cifar10", "stl10", "shapes", "tiny"):
                 assert name in text
+
+
+# -- bf16 autocast on a CPU ---------------------------------------------------------------------
+
+def test_cpu_amp_follows_what_the_cpu_can_do(tmp_path, capsys):
+    """--amp bf16 trains in bf16 where the CPU has bf16 units, else warns and trains in fp32;
+    auto and none stay fp32 on a CPU; fp16 (CUDA's scaler) is a sentence."""
+    cpu = torch.device("cpu")
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert ddpm.amp_dtype("auto", cpu) is None and ddpm.amp_dtype("none", cpu) is None
+    assert ddpm.amp_dtype("bf16", cpu) == (torch.bfloat16 if native else None)
+    assert native or "no native bf16" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="needs CUDA"):
+        ddpm.amp_dtype("fp16", cpu)
+    ddpm.train(tiny_cfg(tmp_path, "bf16", amp="bf16", steps=3))
+    ddpm.train(tiny_cfg(tmp_path, "fp32", amp="none", steps=3))
+    a, b = load(tmp_path / "bf16.pt"), load(tmp_path / "fp32.pt")
+    diff = max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"])
+    print(f"this CPU has native bf16: {native}; |bf16 run - fp32 run| after 3 steps: {diff:.1e}")
+    assert all(torch.isfinite(v).all() for v in a["model"].values())
+    assert (diff > 0) == native  # bf16 rounding shows in the weights exactly when it ran
