@@ -22,7 +22,7 @@ test-fast: install
 	$(PY) -m pytest -m "not slow"
 
 # Plants known bugs in ddpm.py, sample_ort.py and export.py one at a time and checks that the
-# tests without diffusers and without `slow` catch every one (tests/mutants.py). About 24 minutes.
+# tests without diffusers and without `slow` catch every one (tests/mutants.py). About 45 minutes.
 mutants: install
 	$(PY) tests/mutants.py
 

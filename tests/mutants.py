@@ -1,6 +1,6 @@
 """Plant known bugs, one at a time, and check that the tests catch every one.
 
-  python tests/mutants.py            # all mutants (make mutants), about 24 minutes on 2 cores
+  python tests/mutants.py            # all mutants (make mutants), about 45 minutes on 2 cores
   python tests/mutants.py 3 7        # only these
 
 Each mutant edits one line of ddpm.py, sample_ort.py or export.py in a temporary copy of the
