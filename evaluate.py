@@ -386,7 +386,7 @@ def split_grid(path, cell, pad=2):
 
 
 # ----------------------------------------------------------------------------------------------
-# Negative log-likelihood: the variational bound in bits/dim (Ho et al. Table 2)
+# Negative log-likelihood: the variational bound in bits/dim (Ho et al. Table 1)
 
 
 def negative_log_likelihood(ckpt, data=None, data_dir="data", split="test", n=None, batch=64, seed=0,
