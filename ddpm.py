@@ -167,6 +167,7 @@ MODEL_FIELDS = ("image_size", "in_channels", "ch", "ch_mult", "num_res_blocks",
 BUILTIN_DATA = ("shapes", "cifar10", "stl10")
 PREDICTIONS = ("eps", "v", "x0")
 VAR_TYPES = ("fixed_large", "fixed_small", "learned_range")
+AMP_MODES = ("auto", "bf16", "fp16", "none")
 SPACINGS = ("leading", "trailing", "linspace")
 
 
@@ -219,8 +220,8 @@ def check_config(cfg):
         raise ValueError(f"T={cfg.T}: the diffusion needs at least 2 steps")
     if cfg.schedule == "linear" and cfg.T < 20:  # beta_T = 0.02 * 1000 / T must stay below 1
         raise ValueError(f"T={cfg.T}: the linear schedule needs T >= 20; use --schedule cosine")
-    if cfg.amp not in ("auto", "bf16", "fp16", "none"):
-        raise ValueError(f"unknown --amp '{cfg.amp}'; use auto, bf16, fp16 or none")
+    if cfg.amp not in AMP_MODES:
+        raise ValueError(f"unknown --amp '{cfg.amp}'; use {', '.join(AMP_MODES)}")
     if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.batch_size % cfg.grad_accum:
         raise ValueError("--batch-size must be a positive multiple of --grad-accum")
     if cfg.steps < 1:
@@ -577,10 +578,10 @@ class GaussianDiffusion:
         table = self.fixed_large_log_variance if self.var_type == "fixed_large" else self.posterior_log_variance_clipped
         return self._at(table, i, x)
 
-    def p_mean_variance(self, x_t, i, eps, var_v=None, clip=None):
+    def p_mean_variance(self, x_t, i, eps, var_v=None):
         """Mean and variance of p_theta(x_{t-1} | x_t) given eps_theta (eq. 11 via eq. 15 + 7),
         and v for learned variances."""
-        pred_x0 = self.predict_x0(x_t, i, eps, clip)
+        pred_x0 = self.predict_x0(x_t, i, eps)
         mean, posterior_variance = self.q_posterior(pred_x0, x_t, i)
         if self.var_type == "fixed_large":
             variance = self._at(self.betas, i, x_t)  # sigma_t^2 = beta_t (Ho et al.'s CIFAR-10)
@@ -616,7 +617,7 @@ class GaussianDiffusion:
         out = model(x_t, t).float()
         if self.var_type == "learned_range":
             out, var_v = out.chunk(2, dim=1)
-            return self.mse_loss(out, x0, i, noise) + self.hybrid_vlb_term(x0, x_t.float(), i, out, var_v)
+            return self.mse_loss(out, x0, i, noise) + self.hybrid_vlb_term(x0, x_t, i, out, var_v)
         return self.mse_loss(out, x0, i, noise)
 
     def hybrid_vlb_term(self, x0, x_t, i, out, var_v):
@@ -624,7 +625,7 @@ class GaussianDiffusion:
         times T/1000 (L_vlb = T E_t[L_t]), with the gradient stopped on the mean so that it
         trains only the variance (Nichol & Dhariwal sec. 3.1; improved-diffusion's rescaled MSE)."""
         eps = eps_from_prediction(self.prediction, x_t, out.detach(), self._at(self.alphas_cumprod, i, x_t))
-        vb = self.vb_terms_bpd(x0.float(), x_t, i, eps, var_v, clip=False)
+        vb = self.vb_terms_bpd(x0, x_t, i, eps, var_v, clip=False)
         return vb.mean() * self.num_timesteps / 1000.0
 
     def mse_loss(self, out, x0, i, noise):
@@ -658,7 +659,7 @@ class GaussianDiffusion:
         p_theta with the log-variances of `log_variance` (Ho et al.'s code, improved-diffusion)."""
         true_mean, _ = self.q_posterior(x0, x_t, i)
         true_log_var = self._at(self.posterior_log_variance_clipped, i, x_t).expand_as(x_t)
-        mean, _, _ = self.p_mean_variance(x_t, i, eps, var_v, clip)
+        mean, _ = self.q_posterior(self.predict_x0(x_t, i, eps, clip), x_t, i)  # p_theta's mean, eq. 11
         log_var = self.log_variance(i, x_t, var_v).expand_as(x_t)
         kl = normal_kl(true_mean, true_log_var, mean, log_var).mean(dim=(1, 2, 3))
         nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var).mean(dim=(1, 2, 3))
@@ -1711,7 +1712,7 @@ def sample(ckpt, n=64, steps=None, sampler="ddpm", eta=0.0, seed=0, out="samples
 # Command line
 
 CHOICES = {"model": list(PRESETS), "schedule": ["linear", "cosine"], "prediction": list(PREDICTIONS),
-           "var_type": list(VAR_TYPES), "amp": ["auto", "bf16", "fp16", "none"]}
+           "var_type": list(VAR_TYPES), "amp": list(AMP_MODES)}
 
 
 def add_config_flags(parser):

@@ -412,7 +412,9 @@ def negative_log_likelihood(ckpt, data=None, data_dir="data", split="test", n=No
         for x0, _ in loader:
             total, prior, per_t = diffusion.bits_per_dim(model, x0.to(device), generator,
                                                          callback=lambda k, b=len(x0): bar.update(b))
-            totals.append(total), priors.append(prior), terms.append(per_t)
+            totals.append(total)
+            priors.append(prior)
+            terms.append(per_t)
     total, prior, per_t = torch.cat(totals), torch.cat(priors), torch.cat(terms)
     return {"bits_per_dim": float(total.mean()),
             "bits_per_dim_stderr": float(total.std() / math.sqrt(n)) if n > 1 else float("nan"),

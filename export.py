@@ -129,6 +129,7 @@ def step_graph(clip_x0, opset, ir_version, learned=False):
     else:
         nodes += [oh.make_node("Identity", ["pred_x0_raw"], ["pred_x0"]),
                   oh.make_node("Identity", ["eps"], ["eps_used"])]
+    scale = "s"  # the noise's scale: a number, or per pixel with learned variances
     if learned:  # scale = s + g exp(0.5 (log_lo + (v + 1) / 2 (log_hi - log_lo)))
         inits += [oh.make_tensor("one", onnx.TensorProto.FLOAT, [], [1.0]),
                   oh.make_tensor("half", onnx.TensorProto.FLOAT, [], [0.5])]
@@ -141,13 +142,12 @@ def step_graph(clip_x0, opset, ir_version, learned=False):
                   oh.make_node("Exp", ["log_std"], ["std"]),
                   oh.make_node("Mul", ["g", "std"], ["g_std"]),
                   oh.make_node("Add", ["s", "g_std"], ["scale"])]
-    else:
-        nodes.append(oh.make_node("Identity", ["s"], ["scale"]))
+        scale = "scale"
     nodes += [
         oh.make_node("Mul", ["c1", "pred_x0"], ["t1"]),
         oh.make_node("Mul", ["c2", "x_t"], ["t2"]),
         oh.make_node("Mul", ["c3", "eps_used"], ["t3"]),
-        oh.make_node("Mul", ["scale", "noise"], ["t4"]),
+        oh.make_node("Mul", [scale, "noise"], ["t4"]),
         oh.make_node("Add", ["t1", "t2"], ["mean12"]),
         oh.make_node("Add", ["mean12", "t3"], ["mean"]),
         oh.make_node("Add", ["mean", "t4"], ["x_prev"]),

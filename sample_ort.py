@@ -99,8 +99,9 @@ def step_table(betas, sampler="ddpm", steps=None, eta=0.0, var_type="fixed_large
     if var_type == "learned_range":  # the network's v picks the log-variance between these two
         posterior = betas * (1.0 - abar_prev) / (1.0 - abar)
         first = posterior[1] if len(betas) > 1 else betas[0]  # beta-tilde_0 = 0: the bound's clip
-        g = np.ones_like(betas) if sampler == "ddpm" else np.zeros_like(betas)
-        g[0] = 0.0 if sampler == "ddpm" else g[0]
+        g = np.zeros_like(betas)  # DDIM: eta's sigma in s, no learned one
+        if sampler == "ddpm":
+            g[1:] = 1.0  # the learned sigma on every step but the last (t = 0)
         columns += [g, np.log(np.append(first, posterior[1:])), np.log(betas)]
     coefs = np.stack(columns, axis=1).astype(np.float32)
     return timesteps[::-1].copy(), coefs[::-1].copy()
