@@ -12,7 +12,9 @@ The mapping (checked against diffusers in tests/test_diffusers.py):
   [sin, cos] time embedding (flip_sin_to_cos False, freq_shift 1); Downsample pads right/bottom
   (downsample_padding 0); one attention head of C channels, whose Linear (C, C) weights are our
   1x1 convs; GroupNorm(32, eps 1e-6); diffusers' up_blocks[i] is our up[L-1-i]; the middle
-  block's resnets.0 / attentions.0 / resnets.1 are our block_1 / attn_1 / block_2.
+  block's resnets.0 / attentions.0 / resnets.1 are our block_1 / attn_1 / block_2; a class-
+  conditional model's class_embedding (num_class_embeds = classes + 1, the last "no label") is
+  our label_emb, its class names in class_names.json at the top of the folder.
 """
 
 import argparse
@@ -30,8 +32,12 @@ HO_LAYOUT = {  # UNet2DModel settings that make it Ho et al.'s network
     "act_fn": "silu", "norm_eps": 1e-6, "downsample_padding": 0,
     "flip_sin_to_cos": False, "freq_shift": 1, "time_embedding_type": "positional",
     "resnet_time_scale_shift": "default", "center_input_sample": False, "add_attention": True,
-    "class_embed_type": None, "num_class_embeds": None, "time_embedding_dim": None,
+    "class_embed_type": None, "time_embedding_dim": None,
 }
+# A class-conditional model: num_class_embeds = num_classes + 1 (the last row "no label", for
+# classifier-free guidance), its class_embedding added to the time embedding as ours. diffusers'
+# config has no class names: they travel in class_names.json beside model_index.json.
+CLASS_NAMES_FILE = "class_names.json"
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 LFS_POINTER = b"version https://git-lfs.github.com/spec"
 
@@ -41,7 +47,8 @@ RESNET_LAYERS = {"norm1": "norm1", "conv1": "conv1", "temb_proj": "time_emb_proj
 ATTENTION_LAYERS = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 LEGACY_ATTENTION = {"query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}  # diffusers < 0.14
 TOP_LEVEL = {"temb.dense.0": "time_embedding.linear_1", "temb.dense.1": "time_embedding.linear_2",
-             "conv_in": "conv_in", "norm_out": "conv_norm_out", "conv_out": "conv_out"}
+             "conv_in": "conv_in", "norm_out": "conv_norm_out", "conv_out": "conv_out",
+             "label_emb": "class_embedding"}
 MID = {"block_1": "resnets.0", "attn_1": "attentions.0", "block_2": "resnets.1"}
 PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}  # ours: diffusers' names
 
@@ -61,12 +68,14 @@ def unet2d_config(cfg):
                 block_out_channels=[cfg.ch * m for m in cfg.ch_mult], layers_per_block=cfg.num_res_blocks,
                 down_block_types=down, up_block_types=[k.replace("Down", "Up") for k in reversed(down)],
                 attention_head_dim=None, dropout=cfg.dropout, norm_num_groups=cfg.norm_groups,
+                num_class_embeds=cfg.num_classes + 1 if cfg.num_classes else None,
                 **{k: v for k, v in HO_LAYOUT.items() if v is not None})
 
 
-def model_config(d, path="config.json"):
+def model_config(d, path="config.json", class_names=None):
     """Our model settings from a UNet2DModel config.json, or ValueError naming what is not Ho et
-    al.'s; and whether it outputs 2C channels (learned variances)."""
+    al.'s; and whether it outputs 2C channels (learned variances). A class-conditional model's
+    classes are named by class_names (default: their indices)."""
     try:
         channels, size = list(d["block_out_channels"]), int(d["sample_size"])
         down, up = list(d["down_block_types"]), list(d["up_block_types"])
@@ -85,12 +94,21 @@ def model_config(d, path="config.json"):
     in_channels = d.get("in_channels", 3)
     if any(c % ch for c in channels) or d.get("out_channels", 3) not in (in_channels, 2 * in_channels):
         wrong.append(f"block_out_channels={channels} / out_channels={d.get('out_channels')}")
+    embeds = d.get("num_class_embeds") or 0
+    if embeds and (not isinstance(embeds, int) or embeds < 3):
+        wrong.append(f"num_class_embeds={embeds} (classes and 'no label': at least 3)")
+    num_classes = max(embeds - 1, 0)
+    names = tuple(class_names) if class_names is not None else tuple(str(k) for k in range(num_classes))
+    if num_classes and len(names) != num_classes:
+        wrong.append(f"num_class_embeds={embeds} but {len(names)} class names")
     if wrong:
         raise ValueError("this UNet2DModel is not Ho et al.'s layout: " + "; ".join(wrong))
     return dict(image_size=size, in_channels=in_channels, ch=ch,
                 ch_mult=tuple(c // ch for c in channels), num_res_blocks=layers,
                 attn_resolutions=attn, dropout=d.get("dropout", 0.1) or 0.1,
-                norm_groups=int(d.get("norm_num_groups", 32))), d.get("out_channels", 3) == 2 * in_channels
+                norm_groups=int(d.get("norm_num_groups", 32)), num_classes=num_classes,
+                class_names=names if num_classes else (), cond=num_classes > 0), \
+        d.get("out_channels", 3) == 2 * in_channels
 
 
 def schedule_config(sched, path):
@@ -179,13 +197,16 @@ def diffusers_key(key, num_levels):
 # diffusers -> ours
 
 
-def read_json(path):
+def read_json(path, names=False):
+    """A diffusers config (a JSON object), or with names=True a JSON list of class names."""
     try:
         with open(path) as f:
             d = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"'{path}' cannot be read as JSON ({type(e).__name__})") from None
-    if not isinstance(d, dict):
+    if names and not (isinstance(d, list) and all(isinstance(n, str) for n in d)):
+        raise ValueError(f"'{path}' must be a JSON list of class names")
+    if not names and not isinstance(d, dict):
         raise ValueError(f"'{path}' is not a diffusers config (not a JSON object)")
     return d
 
@@ -219,7 +240,9 @@ def from_diffusers(folder, out="ckpt.pt", overwrite=False):
     config_path = os.path.join(unet_dir, "config.json")
     if not os.path.isfile(config_path):
         raise ValueError(f"no config.json in '{unet_dir}': not a diffusers UNet2DModel folder")
-    model_cfg, learned = model_config(read_json(config_path), config_path)
+    names_path = os.path.join(folder, CLASS_NAMES_FILE)
+    names = read_json(names_path, names=True) if os.path.isfile(names_path) else None
+    model_cfg, learned = model_config(read_json(config_path), config_path, names)
     schedule = dict(var_type="fixed_large", clip_x0=True, T=1000, schedule="linear", prediction="eps")  # Ho et al.
     if learned:  # 2C outputs: eps and the variance's v (improved-diffusion's layout)
         schedule["var_type"] = "learned_range"
@@ -283,9 +306,12 @@ def to_diffusers(ckpt, out, ema=True, overwrite=False):
     try:
         os.makedirs(os.path.join(tmp, "unet"))
         os.makedirs(os.path.join(tmp, "scheduler"))
-        for path, d in ((os.path.join(tmp, "model_index.json"), index),
-                        (os.path.join(tmp, "unet", "config.json"), unet),
-                        (os.path.join(tmp, "scheduler", "scheduler_config.json"), scheduler_config(cfg))):
+        files = [(os.path.join(tmp, "model_index.json"), index),
+                 (os.path.join(tmp, "unet", "config.json"), unet),
+                 (os.path.join(tmp, "scheduler", "scheduler_config.json"), scheduler_config(cfg))]
+        if cfg.num_classes:
+            files.append((os.path.join(tmp, CLASS_NAMES_FILE), list(cfg.class_names)))
+        for path, d in files:
             with open(path, "w") as f:
                 json.dump(d, f, indent=2)
         save_file(theirs, os.path.join(tmp, "unet", WEIGHT_FILES[0]))

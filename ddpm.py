@@ -4,16 +4,19 @@ What is here, in the order of the paper:
   Config          one dataclass: model preset, diffusion and training settings
   schedules       beta_t, linear (Ho et al. sec. 4) and cosine (Nichol & Dhariwal 2021, eq. 17)
   U-Net           Ho et al.'s architecture (appendix B), with the attribute names of their
-                  TF code as ported by pesser/pytorch_diffusion, so published weights load
+                  TF code as ported by pesser/pytorch_diffusion, so published weights load; an
+                  optional class embedding; its downsampling half as the noisy classifier
   diffusion       q_sample (eq. 4), q_posterior (eqs. 6-7), predict_x0_from_eps (eq. 15),
                   p_mean_variance / p_sample (eq. 11, Algorithm 2), L_simple (eq. 14),
-                  DDIM (Song, Meng & Ermon 2021, eq. 12) on a respaced schedule
+                  DDIM (Song, Meng & Ermon 2021, eq. 12) on a respaced schedule, the bound,
+                  classifier-free guidance (Ho & Salimans 2021), classifier guidance
+                  (Dhariwal & Nichol 2021)
   checkpoints     self-describing, atomic, never non-finite, loaded with weights_only
   data            shapes (built in), CIFAR-10, STL-10, a folder of images (RGB or grayscale)
   training        Algorithm 1 with Adam, warm-up, grad clipping, EMA, AMP, exact resume (also
                   after Ctrl-C or SIGTERM, which finish the step and save)
   sampling        grids and per-image PNGs
-  main()          python ddpm.py {train,sample,info}
+  main()          python ddpm.py {train,train-classifier,sample,info}
 
 Beside it: convert.py (diffusers folders, both ways), export.py (ONNX), sample_ort.py (ONNX
 Runtime, no torch).
@@ -25,6 +28,7 @@ Images live in [-1, 1] everywhere inside this file; the data boundary converts.
   python ddpm.py train --data shapes --model tiny --steps 2000   # a CPU demo
   python ddpm.py train --resume              # continue ckpt.pt exactly where it stopped
   python ddpm.py sample --ckpt ckpt.pt --n 64
+  python ddpm.py train --data shapes --cond ...  # class-conditional, then sample --class all --guidance 3
   python ddpm.py info --model cifar10
 """
 
@@ -73,6 +77,12 @@ class Config:
     var_type: str = "fixed_large"
     clip_x0: bool = True
     prediction: str = "eps"  # Ho et al.: eps; v (Salimans & Ho 2022) and x0 are converted to eps
+    # class conditioning (Ho & Salimans 2021): num_classes and class_names come from the data
+    cond: bool = False
+    p_uncond: float = 0.1
+    num_classes: int = 0  # 0: unconditional; else the class embedding has num_classes + 1 rows
+    class_names: tuple = ()
+    kind: str = "denoiser"  # or "classifier": p(y | x_t, t) for classifier guidance
     # training
     data: str = "shapes"
     data_dir: str = "data"
@@ -119,6 +129,14 @@ HELP = {
     "clip_x0": "clip the predicted x_0 to [-1, 1] when sampling",
     "prediction": "what the network predicts: eps (Ho et al.), v = sqrt(abar) eps - sqrt(1-abar) x_0 "
                   "(Salimans & Ho 2022) or x0; samplers and export convert it to eps",
+    "cond": "class-conditional: labels from the data (shapes, cifar10, stl10's labelled split, a "
+            "folder with class sub-folders), dropped with probability --p-uncond so one network "
+            "also learns the unconditional model that classifier-free guidance needs",
+    "p_uncond": "with --cond, the probability a label is replaced by 'no label' (Ho & Salimans: "
+                "0.1 or 0.2)",
+    "num_classes": "set from the data",
+    "class_names": "set from the data",
+    "kind": "set by the command",
     "data": "shapes (built in), cifar10, stl10, or a folder of images (class sub-folders give "
             "labels)",
     "data_dir": "where cifar10 and stl10 are downloaded to or found",
@@ -137,7 +155,8 @@ HELP = {
            "bf16: AVX512-BF16 or AMX), fp16 (CUDA, with a loss scaler) or none",
     "compile": "torch.compile the model",
     "seed": "seed of the data order, t, eps, flips and dropout",
-    "ckpt": "checkpoint file, written every --save-every steps and on Ctrl-C",
+    "ckpt": "checkpoint file, written every --save-every steps and on Ctrl-C (train-classifier: "
+            "clf.pt)",
     "out": "run directory for metrics.jsonl, loss.png and sample grids (default: runs/<data>)",
     "save_every": "save the checkpoint every N steps; 0: only at the end and on a stop",
     "sample_every": "write a 64-image DDIM grid every N steps and at the end; 0: never",
@@ -163,7 +182,9 @@ PRESETS = {
 }
 PRESET_BY_SIZE = {32: "cifar10", 64: "res64", 96: "stl10"}
 MODEL_FIELDS = ("image_size", "in_channels", "ch", "ch_mult", "num_res_blocks",
-                "attn_resolutions", "dropout", "norm_groups")
+                "attn_resolutions", "dropout", "norm_groups", "num_classes")
+DERIVED_FIELDS = ("num_classes", "class_names", "kind")  # not flags: the data and command set them
+KINDS = ("denoiser", "classifier")
 BUILTIN_DATA = ("shapes", "cifar10", "stl10")
 PREDICTIONS = ("eps", "v", "x0")
 VAR_TYPES = ("fixed_large", "fixed_small", "learned_range")
@@ -216,6 +237,13 @@ def check_config(cfg):
         raise ValueError(f"unknown prediction '{cfg.prediction}'; use {', '.join(PREDICTIONS)}")
     if not (math.isfinite(cfg.min_snr) and cfg.min_snr >= 0):
         raise ValueError(f"--min-snr {cfg.min_snr}: use gamma > 0 (Hang et al.: 5), or 0 for none")
+    if not 0 <= cfg.p_uncond < 1:
+        raise ValueError(f"--p-uncond {cfg.p_uncond} must be in [0, 1) (Ho & Salimans: 0.1 or 0.2)")
+    if cfg.num_classes < 0 or (cfg.class_names and len(cfg.class_names) != cfg.num_classes):
+        raise ValueError(f"num_classes {cfg.num_classes} does not match the {len(cfg.class_names)} "
+                         "class names")
+    if cfg.kind not in KINDS:
+        raise ValueError(f"unknown kind '{cfg.kind}'; use {', '.join(KINDS)}")
     if cfg.T < 2:
         raise ValueError(f"T={cfg.T}: the diffusion needs at least 2 steps")
     if cfg.schedule == "linear" and cfg.T < 20:  # beta_T = 0.02 * 1000 / T must stay below 1
@@ -347,7 +375,8 @@ class Upsample(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# The U-Net (Ho et al. appendix B): eps_theta(x_t, t)
+# The U-Net (Ho et al. appendix B): eps_theta(x_t, t), and eps_theta(x_t, t, y) with a class
+# embedding (Ho & Salimans 2021) added to the time embedding, as diffusers' num_class_embeds
 
 
 class UNet(nn.Module):
@@ -355,12 +384,15 @@ class UNet(nn.Module):
         super().__init__()
         self.ch = cfg.ch
         self.num_res_blocks = cfg.num_res_blocks
+        self.num_classes = cfg.num_classes
         temb_ch = 4 * cfg.ch
         num_levels = len(cfg.ch_mult)
         groups = cfg.norm_groups
 
         self.temb = nn.Module()
         self.temb.dense = nn.ModuleList([nn.Linear(cfg.ch, temb_ch), nn.Linear(temb_ch, temb_ch)])
+        if cfg.num_classes:  # the last row is "no label" (y = num_classes): the unconditional model
+            self.label_emb = nn.Embedding(cfg.num_classes + 1, temb_ch)
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
 
         # downsampling: num_res_blocks blocks per level, attention after each at 16x16
@@ -414,12 +446,22 @@ class UNet(nn.Module):
         out_channels = cfg.in_channels * (2 if cfg.var_type == "learned_range" else 1)
         self.conv_out = nn.Conv2d(block_in, out_channels, 3, padding=1)
 
-    def forward(self, x, t):
-        """x: (B, C, H, W) noisy images x_t in [-1, 1]-ish, t: (B,) int64 in [0, T). Returns eps
-        (or v or x_0), and with learned variances C more channels: the interpolation's v."""
-        temb = get_timestep_embedding(t, self.ch).to(x.dtype)  # (B, ch), sin/cos in float32
+    def embed(self, t, y, dtype):
+        """The time embedding (B, 4 ch), plus the class embedding of y for a conditional model
+        (y None: 'no label')."""
+        temb = get_timestep_embedding(t, self.ch).to(dtype)  # (B, ch), sin/cos in float32
         temb = self.temb.dense[1](F.silu(self.temb.dense[0](temb)))  # (B, 4 ch)
+        if self.num_classes:
+            if y is None:
+                y = torch.full_like(t, self.num_classes)
+            return temb + self.label_emb(y).to(temb.dtype)
+        if y is not None:
+            raise ValueError("this model is unconditional (trained without --cond); it takes no labels")
+        return temb
 
+    def encode(self, x, temb):
+        """The downsampling half and the middle: every activation the skip connections need,
+        the middle block's output last."""
         hs = [self.conv_in(x)]
         for down in self.down:
             for i, block in enumerate(down.block):
@@ -429,10 +471,15 @@ class UNet(nn.Module):
                 hs.append(h)
             if hasattr(down, "downsample"):
                 hs.append(down.downsample(hs[-1]))
-
         h = hs[-1]
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h, temb)), temb)
+        return hs, self.mid.block_2(self.mid.attn_1(self.mid.block_1(h, temb)), temb)
 
+    def forward(self, x, t, y=None):
+        """x: (B, C, H, W) noisy images x_t in [-1, 1]-ish, t: (B,) int64 in [0, T), y: (B,) int64
+        labels of a conditional model. Returns eps (or v or x_0), and with learned variances C
+        more channels: the interpolation's v."""
+        temb = self.embed(t, y, x.dtype)
+        hs, h = self.encode(x, temb)
         for up in reversed(self.up):
             for i, block in enumerate(up.block):
                 h = block(torch.cat([h, hs.pop()], dim=1), temb)  # [h, skip]
@@ -442,6 +489,29 @@ class UNet(nn.Module):
                 h = up.upsample(h)
         assert not hs
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Classifier(UNet):
+    """p_phi(y | x_t, t) for classifier guidance (Dhariwal & Nichol 2021, sec. 4.1): the U-Net's
+    downsampling half and middle, sized by the same preset, then GroupNorm, SiLU, an average
+    over the pixels (their "adaptive" pooling) and a linear head to num_classes logits."""
+
+    def __init__(self, cfg):
+        super().__init__(dataclasses.replace(cfg, num_classes=0))
+        del self.up, self.norm_out, self.conv_out  # the decoder is not needed
+        channels = cfg.ch * cfg.ch_mult[-1]
+        self.norm_out = Normalize(channels, cfg.norm_groups)
+        self.head = nn.Linear(channels, cfg.num_classes)
+
+    def forward(self, x, t):
+        """Logits (B, num_classes) of the class of x_t's x_0."""
+        _, h = self.encode(x, self.embed(t, None, x.dtype))
+        return self.head(F.silu(self.norm_out(h)).mean(dim=(2, 3)))
+
+
+def build_model(cfg):
+    """The network a Config describes: the U-Net, or the noisy classifier."""
+    return Classifier(cfg) if cfg.kind == "classifier" else UNet(cfg)
 
 
 def count_params(model):
@@ -548,16 +618,21 @@ class GaussianDiffusion:
         """The t the network is fed for chain index i: the original t of a respaced chain."""
         return torch.as_tensor(self.timesteps[i.cpu().numpy()], dtype=torch.long, device=device)
 
-    def model_output(self, model, x_t, i):
+    def model_output(self, model, x_t, i, classifier_grad=None):
         """(eps_theta(x_t, t), v) with the network fed the original t of index i: its output
         converted to eps if it predicts v or x_0, and v the learned variance's interpolation
-        weight in [-1, 1] (None for fixed variances)."""
+        weight in [-1, 1] (None for fixed variances). classifier_grad(x_t, t), if given, is
+        s grad log p(y | x_t), and eps becomes eps - sqrt(1 - abar_t) s grad log p(y | x_t)
+        (classifier guidance, Dhariwal & Nichol 2021 eq. 14), whatever the sampler."""
         t = self.network_t(i, x_t.device)
         out = model(x_t, t).to(x_t.dtype)
         var_v = None
         if self.var_type == "learned_range":
             out, var_v = out.chunk(2, dim=1)
-        return eps_from_prediction(self.prediction, x_t, out, self._at(self.alphas_cumprod, i, x_t)), var_v
+        eps = eps_from_prediction(self.prediction, x_t, out, self._at(self.alphas_cumprod, i, x_t))
+        if classifier_grad is not None:
+            eps = eps - self._at(self.sqrt_one_minus_alphas_cumprod, i, x_t) * classifier_grad(x_t, t)
+        return eps, var_v
 
     def model_eps(self, model, x_t, i):
         """eps_theta(x_t, t) alone (see model_output)."""
@@ -608,17 +683,24 @@ class GaussianDiffusion:
         x_prev = abar_prev.sqrt() * pred_x0 + (1 - abar_prev - sigma ** 2).sqrt() * eps
         return x_prev + sigma * noise, pred_x0
 
-    def training_loss(self, model, x0, i, noise):
+    def training_loss(self, model, x0, i, noise, y=None):
         """L_simple = || eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t) ||^2 (eq. 14),
         or the same squared error on v or x_0 for those targets, optionally min-SNR weighted; with
-        learned variances L_hybrid = L_simple + lambda L_vlb (Nichol & Dhariwal sec. 3.1)."""
+        learned variances L_hybrid = L_simple + lambda L_vlb (Nichol & Dhariwal sec. 3.1). y: the
+        labels of a conditional model (None: unconditional)."""
         x_t = self.q_sample(x0, i, noise)
         t = self.network_t(i, x_t.device)
-        out = model(x_t, t).float()
+        out = (model(x_t, t) if y is None else model(x_t, t, y)).float()
         if self.var_type == "learned_range":
             out, var_v = out.chunk(2, dim=1)
             return self.mse_loss(out, x0, i, noise) + self.hybrid_vlb_term(x0, x_t, i, out, var_v)
         return self.mse_loss(out, x0, i, noise)
+
+    def classifier_loss(self, classifier, x0, i, noise, y):
+        """-log p_phi(y | x_t, t) on x_t = q_sample(x_0, t, eps): the noisy classifier's cross
+        entropy (Dhariwal & Nichol 2021 sec. 4.1), t drawn over the whole chain as for the denoiser."""
+        x_t = self.q_sample(x0, i, noise)
+        return F.cross_entropy(classifier(x_t, self.network_t(i, x_t.device)).float(), y)
 
     def hybrid_vlb_term(self, x0, x_t, i, out, var_v):
         """lambda L_vlb with lambda = 1/1000: one uniformly drawn term of the bound, in bits/dim,
@@ -749,9 +831,45 @@ def check_sampler(sampler, steps, eta, T, spacing="leading"):
                          "to set. Use --sampler ddim, or leave --eta out")
 
 
+def classifier_free_guidance(model, y, s):
+    """The network of a conditional model as a function of (x_t, t) alone, with classifier-free
+    guidance (Ho & Salimans 2021, eq. 6): out = out(x_t, t) + s (out(x_t, t, y) - out(x_t, t)),
+    the unconditional branch fed the 'no label' class. s = 0 is the unconditional model, 1 the
+    plain conditional one (one branch each), s > 1 follows y more strictly; otherwise both
+    branches go through the network in one batched call. The combination is linear, so guiding
+    v or x_0 equals guiding the eps they imply; a learned variance comes from the conditional
+    branch. y None: unconditional."""
+    def guided(x_t, t):
+        null = torch.full_like(t, model.num_classes)
+        if y is None or s == 0:
+            return model(x_t, t, null)
+        labels = y.to(t.device)
+        if s == 1:
+            return model(x_t, t, labels)
+        out_c, out_u = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, null])).chunk(2)
+        C = x_t.shape[1]
+        eps = out_u[:, :C] + s * (out_c[:, :C] - out_u[:, :C])
+        return torch.cat([eps, out_c[:, C:]], dim=1)
+    return guided
+
+
+def classifier_gradient(classifier, y, s):
+    """(x_t, t) -> s grad_{x_t} log p_phi(y | x_t, t), the classifier-guidance term (Dhariwal &
+    Nichol 2021, Algorithm 1 and eq. 14); model_output subtracts it from eps scaled by
+    sqrt(1 - abar_t)."""
+    def grad(x_t, t):
+        with torch.enable_grad():
+            x = x_t.detach().requires_grad_(True)
+            log_p = F.log_softmax(classifier(x, t).double(), dim=1)
+            chosen = log_p[torch.arange(len(x)), y.to(x.device)].sum()  # images are independent
+            return s * torch.autograd.grad(chosen, x)[0]
+    return grad
+
+
 @torch.no_grad()
 def sample_loop(model, diffusion, x_T, sampler="ddpm", steps=None, eta=0.0, noise_fn=None,
-                generator=None, callback=None, progress=False, spacing="leading"):
+                generator=None, callback=None, progress=False, spacing="leading", y=None,
+                guidance=1.0, classifier=None, classifier_scale=1.0):
     """Run the reverse process from x_T (Algorithm 2, or DDIM) and return x_0.
 
     steps:     number of steps; fewer than T respaces the schedule (network sees original t),
@@ -760,9 +878,22 @@ def sample_loop(model, diffusion, x_T, sampler="ddpm", steps=None, eta=0.0, nois
                default randn from `generator`. Two implementations fed the same noise_fn agree.
     callback:  callback(k, t, x_t, pred_x0) at every step: the step's input x_t (network time t)
                and the x_0 predicted from it, e.g. for pictures of the process.
+    y:         (B,) class labels: a conditional model samples them with classifier-free guidance
+               of scale `guidance` (None: unconditional), and a classifier p(y | x_t, t) guides
+               any model towards them with scale `classifier_scale`.
     """
     T = diffusion.num_timesteps
     check_sampler(sampler, steps, eta, T, spacing)
+    if getattr(model, "num_classes", 0):
+        model = classifier_free_guidance(model, y, guidance)
+    elif y is not None and classifier is None:
+        raise ValueError("this model is unconditional (trained without --cond): labels need a "
+                         "conditional model or a classifier (--classifier)")
+    classifier_grad = None
+    if classifier is not None:
+        if y is None:
+            raise ValueError("classifier guidance needs the classes to guide towards (--class)")
+        classifier_grad = classifier_gradient(classifier, y, classifier_scale)
     steps = steps or T
     if sampler == "ddpm" and steps == T:
         chain = diffusion
@@ -779,7 +910,7 @@ def sample_loop(model, diffusion, x_T, sampler="ddpm", steps=None, eta=0.0, nois
             noise = noise_fn(k, x.shape).to(x.device, x.dtype)
         else:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        eps, var_v = chain.model_output(model, x, i)
+        eps, var_v = chain.model_output(model, x, i, classifier_grad)
         if sampler == "ddpm":
             x_prev, pred_x0 = chain.p_sample(x, i, eps, noise, var_v)
         else:
@@ -885,11 +1016,16 @@ def load_weights(module, weights, path, what="weights"):
                          f"({detail})") from None
 
 
-def load_checkpoint(path, ema=True):
-    """(model in eval mode, config) rebuilt from the checkpoint alone. EMA weights by default."""
+def load_checkpoint(path, ema=True, kind="denoiser"):
+    """(model in eval mode, config) rebuilt from the checkpoint alone. EMA weights by default.
+    kind: the network expected, the denoiser or the noisy classifier."""
     state = read_checkpoint(path)
     cfg = config_from_dict(state["config"], f"'{path}'")
-    model = UNet(cfg)
+    if cfg.kind != kind:
+        what = {"classifier": "a noisy classifier (train-classifier)", "denoiser": "a denoiser"}
+        raise ValueError(f"'{path}' holds {what[cfg.kind]}, not {what[kind]}"
+                         + ("; it guides sampling: ddpm.py sample --classifier" if cfg.kind == "classifier" else ""))
+    model = build_model(cfg)
     use_ema = ema and isinstance(state.get("ema"), dict)
     load_weights(model, state["ema"] if use_ema else state["model"], path,
                  "EMA weights" if use_ema else "weights")
@@ -989,6 +1125,7 @@ def to_uint8(x):
 
 class ShapesDataset(torch.utils.data.Dataset):
     """10 classes of coloured shapes, generated once, deterministic from the seed."""
+    classes = SHAPE_CLASSES
 
     def __init__(self, n=10_000, size=32, seed=0, channels=3, split="train"):
         rng = np.random.default_rng(seed if split == "train" else [seed, 1])  # test: another draw
@@ -1093,6 +1230,7 @@ class TorchvisionImages(torch.utils.data.Dataset):
 
     def __init__(self, base, size, channels=3):
         self.base, self.size, self.channels = base, size, channels
+        self.classes = base.classes
 
     def __len__(self):
         return len(self.base)
@@ -1108,9 +1246,10 @@ DOWNLOADS = {
 }
 
 
-def load_dataset(cfg, split="train"):
+def load_dataset(cfg, split="train", labelled=False):
     """The training images (split 'train'), or the held-out ones ('test': CIFAR-10's 10,000 test
-    images, STL-10's 8,000, another draw of shapes). A folder is its own split."""
+    images, STL-10's 8,000, another draw of shapes). A folder is its own split. labelled: only
+    images with a label (STL-10's 5,000 labelled training images instead of train+unlabeled)."""
     if split not in ("train", "test"):
         raise ValueError(f"unknown split '{split}'; use train or test")
     if cfg.data == "shapes":
@@ -1125,7 +1264,8 @@ def load_dataset(cfg, split="train"):
                                                         download=True)
                 else:
                     base = torchvision.datasets.STL10(
-                        cfg.data_dir, split="train+unlabeled" if split == "train" else "test",
+                        cfg.data_dir, split="test" if split == "test" else
+                        "train" if labelled else "train+unlabeled",
                         download=True)
         except Exception as e:
             raise ValueError(
@@ -1134,6 +1274,15 @@ def load_dataset(cfg, split="train"):
                 f"{os.path.join(cfg.data_dir, filename)}, then run again.") from None
         return TorchvisionImages(base, cfg.image_size, cfg.in_channels)
     return ImageFolderDataset(cfg.data, cfg.image_size, cfg.in_channels)
+
+
+def class_names(dataset, data):
+    """The names of the dataset's classes, in label order; ValueError if it has no labels."""
+    names = tuple(str(c) for c in getattr(dataset, "classes", ()))
+    if len(names) < 2:
+        raise ValueError(f"--data {data} has no class labels (a folder gives them by its class "
+                         "sub-folders, at least 2); --cond and train-classifier need them")
+    return names
 
 
 class StepBatchSampler(torch.utils.data.Sampler):
@@ -1323,7 +1472,8 @@ def ema_update(ema, model, decay):
 
 
 def run_dir(cfg):
-    return cfg.out or os.path.join("runs", os.path.basename(os.path.normpath(cfg.data)))
+    name = os.path.basename(os.path.normpath(cfg.data)) + ("-classifier" if cfg.kind == "classifier" else "")
+    return cfg.out or os.path.join("runs", name)
 
 
 def check_run_files(cfg, resume, overwrite):
@@ -1365,7 +1515,7 @@ def restore(resume, cfg, raw_model, ema, optimizer, scaler):
     that define the model must match; changed training settings are reported, this run's win."""
     state = read_checkpoint(resume)
     saved = config_from_dict(state["config"], f"'{resume}'")
-    for name in MODEL_FIELDS + ("T", "schedule"):
+    for name in MODEL_FIELDS + ("T", "schedule", "kind"):
         if getattr(saved, name) != getattr(cfg, name):
             raise ValueError(f"--resume {resume}: the checkpoint has {name}="
                              f"{getattr(saved, name)}, this run {getattr(cfg, name)}; a resumed "
@@ -1495,20 +1645,24 @@ def train(cfg, resume=None, overwrite=False):
                 else contextlib.nullcontext())
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
 
-    dataset = load_dataset(cfg)
+    labelled = cfg.cond or cfg.kind == "classifier"
+    dataset = load_dataset(cfg, labelled=labelled)
+    names = class_names(dataset, cfg.data) if labelled else ()
+    cfg = dataclasses.replace(cfg, num_classes=len(names), class_names=names)
     if len(dataset) < cfg.batch_size:
         raise ValueError(f"the dataset has {len(dataset)} images, fewer than --batch-size "
                          f"{cfg.batch_size}")
-    print(f"data: {cfg.data}, {len(dataset)} images at {cfg.image_size}x{cfg.image_size}; "
-          f"run directory {out_dir}; device {device}")
+    print(f"data: {cfg.data}, {len(dataset)} images at {cfg.image_size}x{cfg.image_size}"
+          f"{f', {len(names)} classes' if names else ''}; run directory {out_dir}; device {device}")
 
     torch.manual_seed(cfg.seed)  # the initial weights
-    raw_model = UNet(cfg).to(device)
+    raw_model = build_model(cfg).to(device)
     if device.type == "cuda":
         raw_model = raw_model.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(raw_model).eval().requires_grad_(False)
     optimizer = torch.optim.Adam(raw_model.parameters(), lr=cfg.lr)
     diffusion = GaussianDiffusion.from_config(cfg)
+    objective = diffusion.classifier_loss if cfg.kind == "classifier" else diffusion.training_loss
     model = torch.compile(raw_model) if cfg.compile else raw_model
     check_free_space(cfg.ckpt, raw_model)
 
@@ -1528,16 +1682,28 @@ def train(cfg, resume=None, overwrite=False):
         num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
         worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(cfg.seed))
 
-    def loss_of(x0, at_step, m):
-        """L_simple on micro-batch m of a step, with flips, t, eps and dropout from its seed."""
+    def loss_of(x0, y, at_step, m):
+        """The loss on micro-batch m of a step, with flips, t, eps, dropped labels and dropout
+        from its seed."""
         torch.manual_seed(micro_batch_seed(cfg.seed, at_step, m))
         if cfg.flip:
             flip = torch.rand(x0.shape[0], device=device) < 0.5
             x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
         i = torch.randint(0, cfg.T, (x0.shape[0],))  # on the CPU: indexes the schedule tables
         noise = torch.randn_like(x0)
+        y = labels_seen(y)
         with autocast:
-            return diffusion.training_loss(model, x0, i, noise)
+            return objective(model, x0, i, noise, y)
+
+    def labels_seen(y):
+        """What the network is told of the labels: none (unconditional), all (the classifier), or,
+        for --cond, each replaced by 'no label' with probability p_uncond (Ho & Salimans)."""
+        if cfg.kind == "classifier":
+            return y.to(device)
+        if not cfg.cond:
+            return None
+        dropped = torch.rand(y.shape[0]) < cfg.p_uncond
+        return torch.where(dropped, cfg.num_classes, y).to(device)
 
     saved = {"step": step if resume is not None and os.path.exists(cfg.ckpt)
              and os.path.samefile(resume, cfg.ckpt) else None}
@@ -1546,13 +1712,13 @@ def train(cfg, resume=None, overwrite=False):
         return (f"'{cfg.ckpt}' holds step {saved['step']}" if saved["step"] is not None
                 else "no checkpoint was written by this run")
 
-    def save(at_step, final, x0):
+    def save(at_step, final, x0, y):
         """Only weights whose loss on x0 is finite are saved: a model that diverged in its last
         step (finite weights, NaN outputs) never replaces a good checkpoint. Periodic saves that
         fail (disk full) warn and training goes on; the last one must work."""
         with torch.no_grad(), autocast:
-            check = diffusion.training_loss(raw_model, x0, torch.full((x0.shape[0],), cfg.T // 2),
-                                            torch.randn_like(x0))
+            check = objective(raw_model, x0, torch.full((x0.shape[0],), cfg.T // 2),
+                              torch.randn_like(x0), y.to(device) if cfg.kind == "classifier" else None)
         if not torch.isfinite(check):
             raise Diverged(f"the weights after step {at_step} give a loss of {check.item()}")
         try:
@@ -1565,10 +1731,12 @@ def train(cfg, resume=None, overwrite=False):
             print(f"warning: {message}; {on_disk()}; training goes on", file=sys.stderr)
 
     def sample_grid(at_step):
+        """64 DDIM samples of the EMA model (a conditional one: the classes in turn, unguided)."""
         g = torch.Generator(device=device).manual_seed(cfg.seed)
         x_T = torch.randn(64, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g,
                           device=device)
-        x0 = sample_loop(ema, diffusion, x_T, sampler="ddim", steps=min(50, cfg.T), generator=g)
+        y = torch.arange(64) % cfg.num_classes if cfg.num_classes else None
+        x0 = sample_loop(ema, diffusion, x_T, sampler="ddim", steps=min(50, cfg.T), generator=g, y=y)
         try:
             save_grid(to_uint8(x0), os.path.join(out_dir, f"samples_{at_step:07d}.png"))
         except OSError as e:
@@ -1577,9 +1745,9 @@ def train(cfg, resume=None, overwrite=False):
 
     # Pre-flight: one batch through data, model and backward, so a broken setup fails in
     # seconds. Its gradients are dropped, and every step seeds its own draws, so it changes nothing.
-    first = next(iter(torch.utils.data.DataLoader(dataset, batch_size=micro)))[0].to(device)
+    first, first_y = next(iter(torch.utils.data.DataLoader(dataset, batch_size=micro)))
     t0 = time.time()
-    loss = loss_of(first, step, 0)
+    loss = loss_of(first.to(device), first_y, step, 0)
     loss.backward()
     optimizer.zero_grad(set_to_none=True)
     print(f"pre-flight ok: one step on one batch, loss {loss.item():.4f}, {time.time() - t0:.1f}s")
@@ -1591,15 +1759,16 @@ def train(cfg, resume=None, overwrite=False):
     t_last, imgs_since, paused = time.time(), 0, 0.0  # paused: saving and sampling, not training
     try:
         with StopSignals() as stop:
-            for batch, _ in loader:
+            for batch, labels in loader:
                 lr = learning_rate(cfg, step)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 loss_sum = 0.0
-                for m, x0 in enumerate(batch.to(device, non_blocking=True).split(micro)):
+                for m, (x0, y) in enumerate(zip(batch.to(device, non_blocking=True).split(micro),
+                                                labels.split(micro))):
                     if device.type == "cuda":
                         x0 = x0.contiguous(memory_format=torch.channels_last)
-                    loss = loss_of(x0, step, m) / cfg.grad_accum
+                    loss = loss_of(x0, y, step, m) / cfg.grad_accum
                     if not torch.isfinite(loss):
                         raise Diverged(f"the loss became {loss.item()} at step {step + 1}")
                     scaler.scale(loss).backward()
@@ -1625,8 +1794,8 @@ def train(cfg, resume=None, overwrite=False):
                     t_last, imgs_since, paused = time.time(), 0, 0.0
                     t_pause = t_last
                 if stop.signal or step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
-                    save(step, stop.signal is not None or step == cfg.steps, x0)
-                if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
+                    save(step, stop.signal is not None or step == cfg.steps, x0, y)
+                if cfg.sample_every and cfg.kind == "denoiser" and (step % cfg.sample_every == 0 or step == cfg.steps):
                     sample_grid(step)
                 paused += time.time() - t_pause
                 if stop.signal:
@@ -1653,10 +1822,54 @@ def train(cfg, resume=None, overwrite=False):
 # Sampling
 
 
+def parse_classes(spec, names):
+    """The class indices `--class` asks for: 'all', or a comma list of names or indices."""
+    if spec == "all":
+        return list(range(len(names)))
+    classes = []
+    for part in str(spec).split(","):
+        part = part.strip()
+        if part in names:
+            classes.append(names.index(part))
+        elif part.isdigit() and int(part) < len(names):
+            classes.append(int(part))
+        else:
+            raise ValueError(f"--class {part}: not a class of this model; use an index 0..{len(names) - 1}, "
+                             f"a name ({', '.join(names)}), a comma list, or all")
+    return classes
+
+
+def class_labels(classes, n):
+    """(labels, images per grid row): n images of one class, or a row of ceil(n / K) images
+    for each of K classes."""
+    if len(classes) == 1:
+        return np.full(n, classes[0]), None
+    per_class = math.ceil(n / len(classes))
+    return np.repeat(classes, per_class), per_class
+
+
+def load_classifier(path, cfg):
+    """The noisy classifier at `path` (raw weights: Dhariwal & Nichol keep no EMA of it), checked
+    against the denoiser's config: same image shape and schedule, and the same classes."""
+    classifier, clf_cfg = load_checkpoint(path, ema=False, kind="classifier")
+    for name in ("image_size", "in_channels", "T", "schedule"):
+        if getattr(clf_cfg, name) != getattr(cfg, name):
+            raise ValueError(f"--classifier {path} has {name}={getattr(clf_cfg, name)}, the model "
+                             f"{getattr(cfg, name)}; train the classifier with the model's settings")
+    if cfg.num_classes and clf_cfg.class_names != cfg.class_names:
+        raise ValueError(f"--classifier {path} knows the classes {', '.join(clf_cfg.class_names)}; "
+                         f"the model {', '.join(cfg.class_names)}")
+    return classifier, clf_cfg
+
+
 def sample(ckpt, n=64, steps=None, sampler="ddpm", eta=0.0, seed=0, out="samples.png",
-           outdir=None, ema=True, batch=None, device="auto", progress=(), spacing="leading"):
+           outdir=None, ema=True, batch=None, device="auto", progress=(), spacing="leading",
+           classes=None, guidance=3.0, classifier=None, classifier_scale=1.0):
     """n images from the checkpoint's model into one grid (and one PNG each in outdir, and the
-    reverse process of the first batch as a picture or animation in each path of progress)."""
+    reverse process of the first batch as a picture or animation in each path of progress).
+    classes: --class's text (names or indices, a comma list, or all: a grid row per class),
+    sampled with classifier-free guidance of scale `guidance` if the model is conditional, and
+    guided by the noisy classifier at path `classifier` with scale `classifier_scale`."""
     if n < 1:
         raise ValueError(f"--n {n}: sample at least 1 image")
     if batch is not None and batch < 1:
@@ -1667,9 +1880,26 @@ def sample(ckpt, n=64, steps=None, sampler="ddpm", eta=0.0, seed=0, out="samples
         check_output_path(path, PROGRESS_EXTENSIONS, "--progress", inputs=(ckpt, out))
     if outdir:
         check_output_folder(outdir, "--outdir")
+    if not (math.isfinite(guidance) and guidance >= 0) or not math.isfinite(classifier_scale):
+        raise ValueError("--guidance must be a number >= 0 (0: unconditional, 1: conditional) and "
+                         "--classifier-scale a finite number")
     device = pick_device(device)
     model, cfg = load_checkpoint(ckpt, ema=ema)
     check_sampler(sampler, steps, eta, cfg.T, spacing)
+    clf, names = None, cfg.class_names
+    if classifier is not None:
+        clf, clf_cfg = load_classifier(classifier, cfg)
+        clf.to(device)
+        names = clf_cfg.class_names
+    labels, nrow = None, None
+    if classes is not None:
+        if not names:
+            raise ValueError(f"--class: '{ckpt}' is unconditional (trained without --cond); pass "
+                             "a noisy classifier with --classifier, or train with --cond")
+        labels, nrow = class_labels(parse_classes(classes, names), n)
+        n = len(labels)
+    elif clf is not None:
+        raise ValueError("--classifier guides towards the classes given by --class")
     model.to(device)
     diffusion = GaussianDiffusion.from_config(cfg)
     g = torch.Generator(device=device).manual_seed(seed)
@@ -1688,24 +1918,31 @@ def sample(ckpt, n=64, steps=None, sampler="ddpm", eta=0.0, seed=0, out="samples
         b = min(batch, n - start)
         x_T = torch.randn(b, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g,
                           device=device)
+        y = torch.as_tensor(labels[start:start + b], device=device) if labels is not None else None
         x0 = sample_loop(model, diffusion, x_T, sampler=sampler, steps=steps, eta=eta,
-                         generator=g, callback=record, progress=True, spacing=spacing)
+                         generator=g, callback=record, progress=True, spacing=spacing, y=y,
+                         guidance=guidance, classifier=clf, classifier_scale=classifier_scale)
         images.append(to_uint8(x0))
     elapsed = time.time() - t0
     images = np.concatenate(images)
     try:
         for path, steps_shown in shown.items():
             save_progress([frames[k] for k in steps_shown], images[:min(batch, n)], path)
-        save_grid(images, out)
+        save_grid(images, out, nrow)
         if outdir:
             for k, img in enumerate(images):
                 Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img).save(
                     os.path.join(outdir, f"{k:05d}.png"))
     except OSError as e:
         raise ValueError(f"the samples could not be written ({e.strerror or e})") from None
+    guided = ""
+    if labels is not None:
+        shown_classes = ", ".join(names[c] for c in dict.fromkeys(labels.tolist()))
+        guided = (f"; classes {shown_classes}" + (f", guidance {guidance:g}" if cfg.num_classes else "")
+                  + (f", classifier scale {classifier_scale:g}" if clf is not None else ""))
     print(f"wrote {out}" + (f" and {n} PNGs in {outdir}" if outdir else "") +
           (f", the process in {' and '.join(progress)}" if progress else "") +
-          f"; {n * n_steps / elapsed:.1f} image-steps/s on {device} ({sampler}, {n_steps} steps)")
+          f"; {n * n_steps / elapsed:.1f} image-steps/s on {device} ({sampler}, {n_steps} steps){guided}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1718,6 +1955,8 @@ CHOICES = {"model": list(PRESETS), "schedule": ["linear", "cosine"], "prediction
 def add_config_flags(parser):
     """One flag per Config field (--batch-size for batch_size); default None = preset/default."""
     for f in dataclasses.fields(Config):
+        if f.name in DERIVED_FIELDS:
+            continue
         flag = "--" + f.name.replace("_", "-")
         shown = "the preset's" if f.name in MODEL_FIELDS else \
             ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
@@ -1766,14 +2005,18 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="ddpm.py", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train_parser = sub.add_parser("train", help="train a model (Algorithm 1)")
-    add_config_flags(train_parser)
-    train_parser.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
-                              help="continue the run saved in PATH (default PATH: the --ckpt file); "
-                                   "flags given change its settings (default: start a new run)")
-    train_parser.add_argument("--overwrite", action="store_true",
-                              help="replace an existing --ckpt and the run's metrics.jsonl "
-                                   "(default: refuse to)")
+    for command, text in (("train", "train a model (Algorithm 1)"),
+                          ("train-classifier", "train a noisy classifier p(y | x_t, t) for classifier "
+                                               "guidance (the flags of train; --cond, --prediction and "
+                                               "the sampling flags have no effect)")):
+        train_parser = sub.add_parser(command, help=text)
+        add_config_flags(train_parser)
+        train_parser.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+                                  help="continue the run saved in PATH (default PATH: the --ckpt file); "
+                                       "flags given change its settings (default: start a new run)")
+        train_parser.add_argument("--overwrite", action="store_true",
+                                  help="replace an existing --ckpt and the run's metrics.jsonl "
+                                       "(default: refuse to)")
 
     sample_parser = sub.add_parser("sample", help="sample images from a checkpoint (Algorithm 2)")
     sample_parser.add_argument("--ckpt", default="ckpt.pt", help="checkpoint (default: ckpt.pt)")
@@ -1798,6 +2041,19 @@ def main(argv=None):
                                help="also draw the reverse process: .png, a still (x_t and predicted "
                                     "x_0 at 10 steps), or .gif/.webp, an animation; may be given "
                                     "more than once (default: none)")
+    sample_parser.add_argument("--class", dest="classes", default=None, metavar="K",
+                               help="class(es) to draw: a name or an index, a comma list, or all (a "
+                                    "grid row per class); needs a model trained with --cond, or "
+                                    "--classifier (default: none, unconditional)")
+    sample_parser.add_argument("--guidance", type=float, default=3.0,
+                               help="classifier-free guidance scale s of a --cond model: 0 "
+                                    "unconditional, 1 plain conditional, > 1 stronger (default: 3)")
+    sample_parser.add_argument("--classifier", default=None, metavar="PATH",
+                               help="a noisy classifier from train-classifier that guides any model "
+                                    "towards --class (default: none)")
+    sample_parser.add_argument("--classifier-scale", type=float, default=1.0,
+                               help="classifier guidance scale s, eps - s sqrt(1 - abar) grad log "
+                                    "p(y | x_t) (default: 1)")
     sample_parser.add_argument("--no-ema", action="store_true",
                                help="use the raw weights, not the EMA (default: EMA)")
     sample_parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -1812,17 +2068,29 @@ def main(argv=None):
 
     args = parser.parse_args(argv)
     try:
-        if args.command == "train":
-            given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
+        if args.command in ("train", "train-classifier"):
+            given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
+                     if f.name not in DERIVED_FIELDS}
+            if args.command == "train-classifier":
+                if given["out"] and given["out"].lower().endswith(CHECKPOINT_EXTENSIONS) and not given["ckpt"]:
+                    given["ckpt"], given["out"] = given["out"], None  # `--out clf.pt` names the file
+                given["ckpt"] = given["ckpt"] or "clf.pt"
             cfg, resume = train_config(given, args.resume)
+            if args.command == "train-classifier":
+                cfg = dataclasses.replace(cfg, kind="classifier")
+            elif cfg.kind != "denoiser":
+                raise ValueError(f"'{resume}' is a noisy classifier; continue it with train-classifier")
             train(cfg, resume, args.overwrite)
         elif args.command == "sample":
             sample(args.ckpt, args.n, args.steps, args.sampler, args.eta, args.seed, args.out,
                    args.outdir, ema=not args.no_ema, batch=args.batch, device=args.device,
-                   progress=args.progress, spacing=args.spacing)
+                   progress=args.progress, spacing=args.spacing, classes=args.classes,
+                   guidance=args.guidance, classifier=args.classifier,
+                   classifier_scale=args.classifier_scale)
         elif args.command == "info":
             if args.ckpt:
-                model, cfg = load_checkpoint(args.ckpt)
+                kind = config_from_dict(read_checkpoint(args.ckpt)["config"], f"'{args.ckpt}'").kind
+                model, cfg = load_checkpoint(args.ckpt, kind=kind)
             else:
                 cfg = make_config(args.model or "cifar10", image_size=args.image_size)
                 model = UNet(cfg)

@@ -520,6 +520,13 @@ def shapes_command(args):
     counts = np.bincount(verdict["class"][verdict["good"]], minlength=len(ddpm.SHAPE_CLASSES))
     print(f"good cells: {verdict['good'].sum()} of {len(images)} ({verdict['good'].mean():.1%}); classes of the "
           "good ones: " + ", ".join(f"{c} {k}" for c, k in zip(ddpm.SHAPE_CLASSES, counts) if k))
+    if args.classes is not None:  # the classes sample --class asked for, in its grid order
+        asked, _ = ddpm.class_labels(ddpm.parse_classes(args.classes, ddpm.SHAPE_CLASSES), len(images))
+        if len(asked) != len(images):
+            raise ValueError(f"--class {args.classes} gives {len(asked)} cells, the grid has {len(images)}")
+        verdict["class asked for"] = verdict["class"] == asked
+        print(f"  {'class asked for':<26} {verdict['class asked for'].mean():6.1%} (the judge's class is the "
+              "one --class asked for)")
     if args.json:
         summary = {name: float(ok.mean()) for name, ok in verdict.items() if name != "class"}
         summary.update(n_images=len(images), classifier_accuracy=accuracy)
@@ -577,6 +584,9 @@ def main(argv=None):
     s.add_argument("images", help="a grid picture (as sample writes) or a folder of images")
     s.add_argument("--cell", type=int, default=32, help="image size inside a grid (default: 32)")
     s.add_argument("--json", default=None, help="also write the scores here (default: none)")
+    s.add_argument("--class", dest="classes", default=None, metavar="K",
+                   help="the classes the images were sampled for, as sample's --class (all: a grid row "
+                        "per class); also reports how many the judge finds of that class (default: none)")
     args = parser.parse_args(argv)
     try:
         {"fid": fid_command, "nll": nll_command, "shapes": shapes_command}[args.command](args)

@@ -6,6 +6,8 @@
 The contract (other runtimes are written against it):
   inputs   x_t  float32 (B, C, H, W), the noisy images, in [-1, 1] at t=0
            t    int64   (B,), the 0-indexed timestep (0 .. T-1; the paper's t=1 is 0)
+  and, for a class-conditional model (ddpm.num_classes > 0):
+           y    int64   (B,), the class, 0 .. num_classes - 1, or num_classes for "no label"
   output   eps  float32 (B, C, H, W), the predicted noise
   and, for a model with learned variances (ddpm.var_type learned_range):
   output   var_values float32 (B, C, H, W), the network's v of Nichol & Dhariwal eq. 15,
@@ -15,7 +17,10 @@ The contract (other runtimes are written against it):
   ddpm.in_channels, ddpm.var_type, ddpm.clip_x0, ddpm.preset, ddpm.ema, ddpm.num_classes,
   ddpm.precision, and ddpm.step_graph: a base64 ONNX graph of the per-step update
   x_{t-1} = c1 pred_x0 + c2 x_t + c3 eps' + s noise, which sample_ort.py runs on the device
-  (with learned variances s is per pixel, from var_values: see step_graph).
+  (with learned variances s is per pixel, from var_values: see step_graph). A conditional model
+  also has ddpm.class_names (JSON) and ddpm.guided_step_graph: the same update preceded by
+  classifier-free guidance over a batch whose halves are the conditional and the unconditional
+  branch (see step_graph).
 
 Before it reports success the file is checked: onnx.checker, then ONNX Runtime against
 PyTorch on random inputs at batch 1 and 3; above the precision's tolerance nothing is written
@@ -66,12 +71,13 @@ class Denoiser(nn.Module):
     def __init__(self, unet, dtype, cfg):
         super().__init__()
         self.unet, self.dtype, self.prediction = unet, dtype, cfg.prediction
+        self.num_classes = cfg.num_classes
         self.learned = cfg.var_type == "learned_range"
         abar = ddpm.GaussianDiffusion.from_config(cfg).alphas_cumprod
         self.register_buffer("alphas_cumprod", torch.tensor(abar, dtype=torch.float32))
 
-    def forward(self, x_t, t):
-        out = self.unet(x_t.to(self.dtype), t).float()
+    def forward(self, x_t, t, y=None):
+        out = self.unet(x_t.to(self.dtype), t, y).float()
         if self.learned:
             out, var_values = out.chunk(2, dim=1)
         if self.prediction != "eps":
@@ -93,7 +99,11 @@ def output_names(cfg):
     return ["eps", "var_values"] if cfg.var_type == "learned_range" else ["eps"]
 
 
-def step_graph(clip_x0, opset, ir_version, learned=False):
+def input_names(cfg):
+    return ["x_t", "t", "y"] if cfg.num_classes else ["x_t", "t"]
+
+
+def step_graph(clip_x0, opset, ir_version, learned=False, guided=False):
     """The per-step update as a tiny ONNX graph, so it runs where the images are (GPU or CPU).
 
     inputs x_t, eps, noise (B, C, H, W) float32 and coef (6,) = [a, b, c1, c2, c3, s]:
@@ -106,20 +116,43 @@ def step_graph(clip_x0, opset, ir_version, learned=False):
     learned: one more input var_values (B, C, H, W) and coef (9,) = [..., s, g, log_lo, log_hi]
     with the noise's scale per pixel s + g exp(1/2 (log_lo + (v + 1)/2 (log_hi - log_lo))): DDPM
     s = 0, g = 1 (0 at t=0), log_lo = log beta-tilde_t (clipped), log_hi = log beta_t; DDIM g = 0.
+    guided (classifier-free guidance): x_t, eps and var_values have 2B rows, the conditional
+    branch then the unconditional one, with the same images in both halves; one more input
+    guidance (1,) = [s], and eps = eps_u + s (eps_c - eps_u) (Ho & Salimans eq. 6), the variance
+    from the conditional half, noise (B, C, H, W); x_prev is the updated B images, twice, so the
+    next denoiser call sees both branches again.
     """
     image = ["B", "C", "H", "W"]
+    batch = ["N", "C", "H", "W"] if guided else image  # N = 2B: both branches
     names = ("x_t", "eps", "noise", "var_values") if learned else ("x_t", "eps", "noise")
-    inputs = [oh.make_tensor_value_info(n, onnx.TensorProto.FLOAT, image) for n in names]
+    inputs = [oh.make_tensor_value_info(n, onnx.TensorProto.FLOAT, image if n == "noise" else batch)
+              for n in names]
     n_coef = 9 if learned else 6
     inputs.append(oh.make_tensor_value_info("coef", onnx.TensorProto.FLOAT, [n_coef]))
     coef_names = ["a", "b", "c1", "c2", "c3", "s"] + (["g", "log_lo", "log_hi"] if learned else [])
-    nodes = [
-        oh.make_node("Split", ["coef", "split"], coef_names, axis=0),
-        oh.make_node("Mul", ["a", "x_t"], ["a_x"]),
-        oh.make_node("Mul", ["b", "eps"], ["b_eps"]),
+    nodes = [oh.make_node("Split", ["coef", "split"], coef_names, axis=0)]
+    inits = [oh.make_tensor("split", onnx.TensorProto.INT64, [n_coef], [1] * n_coef)]
+    x, eps, var = "x_t", "eps", "var_values"
+    if guided:
+        inputs.append(oh.make_tensor_value_info("guidance", onnx.TensorProto.FLOAT, [1]))
+        halves = {"num_outputs": 2} if opset >= 18 else {}  # equal halves of the batch
+
+        def split(name):
+            nodes.append(oh.make_node("Split", [name], [name + "_c", name + "_u"], axis=0, **halves))
+            return name + "_c", name + "_u"
+        x, _ = split("x_t")
+        eps_c, eps_u = split("eps")
+        nodes += [oh.make_node("Sub", [eps_c, eps_u], ["eps_diff"]),
+                  oh.make_node("Mul", ["guidance", "eps_diff"], ["eps_push"]),
+                  oh.make_node("Add", [eps_u, "eps_push"], ["eps_guided"])]
+        eps = "eps_guided"
+        if learned:
+            var, _ = split("var_values")
+    nodes += [
+        oh.make_node("Mul", ["a", x], ["a_x"]),
+        oh.make_node("Mul", ["b", eps], ["b_eps"]),
         oh.make_node("Sub", ["a_x", "b_eps"], ["pred_x0_raw"]),
     ]
-    inits = [oh.make_tensor("split", onnx.TensorProto.INT64, [n_coef], [1] * n_coef)]
     if clip_x0:
         inits += [oh.make_tensor("lo", onnx.TensorProto.FLOAT, [], [-1.0]),
                   oh.make_tensor("hi", onnx.TensorProto.FLOAT, [], [1.0])]
@@ -128,12 +161,12 @@ def step_graph(clip_x0, opset, ir_version, learned=False):
                   oh.make_node("Div", ["a_x_minus_x0", "b"], ["eps_used"])]
     else:
         nodes += [oh.make_node("Identity", ["pred_x0_raw"], ["pred_x0"]),
-                  oh.make_node("Identity", ["eps"], ["eps_used"])]
+                  oh.make_node("Identity", [eps], ["eps_used"])]
     scale = "s"  # the noise's scale: a number, or per pixel with learned variances
     if learned:  # scale = s + g exp(0.5 (log_lo + (v + 1) / 2 (log_hi - log_lo)))
         inits += [oh.make_tensor("one", onnx.TensorProto.FLOAT, [], [1.0]),
                   oh.make_tensor("half", onnx.TensorProto.FLOAT, [], [0.5])]
-        nodes += [oh.make_node("Add", ["var_values", "one"], ["v1"]),
+        nodes += [oh.make_node("Add", [var, "one"], ["v1"]),
                   oh.make_node("Mul", ["v1", "half"], ["frac"]),
                   oh.make_node("Sub", ["log_hi", "log_lo"], ["log_span"]),
                   oh.make_node("Mul", ["frac", "log_span"], ["log_up"]),
@@ -143,17 +176,20 @@ def step_graph(clip_x0, opset, ir_version, learned=False):
                   oh.make_node("Mul", ["g", "std"], ["g_std"]),
                   oh.make_node("Add", ["s", "g_std"], ["scale"])]
         scale = "scale"
+    updated = "x_updated" if guided else "x_prev"
     nodes += [
         oh.make_node("Mul", ["c1", "pred_x0"], ["t1"]),
-        oh.make_node("Mul", ["c2", "x_t"], ["t2"]),
+        oh.make_node("Mul", ["c2", x], ["t2"]),
         oh.make_node("Mul", ["c3", "eps_used"], ["t3"]),
         oh.make_node("Mul", [scale, "noise"], ["t4"]),
         oh.make_node("Add", ["t1", "t2"], ["mean12"]),
         oh.make_node("Add", ["mean12", "t3"], ["mean"]),
-        oh.make_node("Add", ["mean", "t4"], ["x_prev"]),
+        oh.make_node("Add", ["mean", "t4"], [updated]),
     ]
+    if guided:  # both halves again; this last node reads only intermediates (in-place safe)
+        nodes.append(oh.make_node("Concat", [updated, updated], ["x_prev"], axis=0))
     graph = oh.make_graph(nodes, "ddpm_step", inputs,
-                          [oh.make_tensor_value_info("x_prev", onnx.TensorProto.FLOAT, image)], inits)
+                          [oh.make_tensor_value_info("x_prev", onnx.TensorProto.FLOAT, batch)], inits)
     # the denoiser's IR version: the onnx package's newest can be ahead of ONNX Runtime's
     model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", opset)], ir_version=ir_version)
     onnx.checker.check_model(model)
@@ -162,6 +198,13 @@ def step_graph(clip_x0, opset, ir_version, learned=False):
 
 def metadata(cfg, ema, precision, opset, ir_version):
     betas = ddpm.get_betas(cfg.schedule, cfg.T)
+    learned = cfg.var_type == "learned_range"
+
+    def graph(guided):
+        return base64.b64encode(step_graph(cfg.clip_x0, opset, ir_version, learned, guided)
+                                .SerializeToString()).decode()
+    conditional = {"ddpm.class_names": json.dumps(list(cfg.class_names)),
+                   "ddpm.guided_step_graph": graph(True)} if cfg.num_classes else {}
     return {
         "ddpm.format": str(FORMAT_VERSION),
         "ddpm.schedule": cfg.schedule,
@@ -173,11 +216,11 @@ def metadata(cfg, ema, precision, opset, ir_version):
         "ddpm.clip_x0": "true" if cfg.clip_x0 else "false",
         "ddpm.preset": cfg.model,
         "ddpm.ema": "true" if ema else "false",
-        "ddpm.num_classes": "0",  # unconditional; class-conditional models will set this
+        "ddpm.num_classes": str(cfg.num_classes),  # 0: unconditional
         "ddpm.network_prediction": cfg.prediction,  # what the U-Net predicts; the graph outputs eps
         "ddpm.precision": precision,
-        "ddpm.step_graph": base64.b64encode(step_graph(cfg.clip_x0, opset, ir_version, cfg.var_type == "learned_range")
-                                            .SerializeToString()).decode(),
+        "ddpm.step_graph": graph(False),
+        **conditional,
     }
 
 
@@ -190,30 +233,35 @@ def compare_with_torch(path, model, cfg, batches=(1, 3), seed=0):
     for b in batches:
         x_t = torch.randn(b, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g)
         t = torch.randint(0, cfg.T, (b,), generator=g)
+        inputs = (x_t, t)
+        if cfg.num_classes:  # every class and "no label" turn up across the batches
+            inputs += (torch.randint(0, cfg.num_classes + 1, (b,), generator=g),)
         with torch.no_grad():
-            expected = model(x_t, t)
+            expected = model(*inputs)
         expected = np.concatenate([e.numpy() for e in (expected if isinstance(expected, tuple) else [expected])], 1)
-        got = np.concatenate(session.run(output_names(cfg), {"x_t": x_t.numpy(), "t": t.numpy()}), 1)
+        feed = {name: value.numpy() for name, value in zip(input_names(cfg), inputs)}
+        got = np.concatenate(session.run(output_names(cfg), feed), 1)
         abs_err = float(np.abs(got - expected).max())
         results.append((b, abs_err, abs_err / float(np.abs(expected).max())))
     return results
 
 
 def export_module(denoiser, cfg, out, reference, precision="fp32", ema=True, opset=MIN_OPSET, check=True):
-    """Trace denoiser(x_t, t) -> eps (float32 in and out) to `out` with the ddpm.* metadata,
+    """Trace denoiser(x_t, t[, y]) -> eps (float32 in and out) to `out` with the ddpm.* metadata,
     check it against `reference` (the float32 PyTorch model), and only then move it into place.
     Returns [(batch, max abs error, relative error)] of the check."""
     x_t = torch.randn(2, cfg.in_channels, cfg.image_size, cfg.image_size)
     t = torch.tensor([0, cfg.T - 1])
+    example = (x_t, t, torch.tensor([0, cfg.num_classes])) if cfg.num_classes else (x_t, t)
 
     def write(tmp):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                names = output_names(cfg)
-                torch.onnx.export(denoiser, (x_t, t), tmp, input_names=["x_t", "t"], output_names=names,
-                                  dynamic_axes={"x_t": {0: "batch"}, "t": {0: "batch"},
-                                                **{name: {0: "batch"} for name in names}},
+                names = output_names(cfg) + input_names(cfg)
+                torch.onnx.export(denoiser, example, tmp, input_names=input_names(cfg),
+                                  output_names=output_names(cfg),
+                                  dynamic_axes={name: {0: "batch"} for name in names},
                                   opset_version=opset, dynamo=False)
         except OSError:
             raise

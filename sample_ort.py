@@ -3,6 +3,7 @@
   python sample_ort.py --n 64                       # 1000 ancestral steps from ddpm.onnx
   python sample_ort.py --n 64 --sampler ddim --steps 50
   python sample_ort.py --provider cuda --cuda-graph --batch 64
+  python sample_ort.py --class all --guidance 3     # a conditional model: a row per class
 
 The reverse process (Ho et al. Algorithm 2, or DDIM, Song et al. eq. 12) runs as two ONNX
 Runtime sessions that share device buffers through IO binding: the denoiser eps_theta(x_t, t)
@@ -150,11 +151,22 @@ def read_metadata(session, path):
         wrong.append(f"ddpm.var_type '{meta['ddpm.var_type']}' is not one of {', '.join(VAR_TYPES)}")
     if meta["ddpm.clip_x0"] not in ("true", "false"):
         wrong.append(f"ddpm.clip_x0 '{meta['ddpm.clip_x0']}' is not true or false")
+    try:
+        num_classes = int(meta.get("ddpm.num_classes", "0"))
+        class_names = json.loads(meta.get("ddpm.class_names", "[]"))
+        guided_graph = base64.b64decode(meta.get("ddpm.guided_step_graph", ""), validate=True)
+    except (ValueError, TypeError, binascii.Error) as e:
+        raise ValueError(f"{problem} ({type(e).__name__}: {str(e)[:100]})") from None
+    if num_classes and (not isinstance(class_names, list) or len(class_names) != num_classes
+                        or not guided_graph):
+        wrong.append(f"ddpm.num_classes {num_classes} needs as many ddpm.class_names and a "
+                     "ddpm.guided_step_graph")
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = ["eps", "var_values"] if meta["ddpm.var_type"] == "learned_range" else ["eps"]
-    if set(inputs) != {"x_t", "t"} or [o.name for o in session.get_outputs()] != outputs:
-        wrong.append(f"the inputs are {sorted(inputs)} (expected x_t, t) and the outputs "
-                     f"{[o.name for o in session.get_outputs()]} (expected {', '.join(outputs)})")
+    expected = {"x_t", "t", "y"} if num_classes else {"x_t", "t"}
+    if set(inputs) != expected or [o.name for o in session.get_outputs()] != outputs:
+        wrong.append(f"the inputs are {sorted(inputs)} (expected {', '.join(sorted(expected))}) and "
+                     f"the outputs {[o.name for o in session.get_outputs()]} (expected {', '.join(outputs)})")
     else:
         dims = inputs["x_t"].shape[1:]
         if len(dims) != 3 or any(isinstance(d, int) and d != want for d, want in
@@ -166,7 +178,8 @@ def read_metadata(session, path):
     return {"betas": betas, "image_size": image_size, "in_channels": in_channels,
             "var_type": meta["ddpm.var_type"], "clip_x0": meta["ddpm.clip_x0"] == "true",
             "precision": meta["ddpm.precision"], "preset": meta.get("ddpm.preset", "?"),
-            "step_graph": step_graph}
+            "step_graph": step_graph, "num_classes": num_classes,
+            "class_names": [str(c) for c in class_names], "guided_step_graph": guided_graph}
 
 
 def session_options(batch=None):
@@ -198,8 +211,9 @@ def physical_cores():
     return min(len(cores), usable) if cores else usable
 
 
-def open_sessions(path, provider="auto", cuda_graph=False, batch=None):
-    """(denoiser session, step session, metadata, device) with a clear error for bad input."""
+def open_sessions(path, provider="auto", cuda_graph=False, batch=None, guided=False):
+    """(denoiser session, step session, metadata, device) with a clear error for bad input.
+    guided: the step session is the classifier-free guidance update (a conditional model)."""
     if not os.path.isfile(path):
         raise ValueError(f"model file '{path}' does not exist (make one with 'python export.py "
                          "ckpt.pt', or pass --model PATH)")
@@ -220,7 +234,8 @@ def open_sessions(path, provider="auto", cuda_graph=False, batch=None):
             ort.preload_dlls()
     ort.set_default_logger_severity(4)  # the CUDA probe's own log is noise; we say it in one line
     try:
-        denoiser = ort.InferenceSession(path, session_options(batch if cuda_graph else None),
+        network_batch = 2 * batch if guided and batch else batch  # guidance: both branches
+        denoiser = ort.InferenceSession(path, session_options(network_batch if cuda_graph else None),
                                         providers=providers)
     except Exception as e:
         raise ValueError(f"'{path}' cannot be loaded by ONNX Runtime ({str(e).splitlines()[0][:160]}); "
@@ -235,15 +250,20 @@ def open_sessions(path, provider="auto", cuda_graph=False, batch=None):
                              "the CUDA and cuDNN libraries onnxruntime-gpu needs are missing)")
         print("note: CUDA is not usable here; running on the CPU", file=sys.stderr)
     providers = providers if on_cuda else ["CPUExecutionProvider"]
+    if guided and not meta["num_classes"]:
+        raise ValueError(f"--class: '{path}' is an unconditional model (trained without --cond)")
+    options = session_options(batch if cuda_graph else None)
+    if guided and cuda_graph:
+        options.add_free_dimension_override_by_name("N", 2 * batch)
     try:
-        step = ort.InferenceSession(meta["step_graph"], session_options(batch if cuda_graph else None),
+        step = ort.InferenceSession(meta["guided_step_graph" if guided else "step_graph"], options,
                                     providers=providers)
     except Exception as e:
         raise ValueError(f"'{path}' has a ddpm.step_graph ONNX Runtime cannot load "
                          f"({str(e).splitlines()[0][:120]}); export it again with export.py") from None
     names = ({i.name for i in step.get_inputs()}, [o.name for o in step.get_outputs()])
     learned = {"var_values"} if meta["var_type"] == "learned_range" else set()
-    if names != ({"x_t", "eps", "noise", "coef"} | learned, ["x_prev"]):
+    if names != ({"x_t", "eps", "noise", "coef"} | learned | ({"guidance"} if guided else set()), ["x_prev"]):
         raise ValueError(f"'{path}' has a ddpm.step_graph with inputs {sorted(names[0])} and outputs "
                          f"{names[1]}, not the update export.py writes; export it again")
     return denoiser, step, meta, "cuda" if on_cuda else "cpu"
@@ -255,51 +275,85 @@ def open_sessions(path, provider="auto", cuda_graph=False, batch=None):
 
 class Sampler:
     """Device buffers bound once; each step updates t, coef and noise in place and runs
-    eps = denoiser(x, t) then x = step(x, eps, noise, coef), x never copied back to the host."""
+    eps = denoiser(x, t) then x = step(x, eps, noise, coef), x never copied back to the host.
 
-    def __init__(self, denoiser, step, shape, device):
+    A conditional model gets labels y (B,) from set_labels ('no label' until then); with a guidance scale
+    (the step session then being the guided update) x holds each image twice, for the
+    conditional and the unconditional branch, so both go through the network in one call."""
+
+    def __init__(self, denoiser, step, shape, device, num_classes=0, guidance=None):
         self.denoiser, self.step, self.shape = denoiser, step, shape
         learned = [o.name for o in denoiser.get_outputs()] == ["eps", "var_values"]
+        self.guided = guidance is not None
         B = shape[0]
+        N = 2 * B if self.guided else B  # images per network call
+        network_shape = (N,) + tuple(shape[1:])
         # buffers owned by ONNX Runtime (from_numpy on the CPU would borrow a numpy array's memory)
         new = ort.OrtValue.ortvalue_from_shape_and_type
-        self.x = new(shape, np.float32, device, 0)
-        self.t = new((B,), np.int64, device, 0)
-        self.eps = new(shape, np.float32, device, 0)
+        self.x = new(network_shape, np.float32, device, 0)
+        self.t = new((N,), np.int64, device, 0)
+        self.eps = new(network_shape, np.float32, device, 0)
         self.noise = new(shape, np.float32, device, 0)
         self.coef = new((9 if learned else 6,), np.float32, device, 0)
         outputs = {"eps": self.eps}
         if learned:  # learned variances: the network's v goes to the update too
-            outputs["var_values"] = new(shape, np.float32, device, 0)
+            outputs["var_values"] = new(network_shape, np.float32, device, 0)
+        inputs = {"x_t": self.x, "t": self.t}
+        self.num_classes = num_classes
+        if num_classes:
+            self.y = inputs["y"] = new((N,), np.int64, device, 0)
+            self.set_labels(None)
         self.eps_binding = denoiser.io_binding()
-        self.eps_binding.bind_ortvalue_input("x_t", self.x)
-        self.eps_binding.bind_ortvalue_input("t", self.t)
+        for name, value in inputs.items():
+            self.eps_binding.bind_ortvalue_input(name, value)
         for name, value in outputs.items():
             self.eps_binding.bind_ortvalue_output(name, value)
         self.step_binding = step.io_binding()
-        for name, value in (("x_t", self.x), ("noise", self.noise), ("coef", self.coef), *outputs.items()):
+        step_inputs = [("x_t", self.x), ("noise", self.noise), ("coef", self.coef), *outputs.items()]
+        if self.guided:
+            self.guidance = new((1,), np.float32, device, 0)
+            self.guidance.update_inplace(np.array([guidance], np.float32))
+            step_inputs.append(("guidance", self.guidance))
+        for name, value in step_inputs:
             self.step_binding.bind_ortvalue_input(name, value)
         # The update writes x_{t-1} over x_t: its last node (an Add of intermediates) runs after
         # every node that reads x_t, so this in-place binding is safe and keeps addresses fixed.
         self.step_binding.bind_ortvalue_output("x_prev", self.x)
         self.run_options = ort.RunOptions()
 
+    def set_labels(self, y):
+        """The classes of the next run, (B,) (None: 'no label'); guided: [y; no label]."""
+        B = self.shape[0]
+        null = np.full(B, self.num_classes, np.int64)
+        labels = null if y is None else np.asarray(y, np.int64)
+        self.y.update_inplace(np.concatenate([labels, null]) if self.guided else labels)
+
     def run(self, x_T, timesteps, coefs, noise_fn, progress=None, on_step=None):
         """x_0 from x_T. on_step(k, sampler), if given, runs between the denoiser and the update,
         when self.x holds x_t and self.eps the network's output (e.g. for process pictures)."""
-        B = x_T.shape[0]
-        self.x.update_inplace(np.ascontiguousarray(x_T, dtype=np.float32))
+        shape, N = x_T.shape, 2 * x_T.shape[0] if self.guided else x_T.shape[0]
+        self.x.update_inplace(np.ascontiguousarray(np.concatenate([x_T, x_T]) if self.guided else x_T,
+                                                   dtype=np.float32))
         for k, (t, coef) in enumerate(zip(timesteps, coefs)):
-            self.t.update_inplace(np.full(B, t, dtype=np.int64))
+            self.t.update_inplace(np.full(N, t, dtype=np.int64))
             self.coef.update_inplace(coef)
-            self.noise.update_inplace(np.ascontiguousarray(noise_fn(k, x_T.shape), dtype=np.float32))
+            self.noise.update_inplace(np.ascontiguousarray(noise_fn(k, shape), dtype=np.float32))
             self.denoiser.run_with_iobinding(self.eps_binding, self.run_options)
             if on_step:
                 on_step(k, self)
             self.step.run_with_iobinding(self.step_binding, self.run_options)
             if progress:
                 progress(k + 1)
-        return self.x.numpy()
+        return self.x.numpy()[:self.shape[0]]
+
+    def current(self):
+        """(x_t, eps) of the step in progress as numpy, eps guided if it is (for pictures)."""
+        B = self.shape[0]
+        x_t, eps = self.x.numpy()[:B], self.eps.numpy()
+        if self.guided:
+            eps_c, eps_u = eps[:B], eps[B:]
+            eps = eps_u + self.guidance.numpy()[0] * (eps_c - eps_u)
+        return x_t, eps
 
 
 def progress_bar(total, label):
@@ -326,10 +380,10 @@ def to_uint8(x):
     return np.round((x + 1) * 127.5).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
-def save_grid(images, path, pad=2):
-    """(N, H, W, C) uint8 -> one picture, a square of images (as ddpm.save_grid)."""
+def save_grid(images, path, nrow=None, pad=2):
+    """(N, H, W, C) uint8 -> one picture, nrow images per row (default: a square; as ddpm.save_grid)."""
     n, h, w, c = images.shape
-    nrow = math.ceil(math.sqrt(n))
+    nrow = nrow or math.ceil(math.sqrt(n))
     ncol = math.ceil(n / nrow)
     grid = np.full((ncol * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, np.uint8)
     for k in range(n):
@@ -430,12 +484,45 @@ def check_writable_folder(folder, flag):
         raise ValueError(f"{flag}: cannot write in '{folder}' ({e.strerror or e})") from None
 
 
+# Class labels, as ddpm.parse_classes and ddpm.class_labels (repeated: ddpm.py imports torch).
+
+def parse_classes(spec, names):
+    """The class indices `--class` asks for: 'all', or a comma list of names or indices."""
+    if spec == "all":
+        return list(range(len(names)))
+    classes = []
+    for part in str(spec).split(","):
+        part = part.strip()
+        if part in names:
+            classes.append(names.index(part))
+        elif part.isdigit() and int(part) < len(names):
+            classes.append(int(part))
+        else:
+            raise ValueError(f"--class {part}: not a class of this model; use an index 0..{len(names) - 1}, "
+                             f"a name ({', '.join(names)}), a comma list, or all")
+    return classes
+
+
+def class_labels(classes, n):
+    """(labels, images per grid row): n images of one class, or a row of ceil(n / K) images
+    for each of K classes."""
+    if len(classes) == 1:
+        return np.full(n, classes[0]), None
+    per_class = math.ceil(n / len(classes))
+    return np.repeat(classes, per_class), per_class
+
+
 def sample(model, n=64, steps=None, sampler="ddpm", eta=0.0, seed=0, batch=None, provider="auto",
-           cuda_graph=False, out="samples.png", outdir=None, progress=(), spacing="leading"):
+           cuda_graph=False, out="samples.png", outdir=None, progress=(), spacing="leading",
+           classes=None, guidance=3.0):
     """n images from the exported model into one grid (and one PNG each in outdir, and the
-    reverse process of the first batch as a picture or animation in each path of progress)."""
+    reverse process of the first batch as a picture or animation in each path of progress).
+    classes: --class's text (names or indices, a comma list, or all: a grid row per class) for a
+    conditional model, sampled with classifier-free guidance of scale `guidance`."""
     if n < 1:
         raise ValueError(f"--n {n}: sample at least 1 image")
+    if not (math.isfinite(guidance) and guidance >= 0):
+        raise ValueError(f"--guidance {guidance}: use a number >= 0 (0: unconditional, 1: conditional)")
     if batch is not None and batch < 1:
         raise ValueError(f"--batch {batch}: use at least 1 image per batch")
     check_output_path(out, "--out", inputs=(model,))
@@ -444,8 +531,16 @@ def sample(model, n=64, steps=None, sampler="ddpm", eta=0.0, seed=0, batch=None,
         check_output_path(path, "--progress", (model, out), PROGRESS_EXTENSIONS)
     if outdir:
         check_writable_folder(outdir, "--outdir")
-    batch = min(batch or n, n)
-    denoiser, step, meta, device = open_sessions(model, provider, cuda_graph, batch)
+    guided = classes is not None and guidance not in (0, 1)  # else one branch is enough
+    graph_batch = min(batch or n, n)  # a CUDA graph's fixed batch; later batches are padded to it
+    denoiser, step, meta, device = open_sessions(model, provider, cuda_graph, graph_batch, guided)
+    labels, nrow = None, None
+    if classes is not None:
+        if not meta["num_classes"]:
+            raise ValueError(f"--class: '{model}' is an unconditional model (trained without --cond)")
+        labels, nrow = class_labels(parse_classes(classes, meta["class_names"]), n)
+        n = len(labels)  # a row per class: n rounded up
+    batch = graph_batch if cuda_graph else min(batch or n, n)
     timesteps, coefs = step_table(meta["betas"], sampler, steps, eta, meta["var_type"], spacing)
 
     rng = np.random.default_rng(seed)
@@ -457,8 +552,8 @@ def sample(model, n=64, steps=None, sampler="ddpm", eta=0.0, seed=0, batch=None,
     def record(k, runner):  # the first batch's process: x_t and the x_0 the step graph predicts
         if not images and k in wanted:
             a, b = coefs[k][:2]
-            x_t = runner.x.numpy()
-            pred_x0 = a * x_t - b * runner.eps.numpy()
+            x_t, eps = runner.current()
+            pred_x0 = a * x_t - b * eps
             if meta["clip_x0"]:
                 pred_x0 = np.clip(pred_x0, -1, 1)
             frames[k] = (int(timesteps[k]), to_uint8(x_t), to_uint8(pred_x0))
@@ -468,7 +563,10 @@ def sample(model, n=64, steps=None, sampler="ddpm", eta=0.0, seed=0, batch=None,
         # a captured CUDA graph keeps its shape and addresses: reuse it, padding the last batch
         b = batch if cuda_graph else min(batch, n - first)
         if runner is None or runner.shape[0] != b:
-            runner = Sampler(denoiser, step, (b, C, S, S), device)
+            runner = Sampler(denoiser, step, (b, C, S, S), device, meta["num_classes"],
+                             guidance if guided else None)
+        if labels is not None and guidance != 0:  # guidance 0: the unconditional model
+            runner.set_labels(np.pad(labels[first:first + b], (0, b - len(labels[first:first + b])), mode="edge"))
         x_T = rng.standard_normal((b, C, S, S), dtype=np.float32)
         label = f"{sampler} {first // batch + 1}/{math.ceil(n / batch)}"
         x0 = runner.run(x_T, timesteps, coefs, lambda k, shape: rng.standard_normal(shape, dtype=np.float32),
@@ -479,7 +577,7 @@ def sample(model, n=64, steps=None, sampler="ddpm", eta=0.0, seed=0, batch=None,
     try:
         for path, steps_shown in shown.items():
             save_progress([frames[k] for k in steps_shown], images[:batch], path)
-        save_grid(images, out)
+        save_grid(images, out, nrow)
         if outdir:
             for k, img in enumerate(images):
                 Image.fromarray(img.squeeze(-1) if C == 1 else img).save(os.path.join(outdir, f"{k:05d}.png"))
@@ -488,6 +586,9 @@ def sample(model, n=64, steps=None, sampler="ddpm", eta=0.0, seed=0, batch=None,
     name = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}[device]
     print(f"wrote {out}" + (f" and {n} PNGs in {outdir}" if outdir else "") +
           (f", the process in {' and '.join(progress)}" if progress else ""))
+    if labels is not None:
+        names = ", ".join(meta["class_names"][c] for c in dict.fromkeys(labels.tolist()))
+        print(f"classes {names}, classifier-free guidance {guidance:g}")
     print(f"{n * len(timesteps) / elapsed:.1f} image-steps/s, {n} images x {len(timesteps)} "
           f"{sampler} steps in {elapsed:.1f}s on {name} ({meta['precision']}, batch {batch}"
           f"{', CUDA graph' if cuda_graph and device == 'cuda' else ''})")
@@ -519,10 +620,17 @@ def main(argv=None):
     p.add_argument("--progress", action="append", default=[], metavar="PATH",
                    help="also draw the reverse process: .png, a still (x_t and predicted x_0 at 10 "
                         "steps), or .gif/.webp, an animation; may be given more than once (default: none)")
+    p.add_argument("--class", dest="classes", default=None, metavar="K",
+                   help="class(es) of a conditional model: a name or an index, a comma list, or all (a "
+                        "grid row per class) (default: none, unconditional)")
+    p.add_argument("--guidance", type=float, default=3.0,
+                   help="classifier-free guidance scale: 0 unconditional, 1 plain conditional, > 1 "
+                        "stronger (default: 3)")
     args = p.parse_args(argv)
     try:
         sample(args.model, args.n, args.steps, args.sampler, args.eta, args.seed, args.batch,
-               args.provider, args.cuda_graph, args.out, args.outdir, args.progress, args.spacing)
+               args.provider, args.cuda_graph, args.out, args.outdir, args.progress, args.spacing,
+               args.classes, args.guidance)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     except KeyboardInterrupt:

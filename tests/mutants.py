@@ -147,11 +147,28 @@ MUTANTS = [
      "columns += [g, np.log(betas), np.log(np.append(first, posterior[1:]))]", "ORT learned variance bounds swapped"),
     ("export.py", "oh.make_node(\"Mul\", [\"log_var\", \"half\"], [\"log_std\"])",
      "oh.make_node(\"Identity\", [\"log_var\"], [\"log_std\"])", "step graph: learned variance as std"),
+    # conditional generation (issue 12)
+    ("ddpm.py", "        eps = out_u[:, :C] + s * (out_c[:, :C] - out_u[:, :C])",
+     "        eps = out_c[:, :C] + s * (out_c[:, :C] - out_u[:, :C])", "guidance around the conditional branch"),
+    ("ddpm.py", "        return torch.cat([eps, out_c[:, C:]], dim=1)", "        return torch.cat([eps, out_u[:, C:]], dim=1)",
+     "guided learned variance from the unconditional branch"),
+    ("ddpm.py", "                y = torch.full_like(t, self.num_classes)", "                y = torch.zeros_like(t)",
+     "'no label' is class 0"),
+    ("ddpm.py", "        dropped = torch.rand(y.shape[0]) < cfg.p_uncond", "        dropped = torch.rand(y.shape[0]) < 0",
+     "labels never dropped in training"),
+    ("ddpm.py", "            eps = eps - self._at(self.sqrt_one_minus_alphas_cumprod, i, x_t) * classifier_grad(x_t, t)",
+     "            eps = eps - self._at(self.sqrt_alphas_cumprod, i, x_t) * classifier_grad(x_t, t)",
+     "classifier guidance scaled by sqrt(abar)"),
+    ("export.py", "        nodes += [oh.make_node(\"Sub\", [eps_c, eps_u], [\"eps_diff\"]),",
+     "        nodes += [oh.make_node(\"Sub\", [eps_u, eps_c], [\"eps_diff\"]),", "ORT guidance away from the class"),
+    ("sample_ort.py", "        self.y.update_inplace(np.concatenate([labels, null]) if self.guided else labels)",
+     "        self.y.update_inplace(np.concatenate([null, labels]) if self.guided else labels)",
+     "ORT branches in the wrong halves"),
 ]
 
 COMMAND = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not diffusers and not slow",
            "tests/test_core.py", "tests/test_onnx.py", "tests/test_convert.py", "tests/test_train.py",
-           "tests/test_bound.py"]
+           "tests/test_bound.py", "tests/test_guidance.py"]
 
 
 def main(argv):

@@ -72,11 +72,11 @@ def test_a_signal_in_the_middle_of_a_step_saves_at_its_end_and_resumes_exactly(t
     real = ddpm.GaussianDiffusion.training_loss
     calls = {"n": 0}
 
-    def loss_with_a_signal(self, model, x0, i, noise):
+    def loss_with_a_signal(self, model, x0, i, noise, y=None):
         calls["n"] += 1  # call 1: pre-flight; then 2 per step; call 6: step 3, micro-batch 1 of 2
         if calls["n"] == 6:
             os.kill(os.getpid(), signal.SIGINT)
-        return real(self, model, x0, i, noise)
+        return real(self, model, x0, i, noise, y)
 
     monkeypatch.setattr(ddpm.GaussianDiffusion, "training_loss", loss_with_a_signal)
     cfg = tiny_cfg(tmp_path, "stopped", grad_accum=2)
@@ -169,9 +169,9 @@ def test_nan_loss_stops_and_says_which_step_is_kept(tmp_path, monkeypatch):
     real = ddpm.GaussianDiffusion.training_loss
     calls = {"n": 0}
 
-    def loss_turning_nan(self, model, x0, i, noise):
+    def loss_turning_nan(self, model, x0, i, noise, y=None):
         calls["n"] += 1  # call 1 is the pre-flight, then one per step and one per save check
-        loss = real(self, model, x0, i, noise)
+        loss = real(self, model, x0, i, noise, y)
         return loss * float("nan") if calls["n"] >= 6 else loss
 
     monkeypatch.setattr(ddpm.GaussianDiffusion, "training_loss", loss_turning_nan)
