@@ -122,3 +122,14 @@ def probe_moments(out):
     mean = out[0]
     coefs = out[1:] - mean
     return np.stack([mean, (coefs ** 2).sum(0)])
+
+
+@pytest.fixture(scope="session")
+def shapes_judge():
+    """evaluate.py's judge of the built-in shapes (its classifier trains in about 30 s), shared by
+    the test files that judge samples."""
+    import evaluate
+    model, accuracy = evaluate.train_shapes_classifier()
+    print(f"shapes classifier: accuracy {accuracy:.3f} on a fresh draw")
+    assert accuracy > 0.95
+    return model

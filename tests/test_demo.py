@@ -35,10 +35,8 @@ def demo(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def judge():
-    classifier, accuracy = evaluate.train_shapes_classifier()
-    print(f"judge's classifier: {accuracy:.1%} on a held-out draw of the dataset")
-    return classifier
+def judge(shapes_judge):
+    return shapes_judge
 
 
 def score(path, judge):

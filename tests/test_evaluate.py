@@ -165,11 +165,8 @@ def test_mistakes_are_sentences(setup, tmp_path, monkeypatch):
 # -- the judge of the built-in shapes ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def classifier():
-    model, accuracy = evaluate.train_shapes_classifier()
-    print(f"shapes classifier: accuracy {accuracy:.3f} on a fresh draw")
-    assert accuracy > 0.95
-    return model
+def classifier(shapes_judge):
+    return shapes_judge
 
 
 @pytest.mark.slow
