@@ -3,7 +3,7 @@ PY := .venv/bin/python
 DEMO := runs/demo
 DEMO_STEPS := 1000
 
-.PHONY: install test test-fast mutants demo bench bench-gpu clean
+.PHONY: install test test-fast mutants demo bench bench-gpu bench-ddp clean
 
 install: .venv/.installed
 
@@ -52,6 +52,10 @@ bench: install
 
 bench-gpu: install
 	$(PY) bench/bench.py --device cuda
+
+# Training on one process against a torchrun job of 2 on the same cores (bench/ddp.py).
+bench-ddp: install
+	$(PY) bench/ddp.py
 
 clean:
 	rm -rf .venv runs ckpt.pt samples.png ddpm.onnx

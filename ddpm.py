@@ -13,8 +13,9 @@ What is here, in the order of the paper:
                   (Dhariwal & Nichol 2021)
   checkpoints     self-describing, atomic, never non-finite, loaded with weights_only
   data            shapes (built in), CIFAR-10, STL-10, a folder of images (RGB or grayscale)
-  training        Algorithm 1 with Adam, warm-up, grad clipping, EMA, AMP, exact resume (also
-                  after Ctrl-C or SIGTERM, which finish the step and save)
+  training        Algorithm 1 with Adam (or AdamW), warm-up, grad clipping, EMA, AMP, exact
+                  resume (also after Ctrl-C or SIGTERM, which finish the step and save), DDP
+                  under torchrun with the same math at every world size
   sampling        grids and per-image PNGs
   main()          python ddpm.py {train,train-classifier,sample,info}
 
@@ -27,6 +28,7 @@ Images live in [-1, 1] everywhere inside this file; the data boundary converts.
   python ddpm.py train --data cifar10        # Ho et al.'s CIFAR-10 run (a GPU job)
   python ddpm.py train --data shapes --model tiny --steps 2000   # a CPU demo
   python ddpm.py train --resume              # continue ckpt.pt exactly where it stopped
+  torchrun --standalone --nproc-per-node=8 ddpm.py train --data cifar10   # 8 GPUs, batch 128 in all
   python ddpm.py sample --ckpt ckpt.pt --n 64
   python ddpm.py train --data shapes --cond ...  # class-conditional, then sample --class all --guidance 3
   python ddpm.py info --model cifar10
@@ -49,8 +51,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from PIL import Image, ImageDraw
 
 CHECKPOINT_FORMAT = 1
@@ -87,9 +91,12 @@ class Config:
     data: str = "shapes"
     data_dir: str = "data"
     steps: int = 800_000
-    batch_size: int = 128
-    grad_accum: int = 1
+    batch_size: int = 128  # the global batch, over all processes and micro-batches; 0: auto
+    grad_accum: int = 1  # 0: auto
+    grad_checkpoint: bool = False
+    optimizer: str = "adam"
     lr: float = 2e-4
+    weight_decay: float = 0.0
     warmup: int = 5000
     cosine_lr: bool = False  # not in Ho et al.
     min_snr: float = 0.0  # not in Ho et al.: min-SNR-gamma weights (Hang et al. 2023); 0 is L_simple
@@ -106,6 +113,7 @@ class Config:
     log_every: int = 100
     num_workers: int = -1
     device: str = "auto"
+    tensorboard: bool = True
 
 
 # One line of help per Config field; `train -h` prints it with the default.
@@ -141,9 +149,18 @@ HELP = {
             "labels)",
     "data_dir": "where cifar10 and stl10 are downloaded to or found",
     "steps": "optimizer steps in total; a resumed run finishes the same plan",
-    "batch_size": "images per optimizer step",
-    "grad_accum": "micro-batches per optimizer step (each batch_size / grad_accum images)",
-    "lr": "Adam learning rate after warm-up",
+    "batch_size": "images per optimizer step, over all processes of a torchrun job; auto: the "
+                  "largest that fits in GPU memory, found by trial (CUDA only) (default: 128)",
+    "grad_accum": "micro-batches per optimizer step and process (each batch_size / (processes x "
+                  "grad_accum) images); auto: the fewest that fit in GPU memory, keeping "
+                  "--batch-size (CUDA only) (default: 1)",
+    "grad_checkpoint": "recompute the activations of the residual and attention blocks in the "
+                       "backward pass instead of storing them: less memory, about a third more "
+                       "compute, the same gradients",
+    "optimizer": "adam (Ho et al.) or adamw (decoupled weight decay, Loshchilov & Hutter 2019)",
+    "lr": "learning rate after warm-up",
+    "weight_decay": "weight decay: decoupled with adamw, an L2 term in the gradient with adam "
+                    "(default: 0 with adam, 0.01 with adamw, PyTorch's defaults)",
     "warmup": "linear learning-rate warm-up steps",
     "cosine_lr": "decay the learning rate to 0 after warm-up (not in Ho et al.)",
     "min_snr": "weight each t's loss by min(SNR_t, gamma) as Hang et al. 2023 (gamma 5); 0 is "
@@ -162,7 +179,9 @@ HELP = {
     "sample_every": "write a 64-image DDIM grid every N steps and at the end; 0: never",
     "log_every": "log loss, lr, grad norm and img/s every N steps",
     "num_workers": "data loader processes; -1: 0 for built-in data, else up to 8 by CPU count",
-    "device": "auto, cpu, cuda or cuda:N",
+    "device": "auto, cpu, cuda or cuda:N; under torchrun each process takes its LOCAL_RANK's GPU",
+    "tensorboard": "also write TensorBoard event files (loss, lr, grad norm, img/s, sample grids) "
+                   "in the run directory, where the tensorboard package is installed",
 }
 
 
@@ -189,6 +208,7 @@ BUILTIN_DATA = ("shapes", "cifar10", "stl10")
 PREDICTIONS = ("eps", "v", "x0")
 VAR_TYPES = ("fixed_large", "fixed_small", "learned_range")
 AMP_MODES = ("auto", "bf16", "fp16", "none")
+OPTIMIZERS = ("adam", "adamw")
 SPACINGS = ("leading", "trailing", "linspace")
 
 
@@ -250,8 +270,15 @@ def check_config(cfg):
         raise ValueError(f"T={cfg.T}: the linear schedule needs T >= 20; use --schedule cosine")
     if cfg.amp not in AMP_MODES:
         raise ValueError(f"unknown --amp '{cfg.amp}'; use {', '.join(AMP_MODES)}")
-    if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.batch_size % cfg.grad_accum:
+    if cfg.batch_size < 0 or cfg.grad_accum < 0 or (cfg.batch_size == cfg.grad_accum == 0):
+        raise ValueError("--batch-size and --grad-accum take a positive number or auto, and only "
+                         "one of them can be auto")
+    if cfg.batch_size and cfg.grad_accum and cfg.batch_size % cfg.grad_accum:
         raise ValueError("--batch-size must be a positive multiple of --grad-accum")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown --optimizer '{cfg.optimizer}'; use {', '.join(OPTIMIZERS)}")
+    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
+        raise ValueError(f"--weight-decay {cfg.weight_decay} must be at least 0")
     if cfg.steps < 1:
         raise ValueError(f"--steps {cfg.steps}: train for at least 1 step")
     if not (math.isfinite(cfg.lr) and cfg.lr > 0) or cfg.warmup < 0:
@@ -385,6 +412,7 @@ class UNet(nn.Module):
         self.ch = cfg.ch
         self.num_res_blocks = cfg.num_res_blocks
         self.num_classes = cfg.num_classes
+        self.grad_checkpoint = False  # train() sets it for --grad-checkpoint
         temb_ch = 4 * cfg.ch
         num_levels = len(cfg.ch_mult)
         groups = cfg.norm_groups
@@ -459,20 +487,29 @@ class UNet(nn.Module):
             raise ValueError("this model is unconditional (trained without --cond); it takes no labels")
         return temb
 
+    def run_block(self, block, *args):
+        """A residual or attention block. With grad_checkpoint, in training, its activations are
+        recomputed in the backward pass instead of kept (Chen et al. 2016); the RNG state is
+        replayed, so dropout draws the same masks and the gradients are the same."""
+        if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
     def encode(self, x, temb):
         """The downsampling half and the middle: every activation the skip connections need,
         the middle block's output last."""
         hs = [self.conv_in(x)]
         for down in self.down:
             for i, block in enumerate(down.block):
-                h = block(hs[-1], temb)
+                h = self.run_block(block, hs[-1], temb)
                 if len(down.attn) > 0:
-                    h = down.attn[i](h)
+                    h = self.run_block(down.attn[i], h)
                 hs.append(h)
             if hasattr(down, "downsample"):
                 hs.append(down.downsample(hs[-1]))
         h = hs[-1]
-        return hs, self.mid.block_2(self.mid.attn_1(self.mid.block_1(h, temb)), temb)
+        h = self.run_block(self.mid.attn_1, self.run_block(self.mid.block_1, h, temb))
+        return hs, self.run_block(self.mid.block_2, h, temb)
 
     def forward(self, x, t, y=None):
         """x: (B, C, H, W) noisy images x_t in [-1, 1]-ish, t: (B,) int64 in [0, T), y: (B,) int64
@@ -482,9 +519,9 @@ class UNet(nn.Module):
         hs, h = self.encode(x, temb)
         for up in reversed(self.up):
             for i, block in enumerate(up.block):
-                h = block(torch.cat([h, hs.pop()], dim=1), temb)  # [h, skip]
+                h = self.run_block(block, torch.cat([h, hs.pop()], dim=1), temb)  # [h, skip]
                 if len(up.attn) > 0:
-                    h = up.attn[i](h)
+                    h = self.run_block(up.attn[i], h)
             if hasattr(up, "upsample"):
                 h = up.upsample(h)
         assert not hs
@@ -1286,12 +1323,14 @@ def class_names(dataset, data):
 
 
 class StepBatchSampler(torch.utils.data.Sampler):
-    """Batches determined by (seed, step) alone, so a resumed run sees the same batches."""
+    """Batches determined by (seed, step) alone, so a resumed run sees the same batches. Of the
+    batch, process `rank` of `world` gets the rank-th of world equal parts."""
 
-    def __init__(self, n, batch_size, seed, start_step, steps):
-        assert n >= batch_size
+    def __init__(self, n, batch_size, seed, start_step, steps, rank=0, world=1):
+        assert n >= batch_size and batch_size % world == 0
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.start_step, self.steps = start_step, steps
+        self.part = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
 
     def __len__(self):
         return self.steps - self.start_step
@@ -1305,7 +1344,7 @@ class StepBatchSampler(torch.utils.data.Sampler):
                 g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
                 perm = torch.randperm(self.n, generator=g)
             k = step % per_epoch
-            yield perm[k * self.batch_size:(k + 1) * self.batch_size].tolist()
+            yield perm[k * self.batch_size:(k + 1) * self.batch_size][self.part].tolist()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1316,6 +1355,13 @@ PICTURE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 def save_grid(images_uint8, path, nrow=None, pad=2):
     """(N, H, W, C) uint8 -> one picture, nrow images per row (default: a square)."""
+    grid = grid_of(images_uint8, nrow, pad)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).save(path)
+
+
+def grid_of(images_uint8, nrow=None, pad=2):
+    """(N, H, W, C) uint8 -> (rows, columns, C) uint8, the images on a white background."""
     n, h, w, c = images_uint8.shape
     nrow = nrow or math.ceil(math.sqrt(n))
     ncol = math.ceil(n / nrow)
@@ -1323,8 +1369,7 @@ def save_grid(images_uint8, path, nrow=None, pad=2):
     for k in range(n):
         r, q = divmod(k, nrow)
         grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = images_uint8[k]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(path)
+    return grid
 
 
 PROGRESS_EXTENSIONS = (".png", ".gif", ".webp")
@@ -1525,6 +1570,8 @@ def restore(resume, cfg, raw_model, ema, optimizer, scaler):
     load_weights(raw_model, state["model"], resume)
     load_weights(ema, state["ema"], resume, "EMA weights")
     load_weights(optimizer, state["optimizer"], resume, "optimizer state")
+    for group in optimizer.param_groups:  # the saved groups carry the old run's settings: this run's win
+        group.update(optimizer.defaults)
     load_weights(scaler, state["scaler"], resume, "gradient scaler state")
     step = int(state["step"])
     for f in dataclasses.fields(Config):
@@ -1537,10 +1584,12 @@ def restore(resume, cfg, raw_model, ema, optimizer, scaler):
 
 
 class RunLog:
-    """metrics.jsonl, one JSON line per logged step, and loss.png, redrawn at every line. A
-    resumed run first drops the lines written after the step it resumes from."""
+    """metrics.jsonl, one JSON line per logged step, and loss.png, redrawn at every line; with
+    tensorboard, the same numbers and the sample grids as TensorBoard events. A resumed run first
+    drops the lines written after the step it resumes from (and tells TensorBoard to, by a purge
+    step; a new run purges from step 0, so an earlier run's events in the folder are hidden)."""
 
-    def __init__(self, out_dir, resume_step=None):
+    def __init__(self, out_dir, resume_step=None, tensorboard=True):
         self.path = os.path.join(out_dir, "metrics.jsonl")
         self.png = os.path.join(out_dir, "loss.png")
         self.rows = []
@@ -1555,15 +1604,38 @@ class RunLog:
         write_atomically(self.path, lambda tmp: open(tmp, "w").write(text))
         self.file = open(self.path, "a")
         self.warned = False
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                print("note: the tensorboard package is not installed, so the log is metrics.jsonl "
+                      "and loss.png only (pip install tensorboard, or pass --no-tensorboard)",
+                      file=sys.stderr)
+            else:
+                self.tb = SummaryWriter(out_dir, flush_secs=30,
+                                        purge_step=0 if resume_step is None else resume_step + 1)
 
     def write(self, row):
         self.rows.append(row)
         try:
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
+            if self.tb is not None:
+                for name, value in row.items():
+                    if name != "step":
+                        self.tb.add_scalar(f"train/{name}", value, row["step"])
         except OSError as e:
             self.warn(e)
         self.draw()
+
+    def image(self, step, grid):
+        """A (rows, columns, C) uint8 picture in TensorBoard's images tab."""
+        if self.tb is not None:
+            try:
+                self.tb.add_image("samples", grid, step, dataformats="HWC")
+            except OSError as e:
+                self.warn(e)
 
     def draw(self):
         try:
@@ -1580,6 +1652,8 @@ class RunLog:
     def close(self):
         with contextlib.suppress(OSError):
             self.file.close()
+            if self.tb is not None:
+                self.tb.close()
 
 
 class StopSignals:
@@ -1601,9 +1675,12 @@ class StopSignals:
         print(f"\n{signal.Signals(signum).name}: stopping after this step to save a checkpoint "
               "(send it again to stop at once, without saving)", file=sys.stderr)
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         for s, handler in self.previous.items():
-            signal.signal(s, handler)
+            # a job of several processes that is ending with an error: the SIGTERM torchrun sends
+            # the others must not cut short the message that says why
+            ending = exc_type is not None and dist.is_initialized()
+            signal.signal(s, signal.SIG_IGN if ending else handler)
 
 
 def ignore_stop_signals(worker_id):
@@ -1612,6 +1689,110 @@ def ignore_stop_signals(worker_id):
     the loader raise in the middle of that step."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def make_optimizer(cfg, params):
+    """Adam (Ho et al.) or AdamW. --weight-decay is an L2 term in Adam's gradient; AdamW decays
+    the weights directly, apart from the adaptive step (Loshchilov & Hutter 2019)."""
+    kind = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return kind(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+# Several processes (torchrun). Every process runs this same program on its share of each batch:
+# with N processes and K micro-batches each, process r takes micro-batches r K .. r K + K - 1 of
+# the N K, and draws t, eps, flips and dropout for micro-batch m from micro_batch_seed(seed, step,
+# m), as a single process with N K micro-batches does. DDP averages the gradients over the
+# processes, so the optimizer step is the same: the world size does not change the math.
+
+
+def init_distributed(cfg):
+    """Under torchrun (which sets RANK, WORLD_SIZE and LOCAL_RANK): join the job's process group,
+    NCCL with each process on its LOCAL_RANK's GPU, or gloo on CPUs. Returns (rank, world size,
+    device); (0, 1, the --device) without torchrun. Processes other than rank 0 print only
+    warnings and errors."""
+    device = pick_device(cfg.device)
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1, device
+    local = int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda":
+        if cfg.device.startswith("cuda:"):
+            raise ValueError(f"--device {cfg.device}: under torchrun each process uses the GPU "
+                             "of its LOCAL_RANK; pass --device cuda (or auto)")
+        if local >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK {local}, but this machine has {torch.cuda.device_count()} "
+                             "GPU(s): start at most one process per GPU (--nproc-per-node)")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def lost_a_peer(e):
+    """Whether a collective failed because another process of the job stopped."""
+    return isinstance(e, dist.DistError) or any(
+        text in str(e) for text in ("Connection closed by peer", "Connection reset by peer"))
+
+
+def agree(loss_sum, signum, world):
+    """(the mean loss over all processes, whether any process was asked to stop). One all-reduce
+    per step, so all stop after the same step: torchrun passes Ctrl-C and SIGTERM on to each
+    process, and they do not arrive at the same moment."""
+    both = torch.stack([loss_sum.float(), torch.ones((), device=loss_sum.device) * (signum is not None)])
+    if world > 1:
+        dist.all_reduce(both)
+    total, stops = both.tolist()
+    return total / world, stops > 0
+
+
+def largest_batch(fits, limit):
+    """The largest b <= limit with fits(b), doubling from 1 until a batch fails, then bisecting
+    (fits(b) is False for a batch that runs out of memory); 0 if not even one image fits."""
+    lo, hi = 0, 1
+    while hi <= limit and fits(hi):
+        lo, hi = hi, 2 * hi
+    hi = min(hi, limit + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def fits_on_gpu(loss_of, model, shape, reserve_bytes):
+    """Whether one micro-batch of `shape` runs forward and backward in GPU memory, with
+    reserve_bytes held back for what training adds later (Adam's moments, DDP's buckets)."""
+    device = next(model.parameters()).device
+    fits, held, x0 = True, None, None
+    try:
+        held = torch.empty(reserve_bytes, dtype=torch.uint8, device=device)
+        x0 = torch.zeros(shape, device=device).contiguous(memory_format=torch.channels_last)
+        loss_of(model, x0, torch.zeros(shape[0], dtype=torch.long), 0, 0).backward()
+        torch.cuda.synchronize(device)
+    except torch.OutOfMemoryError:
+        fits = False
+    held = x0 = None
+    model.zero_grad(set_to_none=True)
+    torch.cuda.empty_cache()
+    return fits
+
+
+def split_batch(cfg, micro_max, world):
+    """(batch_size, grad_accum) for --batch-size auto (micro-batches of micro_max, the
+    --grad-accum given) or --grad-accum auto (--batch-size kept, the fewest micro-batches of
+    at most micro_max)."""
+    if micro_max < 1:
+        raise ValueError("not even one image fits in GPU memory; try --grad-checkpoint, --amp bf16 "
+                         "or a smaller model")
+    if cfg.batch_size == 0:
+        return micro_max * world * cfg.grad_accum, cfg.grad_accum
+    per_process = cfg.batch_size // world
+    for k in range(1, per_process + 1):
+        if per_process % k == 0 and per_process // k <= micro_max:
+            return cfg.batch_size, k
+    raise AssertionError("k = per_process always fits")
 
 
 class Diverged(Exception):
@@ -1629,11 +1810,14 @@ class Stopped(Exception):
 def train(cfg, resume=None, overwrite=False):
     """Algorithm 1 for cfg.steps optimizer steps. resume: a checkpoint to continue exactly.
     Files a previous run left at cfg.ckpt or in the run directory are refused unless resume
-    continues them or overwrite is set."""
-    device = pick_device(cfg.device)
+    continues them or overwrite is set. Under torchrun, one of the job's processes (rank 0 writes
+    the files)."""
+    rank, world, device = init_distributed(cfg)
+    lead = rank == 0  # the process that writes the checkpoint, the log and the pictures
     out_dir = run_dir(cfg)
-    check_run_files(cfg, resume, overwrite)
-    if cfg.steps < cfg.warmup:
+    if lead:
+        check_run_files(cfg, resume, overwrite)
+    if cfg.steps < cfg.warmup and lead:
         print(f"warning: --steps {cfg.steps} ends inside the {cfg.warmup}-step warm-up, so the "
               f"learning rate never reaches --lr {cfg.lr} (it ends at "
               f"{learning_rate(cfg, cfg.steps - 1):.2g}); lower --warmup", file=sys.stderr)
@@ -1649,40 +1833,21 @@ def train(cfg, resume=None, overwrite=False):
     dataset = load_dataset(cfg, labelled=labelled)
     names = class_names(dataset, cfg.data) if labelled else ()
     cfg = dataclasses.replace(cfg, num_classes=len(names), class_names=names)
-    if len(dataset) < cfg.batch_size:
-        raise ValueError(f"the dataset has {len(dataset)} images, fewer than --batch-size "
-                         f"{cfg.batch_size}")
-    print(f"data: {cfg.data}, {len(dataset)} images at {cfg.image_size}x{cfg.image_size}"
-          f"{f', {len(names)} classes' if names else ''}; run directory {out_dir}; device {device}")
 
-    torch.manual_seed(cfg.seed)  # the initial weights
+    torch.manual_seed(cfg.seed)  # the initial weights, the same in every process
     raw_model = build_model(cfg).to(device)
+    raw_model.grad_checkpoint = cfg.grad_checkpoint
     if device.type == "cuda":
         raw_model = raw_model.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(raw_model).eval().requires_grad_(False)
-    optimizer = torch.optim.Adam(raw_model.parameters(), lr=cfg.lr)
+    optimizer = make_optimizer(cfg, raw_model.parameters())
     diffusion = GaussianDiffusion.from_config(cfg)
     objective = diffusion.classifier_loss if cfg.kind == "classifier" else diffusion.training_loss
     model = torch.compile(raw_model) if cfg.compile else raw_model
-    check_free_space(cfg.ckpt, raw_model)
+    if lead:
+        check_free_space(cfg.ckpt, raw_model)
 
-    step = restore(resume, cfg, raw_model, ema, optimizer, scaler) if resume is not None else 0
-    if step >= cfg.steps:
-        print(f"nothing to do: the checkpoint is at step {step}, --steps is {cfg.steps}")
-        return
-    first_step = step
-    micro = cfg.batch_size // cfg.grad_accum
-    if cfg.num_workers >= 0:
-        workers = cfg.num_workers
-    else:  # in-memory data needs no workers; decoding files does
-        workers = 0 if isinstance(dataset, ShapesDataset) else min(8, os.cpu_count() or 1)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=StepBatchSampler(len(dataset), cfg.batch_size, cfg.seed, step,
-                                                cfg.steps),
-        num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-        worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(cfg.seed))
-
-    def loss_of(x0, y, at_step, m):
+    def loss_of(net, x0, y, at_step, m):
         """The loss on micro-batch m of a step, with flips, t, eps, dropped labels and dropout
         from its seed."""
         torch.manual_seed(micro_batch_seed(cfg.seed, at_step, m))
@@ -1693,7 +1858,7 @@ def train(cfg, resume=None, overwrite=False):
         noise = torch.randn_like(x0)
         y = labels_seen(y)
         with autocast:
-            return objective(model, x0, i, noise, y)
+            return objective(net, x0, i, noise, y)
 
     def labels_seen(y):
         """What the network is told of the labels: none (unconditional), all (the classifier), or,
@@ -1704,6 +1869,51 @@ def train(cfg, resume=None, overwrite=False):
             return None
         dropped = torch.rand(y.shape[0]) < cfg.p_uncond
         return torch.where(dropped, cfg.num_classes, y).to(device)
+
+    if not (cfg.batch_size and cfg.grad_accum):  # auto: find by trial what fits in GPU memory
+        if device.type != "cuda":
+            raise ValueError("--batch-size auto and --grad-accum auto measure GPU memory, so they "
+                             "need CUDA; on a CPU give numbers")
+        shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+        reserve = 3 * 4 * count_params(raw_model)  # Adam's two moments, DDP's gradient buckets
+        micro_max = largest_batch(lambda b: fits_on_gpu(loss_of, raw_model, (b, *shape), reserve),
+                                  limit=len(dataset) // world)
+        if world > 1:  # the smallest GPU decides
+            micro_max = torch.tensor(micro_max, device=device)
+            dist.all_reduce(micro_max, dist.ReduceOp.MIN)
+            micro_max = int(micro_max)
+        micro_max = max(1, micro_max * 9 // 10) if micro_max else 0  # 10% to spare for fragmentation
+        batch_size, grad_accum = split_batch(cfg, micro_max, world)
+        print(f"auto: micro-batches of up to {micro_max} images fit (90% of the largest that ran); "
+              f"--batch-size {batch_size} = {world} process(es) x {grad_accum} micro-batch(es) x "
+              f"{batch_size // (world * grad_accum)} images")
+        cfg = dataclasses.replace(cfg, batch_size=batch_size, grad_accum=grad_accum)
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise ValueError(f"--batch-size {cfg.batch_size} does not split into {world} process(es) x "
+                         f"{cfg.grad_accum} micro-batch(es); use a multiple of {world * cfg.grad_accum}")
+    if len(dataset) < cfg.batch_size:
+        raise ValueError(f"the dataset has {len(dataset)} images, fewer than --batch-size "
+                         f"{cfg.batch_size}")
+    print(f"data: {cfg.data}, {len(dataset)} images at {cfg.image_size}x{cfg.image_size}"
+          f"{f', {len(names)} classes' if names else ''}; run directory {out_dir}; device {device}"
+          f"{f'; {world} processes' if world > 1 else ''}")
+
+    step = restore(resume, cfg, raw_model, ema, optimizer, scaler) if resume is not None else 0
+    if step >= cfg.steps:
+        print(f"nothing to do: the checkpoint is at step {step}, --steps is {cfg.steps}")
+        return
+    first_step = step
+    micro = cfg.batch_size // (world * cfg.grad_accum)
+    if cfg.num_workers >= 0:
+        workers = cfg.num_workers
+    else:  # in-memory data needs no workers; decoding files does, shared by a node's processes
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        workers = 0 if isinstance(dataset, ShapesDataset) else min(8, max(1, (os.cpu_count() or 1) // per_node))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=StepBatchSampler(len(dataset), cfg.batch_size, cfg.seed, step,
+                                                cfg.steps, rank, world),
+        num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+        worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(cfg.seed))
 
     saved = {"step": step if resume is not None and os.path.exists(cfg.ckpt)
              and os.path.samefile(resume, cfg.ckpt) else None}
@@ -1737,8 +1947,10 @@ def train(cfg, resume=None, overwrite=False):
                           device=device)
         y = torch.arange(64) % cfg.num_classes if cfg.num_classes else None
         x0 = sample_loop(ema, diffusion, x_T, sampler="ddim", steps=min(50, cfg.T), generator=g, y=y)
+        images = to_uint8(x0)
+        log.image(at_step, grid_of(images))
         try:
-            save_grid(to_uint8(x0), os.path.join(out_dir, f"samples_{at_step:07d}.png"))
+            save_grid(images, os.path.join(out_dir, f"samples_{at_step:07d}.png"))
         except OSError as e:
             print(f"warning: cannot write a sample grid in '{out_dir}' ({e.strerror or e})",
                   file=sys.stderr)
@@ -1747,14 +1959,18 @@ def train(cfg, resume=None, overwrite=False):
     # seconds. Its gradients are dropped, and every step seeds its own draws, so it changes nothing.
     first, first_y = next(iter(torch.utils.data.DataLoader(dataset, batch_size=micro)))
     t0 = time.time()
-    loss = loss_of(first.to(device), first_y, step, 0)
+    loss = loss_of(model, first.to(device), first_y, step, 0)
     loss.backward()
     optimizer.zero_grad(set_to_none=True)
     print(f"pre-flight ok: one step on one batch, loss {loss.item():.4f}, {time.time() - t0:.1f}s")
+    if world > 1:  # DDP averages the gradients in backward(); it starts from rank 0's weights
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
 
     from tqdm import tqdm
-    log = RunLog(out_dir, step if resume is not None else None)
-    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    log = RunLog(out_dir, step if resume is not None else None, cfg.tensorboard) if lead else None
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not lead)
     model.train()
     t_last, imgs_since, paused = time.time(), 0, 0.0  # paused: saving and sampling, not training
     try:
@@ -1763,16 +1979,20 @@ def train(cfg, resume=None, overwrite=False):
                 lr = learning_rate(cfg, step)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                loss_sum = 0.0
-                for m, (x0, y) in enumerate(zip(batch.to(device, non_blocking=True).split(micro),
+                loss_sum = torch.zeros((), device=device)
+                for k, (x0, y) in enumerate(zip(batch.to(device, non_blocking=True).split(micro),
                                                 labels.split(micro))):
                     if device.type == "cuda":
                         x0 = x0.contiguous(memory_format=torch.channels_last)
-                    loss = loss_of(x0, y, step, m) / cfg.grad_accum
-                    if not torch.isfinite(loss):
-                        raise Diverged(f"the loss became {loss.item()} at step {step + 1}")
-                    scaler.scale(loss).backward()
-                    loss_sum += loss.item()
+                    # DDP averages the gradients once, in the backward of the last micro-batch
+                    last = k == cfg.grad_accum - 1
+                    with contextlib.nullcontext() if world == 1 or last else model.no_sync():
+                        loss = loss_of(model, x0, y, step, rank * cfg.grad_accum + k) / cfg.grad_accum
+                        scaler.scale(loss).backward()
+                    loss_sum += loss.detach()
+                loss_sum, stop_asked = agree(loss_sum, stop.signal, world)
+                if not math.isfinite(loss_sum):
+                    raise Diverged(f"the loss became {loss_sum} at step {step + 1}")
                 scaler.unscale_(optimizer)
                 max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")  # 0: no clipping
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm))
@@ -1783,37 +2003,45 @@ def train(cfg, resume=None, overwrite=False):
                 optimizer.zero_grad(set_to_none=True)
                 ema_update(ema, raw_model, cfg.ema_decay)
                 step += 1
-                imgs_since += batch.shape[0]
+                imgs_since += cfg.batch_size
                 bar.update(1)
                 t_pause = time.time()
-                if step % cfg.log_every == 0 or step == cfg.steps:
+                if lead and (step % cfg.log_every == 0 or step == cfg.steps):
                     ips = imgs_since / max(t_pause - t_last - paused, 1e-9)
                     log.write({"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
                                "img_per_s": ips})
                     bar.set_postfix(loss=f"{loss_sum:.4f}", img_s=f"{ips:.1f}")
                     t_last, imgs_since, paused = time.time(), 0, 0.0
                     t_pause = t_last
-                if stop.signal or step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
-                    save(step, stop.signal is not None or step == cfg.steps, x0, y)
-                if cfg.sample_every and cfg.kind == "denoiser" and (step % cfg.sample_every == 0 or step == cfg.steps):
+                if stop_asked or step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
+                    if lead:
+                        save(step, stop_asked or step == cfg.steps, x0, y)
+                    if world > 1:  # the others wait: torchrun ends the job when one process exits
+                        dist.barrier()
+                if lead and cfg.sample_every and cfg.kind == "denoiser" and \
+                        (step % cfg.sample_every == 0 or step == cfg.steps):
                     sample_grid(step)
                 paused += time.time() - t_pause
-                if stop.signal:
-                    name = signal.Signals(stop.signal).name
-                    raise Stopped(f"\n{name}: saved step {step} to '{cfg.ckpt}'; continue with "
-                                  f"--resume {cfg.ckpt}", 128 + stop.signal)
+                if stop_asked:
+                    signum = stop.signal or signal.SIGTERM  # another process may have been the one asked
+                    raise Stopped(f"\n{signal.Signals(signum).name}: saved step {step} to "
+                                  f"'{cfg.ckpt}'; continue with --resume {cfg.ckpt}" if lead else "",
+                                  128 + signum)
     except Diverged as e:
         raise Stopped(f"error: {e}; training stopped, and {on_disk()} (only weights that give a "
                       "finite loss are saved). Try a lower --lr, --amp bf16 instead of fp16, or check "
-                      "the data", 1) from None
+                      "the data" if lead else "", 1) from None
     except KeyboardInterrupt:
         hint = f"; continue with --resume {cfg.ckpt}" if saved["step"] is not None else ""
         raise Stopped(f"\nstopped at once during step {step + 1}, without saving; {on_disk()}{hint}",
                       130) from None
     finally:
         bar.close()
-        log.draw()
-        log.close()
+        if log is not None:
+            log.draw()
+            log.close()
+    if world > 1:  # rank 0 finishes its last grid before the job ends
+        dist.barrier()
     print(f"done: steps {first_step}..{step}; checkpoint '{cfg.ckpt}', samples and loss curve "
           f"in {out_dir}")
 
@@ -1949,7 +2177,8 @@ def sample(ckpt, n=64, steps=None, sampler="ddpm", eta=0.0, seed=0, out="samples
 # Command line
 
 CHOICES = {"model": list(PRESETS), "schedule": ["linear", "cosine"], "prediction": list(PREDICTIONS),
-           "var_type": list(VAR_TYPES), "amp": list(AMP_MODES)}
+           "var_type": list(VAR_TYPES), "amp": list(AMP_MODES), "optimizer": list(OPTIMIZERS)}
+AUTO_FIELDS = ("batch_size", "grad_accum")  # take "auto", stored as 0 until train() finds the number
 
 
 def add_config_flags(parser):
@@ -1966,9 +2195,20 @@ def add_config_flags(parser):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif isinstance(f.default, tuple):
             parser.add_argument(flag, type=int_tuple, default=None, metavar="A,B,..", help=text)
+        elif f.name in AUTO_FIELDS:
+            parser.add_argument(flag, type=count_or_auto, default=None, metavar="N|auto", help=text)
         else:
             parser.add_argument(flag, type=type(f.default), default=None, help=text,
                                 choices=CHOICES.get(f.name))
+
+
+def count_or_auto(text):
+    if text == "auto":
+        return 0
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is neither a whole number nor auto") from None
 
 
 def int_tuple(text):
@@ -1981,6 +2221,8 @@ def int_tuple(text):
 def train_config(given, resume):
     """The run's Config from the flags given (None: not given). A fresh run starts from a preset;
     a resumed one from the checkpoint's config, so `train --resume` alone continues the run."""
+    if given["optimizer"] == "adamw" and given["weight_decay"] is None:
+        given["weight_decay"] = 0.01  # PyTorch's AdamW default; Adam's is 0
     if resume is not None:
         path = resume or given["ckpt"] or Config.ckpt
         saved = config_from_dict(read_checkpoint(path)["config"], f"'{path}'")
@@ -2100,12 +2342,22 @@ def main(argv=None):
             print(f"{'forward FLOPs':>17}: {count_flops(model, cfg) / 1e9:.2f} G at batch 1, "
                   f"{cfg.image_size}x{cfg.image_size}")
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        who = f"rank {dist.get_rank()}: " if dist.is_initialized() and dist.get_rank() else ""
+        raise SystemExit(f"{who}error: {e}") from None
     except Stopped as e:
-        print(str(e), file=sys.stderr)
+        if str(e):  # under torchrun, rank 0 speaks for the job
+            print(str(e), file=sys.stderr)
         raise SystemExit(e.exit_code) from None
     except KeyboardInterrupt:
         raise SystemExit("\ninterrupted") from None
+    except RuntimeError as e:
+        if not (dist.is_initialized() and lost_a_peer(e)):
+            raise
+        raise SystemExit(f"rank {dist.get_rank()}: stopped, because another process of this "
+                         "torchrun job stopped (its message is above)") from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

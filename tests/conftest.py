@@ -22,6 +22,14 @@ def run_script(script, *args, cwd=None, env=None, timeout=600):
                           capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
 
 
+def max_difference(a, b):
+    """Largest difference between two training checkpoints' weights, EMA weights and Adam moments."""
+    pairs = [(a[part][k], b[part][k]) for part in ("model", "ema") for k in a[part]]
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    pairs += [(sa[k][m], sb[k][m]) for k in sa for m in ("exp_avg", "exp_avg_sq")]
+    return max((x - y).abs().max().item() for x, y in pairs)
+
+
 def assert_clean_error(r, *fragments):
     """A finished subprocess failed with a message holding every fragment, and no traceback."""
     assert r.returncode != 0, r.stdout[-2000:]

@@ -64,7 +64,8 @@ MUTANTS = [
      "no swish on the time embedding"),
     ("ddpm.py", "h = F.scaled_dot_product_attention(q, k, v)", "h = F.scaled_dot_product_attention(q, k, v, scale=1.0)",
      "attention without C^-1/2"),
-    ("ddpm.py", "h = block(torch.cat([h, hs.pop()], dim=1), temb)", "h = block(torch.cat([hs.pop(), h], dim=1), temb)",
+    ("ddpm.py", "h = self.run_block(block, torch.cat([h, hs.pop()], dim=1), temb)",
+     "h = self.run_block(block, torch.cat([hs.pop(), h], dim=1), temb)",
      "skip concatenated [skip, h]"),
     ("ddpm.py", "return self.conv_out(F.silu(self.norm_out(h)))", "return self.conv_out(self.norm_out(h))",
      "no swish before conv_out"),
@@ -89,7 +90,7 @@ MUTANTS = [
     ("ddpm.py", "            raise Diverged(f\"the weights after step {at_step} give a loss of {check.item()}\")",
      "            pass", "diverged weights saved"),
     ("ddpm.py", "\n            os.remove(os.path.join(folder, f))", "\n            pass", "stale temp files kept"),
-    ("ddpm.py", "if stop.signal or step == cfg.steps or (cfg.save_every", "if step == cfg.steps or (cfg.save_every",
+    ("ddpm.py", "if stop_asked or step == cfg.steps or (cfg.save_every", "if step == cfg.steps or (cfg.save_every",
      "a signal does not save"),
     ("ddpm.py", "ips = imgs_since / max(t_pause - t_last - paused, 1e-9)", "ips = imgs_since / max(t_pause - t_last, 1e-9)",
      "img/s counts sampling and saving"),
@@ -164,11 +165,22 @@ MUTANTS = [
     ("sample_ort.py", "        self.y.update_inplace(np.concatenate([labels, null]) if self.guided else labels)",
      "        self.y.update_inplace(np.concatenate([null, labels]) if self.guided else labels)",
      "ORT branches in the wrong halves"),
+    # several processes (issue 13)
+    ("ddpm.py", "loss = loss_of(model, x0, y, step, rank * cfg.grad_accum + k) / cfg.grad_accum",
+     "loss = loss_of(model, x0, y, step, k) / cfg.grad_accum", "every process draws micro-batch 0's t and eps"),
+    ("ddpm.py", "self.part = slice(rank * batch_size // world, (rank + 1) * batch_size // world)",
+     "self.part = slice(0, batch_size // world)", "every process trains on the first part of the batch"),
+    ("ddpm.py", "    return total / world, stops > 0", "    return total / world, signum is not None",
+     "a stop is not agreed between the processes"),
+    ("ddpm.py", "            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)",
+     "            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False, preserve_rng_state=False)",
+     "grad checkpointing draws new dropout masks"),
+    ("ddpm.py", "        group.update(optimizer.defaults)", "        pass", "a resume keeps the old optimizer's settings"),
 ]
 
 COMMAND = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not diffusers and not slow",
            "tests/test_core.py", "tests/test_onnx.py", "tests/test_convert.py", "tests/test_train.py",
-           "tests/test_bound.py", "tests/test_guidance.py"]
+           "tests/test_bound.py", "tests/test_guidance.py", "tests/test_ddp.py"]
 
 
 def main(argv):

@@ -104,5 +104,5 @@ def test_classifier_guidance_raises_the_unguided_models_accuracy(demo, judge, un
     good, accuracy = score(grids["PyTorch"], judge)
     print(f"classifier guidance (scale 10) on the unguided model: class accuracy {unguided['PyTorch'][1]:.0%} "
           f"-> {accuracy:.0%}, clean shapes {unguided['PyTorch'][0]:.0%} -> {good:.0%}")
-    assert accuracy > unguided["PyTorch"][1] + 0.3
+    assert accuracy >= unguided["PyTorch"][1] + 0.3 - 1e-9  # at least 6 of the 20 more
     assert os.path.exists(tmp_path / "runs" / "shapes-classifier" / "metrics.jsonl")

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 import ddpm
-from conftest import ROOT, refusal, run_script
+from conftest import ROOT, max_difference, refusal, run_script
 
 
 def tiny_cfg(tmp_path, name, **kw):
@@ -29,21 +29,16 @@ def tiny_cfg(tmp_path, name, **kw):
     return ddpm.make_config("tiny", **base)
 
 
-def max_difference(a, b):
-    """Largest difference between two checkpoints' weights, EMA weights and Adam moments."""
-    worst = 0.0
-    for part in ("model", "ema"):
-        for k in a[part]:
-            worst = max(worst, (a[part][k] - b[part][k]).abs().max().item())
-    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
-    for k in sa:
-        for moment in ("exp_avg", "exp_avg_sq"):
-            worst = max(worst, (sa[k][moment] - sb[k][moment]).abs().max().item())
-    return worst
-
-
 def load(path):
     return torch.load(path, weights_only=True)
+
+
+def run_files(folder):
+    """The names in a run directory, its one TensorBoard event file as 'events.out.tfevents.*'."""
+    names = sorted(os.listdir(folder))
+    events = [n for n in names if n.startswith("events.out.tfevents.")]
+    assert len(events) == 1, names
+    return sorted(["events.out.tfevents.*"] + [n for n in names if n not in events])
 
 
 # -- exact resume -------------------------------------------------------------------------------
@@ -277,7 +272,7 @@ def test_save_every_zero_saves_at_the_end_and_sample_every_zero_never(tmp_path):
     cfg = tiny_cfg(tmp_path, "zero", steps=3, save_every=0, sample_every=0)
     ddpm.train(cfg)
     assert load(cfg.ckpt)["step"] == 3
-    assert sorted(os.listdir(cfg.out)) == ["loss.png", "metrics.jsonl"]
+    assert run_files(cfg.out) == ["events.out.tfevents.*", "loss.png", "metrics.jsonl"]
 
 
 def test_img_per_s_leaves_out_sampling_and_saving(tmp_path, monkeypatch):
@@ -303,8 +298,7 @@ def test_checkpoint_is_self_describing_and_safe(tmp_path):
     assert all(torch.equal(v, state["ema"][k]) for k, v in model.state_dict().items())
     raw, _ = ddpm.load_checkpoint(cfg.ckpt, ema=False)
     assert all(torch.equal(v, state["model"][k]) for k, v in raw.state_dict().items())
-    files = sorted(os.listdir(cfg.out))
-    assert files == ["loss.png", "metrics.jsonl", "samples_0000002.png"], files
+    assert run_files(cfg.out) == ["events.out.tfevents.*", "loss.png", "metrics.jsonl", "samples_0000002.png"]
 
 
 def test_unusable_checkpoints_are_sentences(tmp_path):
