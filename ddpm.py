@@ -266,8 +266,9 @@ def check_config(cfg):
         raise ValueError(f"unknown kind '{cfg.kind}'; use {', '.join(KINDS)}")
     if cfg.T < 2:
         raise ValueError(f"T={cfg.T}: the diffusion needs at least 2 steps")
-    if cfg.schedule == "linear" and cfg.T < 20:  # beta_T = 0.02 * 1000 / T must stay below 1
-        raise ValueError(f"T={cfg.T}: the linear schedule needs T >= 20; use --schedule cosine")
+    if cfg.schedule == "linear" and cfg.T <= 20:  # beta_T = 0.02 * 1000 / T must stay below 1
+        raise ValueError(f"T={cfg.T}: the linear schedule needs T > 20 (its beta_T = 20 / T reaches "
+                         "1 at T = 20, and alpha-bar_T 0); use --schedule cosine")
     if cfg.amp not in AMP_MODES:
         raise ValueError(f"unknown --amp '{cfg.amp}'; use {', '.join(AMP_MODES)}")
     if cfg.batch_size < 0 or cfg.grad_accum < 0 or (cfg.batch_size == cfg.grad_accum == 0):

@@ -547,7 +547,7 @@ def test_timestep_embedding_formula():
     (dict(log_every=0), "--log-every"), (dict(device="tpu"), "--device"),
     (dict(steps=0), "--steps"), (dict(lr=float("nan")), "--lr"), (dict(dropout=1.0), "--dropout"),
     (dict(batch_size=-1), "--batch-size"), (dict(T=1), "T=1"), (dict(ch=48), "multiple of --norm-groups 32"),
-    (dict(T=10), "T >= 20")])
+    (dict(T=10), "T > 20"), (dict(T=20), "reaches 1 at T = 20")])
 def test_bad_settings_are_a_clear_error(kw, fragment):
     with pytest.raises(ValueError, match=fragment):
         ddpm.make_config("cifar10", **kw)

@@ -250,8 +250,8 @@ def test_scaling_mistakes_are_sentences(tmp_path, monkeypatch, argv, fragment):
 def test_tensorboard_events_hold_the_logged_numbers_and_the_grids(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     flags = [f for f in FLAGS if f != "--no-tensorboard"]
-    ddpm.main(["train", *flags, "--steps", "3", "--sample-every", "3", "--T", "20", "--out",
-               str(tmp_path / "run"), "--ckpt", str(tmp_path / "ckpt.pt")])  # one grid, 20 steps
+    ddpm.main(["train", *flags, "--steps", "3", "--sample-every", "3", "--T", "25", "--out",
+               str(tmp_path / "run"), "--ckpt", str(tmp_path / "ckpt.pt")])  # one grid, 25 steps
     events = EventAccumulator(str(tmp_path / "run"), size_guidance={"images": 0}).Reload()
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     for name in ("loss", "lr", "grad_norm", "img_per_s"):
