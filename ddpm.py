@@ -1677,10 +1677,10 @@ class StopSignals:
               "(send it again to stop at once, without saving)", file=sys.stderr)
 
     def __exit__(self, exc_type, *exc):
+        # a job of several processes that is ending with an error: the SIGTERM torchrun sends the
+        # others must not cut short the message that says why
+        ending = exc_type is not None and dist.is_initialized()
         for s, handler in self.previous.items():
-            # a job of several processes that is ending with an error: the SIGTERM torchrun sends
-            # the others must not cut short the message that says why
-            ending = exc_type is not None and dist.is_initialized()
             signal.signal(s, signal.SIG_IGN if ending else handler)
 
 
@@ -1789,11 +1789,9 @@ def split_batch(cfg, micro_max, world):
                          "or a smaller model")
     if cfg.batch_size == 0:
         return micro_max * world * cfg.grad_accum, cfg.grad_accum
-    per_process = cfg.batch_size // world
-    for k in range(1, per_process + 1):
-        if per_process % k == 0 and per_process // k <= micro_max:
-            return cfg.batch_size, k
-    raise AssertionError("k = per_process always fits")
+    per_process = cfg.batch_size // world  # k = per_process (micro-batches of 1) always fits
+    return cfg.batch_size, min(k for k in range(1, per_process + 1)
+                               if per_process % k == 0 and per_process // k <= micro_max)
 
 
 class Diverged(Exception):
@@ -1815,6 +1813,9 @@ def train(cfg, resume=None, overwrite=False):
     the files)."""
     rank, world, device = init_distributed(cfg)
     lead = rank == 0  # the process that writes the checkpoint, the log and the pictures
+    if not (cfg.batch_size and cfg.grad_accum) and device.type != "cuda":
+        raise ValueError("--batch-size auto and --grad-accum auto measure GPU memory, so they "
+                         "need CUDA; on a CPU give numbers")
     out_dir = run_dir(cfg)
     if lead:
         check_run_files(cfg, resume, overwrite)
@@ -1872,9 +1873,6 @@ def train(cfg, resume=None, overwrite=False):
         return torch.where(dropped, cfg.num_classes, y).to(device)
 
     if not (cfg.batch_size and cfg.grad_accum):  # auto: find by trial what fits in GPU memory
-        if device.type != "cuda":
-            raise ValueError("--batch-size auto and --grad-accum auto measure GPU memory, so they "
-                             "need CUDA; on a CPU give numbers")
         shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
         reserve = 3 * 4 * count_params(raw_model)  # Adam's two moments, DDP's gradient buckets
         micro_max = largest_batch(lambda b: fits_on_gpu(loss_of, raw_model, (b, *shape), reserve),
