@@ -3,7 +3,7 @@ PY := .venv/bin/python
 DEMO := runs/demo
 DEMO_STEPS := 1000
 
-.PHONY: install test test-fast mutants demo bench bench-gpu bench-ddp clean
+.PHONY: install test test-fast mutants demo bench bench-gpu bench-ddp bench-solver clean
 
 install: .venv/.installed
 
@@ -52,6 +52,12 @@ bench: install
 
 bench-gpu: install
 	$(PY) bench/bench.py --device cuda
+
+# Solver error: each sampler's distance to the probability-flow ODE's solution from the same x_T
+# (bench/solver_error.py), for a trained checkpoint: make bench-solver CKPT=runs/demo/ckpt.pt
+CKPT := $(DEMO)/ckpt.pt
+bench-solver: install
+	$(PY) bench/solver_error.py --ckpt $(CKPT)
 
 # Training on one process against a torchrun job of 2 on the same cores (bench/ddp.py).
 bench-ddp: install

@@ -8,7 +8,8 @@ What is here, in the order of the paper:
                   optional class embedding; its downsampling half as the noisy classifier
   diffusion       q_sample (eq. 4), q_posterior (eqs. 6-7), predict_x0_from_eps (eq. 15),
                   p_mean_variance / p_sample (eq. 11, Algorithm 2), L_simple (eq. 14),
-                  DDIM (Song, Meng & Ermon 2021, eq. 12) on a respaced schedule, the bound,
+                  DDIM (Song, Meng & Ermon 2021, eq. 12) and DPM-Solver++(2M) (Lu et al.
+                  2022) on a respaced schedule, the bound,
                   classifier-free guidance (Ho & Salimans 2021), classifier guidance
                   (Dhariwal & Nichol 2021)
   checkpoints     self-describing, atomic, never non-finite, loaded with weights_only
@@ -16,7 +17,7 @@ What is here, in the order of the paper:
   training        Algorithm 1 with Adam (or AdamW), warm-up, grad clipping, EMA, AMP, exact
                   resume (also after Ctrl-C or SIGTERM, which finish the step and save), DDP
                   under torchrun with the same math at every world size
-  sampling        grids and per-image PNGs
+  sampling        grids and per-image PNGs, optionally under bf16 autocast
   main()          python ddpm.py {train,train-classifier,sample,info}
 
 Beside it: convert.py (diffusers folders, both ways), export.py (ONNX), sample_ort.py (ONNX
@@ -210,6 +211,7 @@ VAR_TYPES = ("fixed_large", "fixed_small", "learned_range")
 AMP_MODES = ("auto", "bf16", "fp16", "none")
 OPTIMIZERS = ("adam", "adamw")
 SPACINGS = ("leading", "trailing", "linspace")
+SAMPLERS = ("ddpm", "ddim", "dpm++")
 
 
 def make_config(model="cifar10", **overrides):
@@ -585,6 +587,7 @@ class GaussianDiffusion:
         self.timesteps = np.arange(len(betas)) if timesteps is None else np.asarray(timesteps)
         self.var_type, self.clip_x0 = var_type, clip_x0
         self.prediction, self.min_snr = prediction, min_snr
+        self._tables = {}  # (table, device, dtype) -> the table as a tensor there (see _at)
 
         self.betas = betas
         self.alphas = 1.0 - betas
@@ -607,6 +610,19 @@ class GaussianDiffusion:
         self.fixed_large_log_variance = np.log(np.append(first, betas[1:]))
         self.log_betas = np.log(betas)
         self.log_one_minus_alphas_cumprod = np.log(1.0 - self.alphas_cumprod)
+        # DPM-Solver++ (Lu et al. 2022b) in the half-log-SNR lambda_t = log(sqrt(abar_t) / sqrt(1 - abar_t)).
+        # A step goes from index i to i - 1, the last (i = 0) to abar = 1 (lambda = inf, sigma = 0).
+        # x_{i-1} = sigma_{i-1} / sigma_i x_i + w_i D, w_i = alpha_{i-1} - sigma_{i-1} alpha_i / sigma_i
+        # (= -alpha_{i-1} (e^-h - 1)); D = x_0 (first order, the same step as DDIM with eta 0) or
+        # x_0 + (x_0 - x_0') h_i / (2 h_{i+1}) with x_0' the previous step's (2M, midpoint form).
+        lam = 0.5 * (np.log(self.alphas_cumprod) - np.log1p(-self.alphas_cumprod))
+        h = lam[:-1] - lam[1:]  # h[i - 1] = lambda_{i-1} - lambda_i, the step from index i, i >= 1
+        self.dpm_sigma_ratio = np.sqrt((1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod))
+        self.dpm_w = np.sqrt(self.alphas_cumprod_prev) - self.dpm_sigma_ratio * np.sqrt(self.alphas_cumprod)
+        # h_i / (2 h_{i+1}) for 1 <= i <= N - 2; 0 (first order) at the first step (i = N - 1,
+        # no earlier x_0) and the last (i = 0, h = inf), as diffusers' lower_order_final
+        self.dpm_half_ratio = np.zeros(len(betas))
+        self.dpm_half_ratio[1:-1] = h[:-1] / (2 * h[1:])
 
     @classmethod
     def from_config(cls, cfg):
@@ -621,10 +637,17 @@ class GaussianDiffusion:
         return GaussianDiffusion(betas, self.var_type, self.clip_x0, self.timesteps[timesteps],
                                  self.prediction, self.min_snr)
 
-    @staticmethod
-    def _at(arr, i, x):
-        """arr[i] as a (B, 1, 1, 1) tensor of x's dtype and device; i: (B,) index tensor."""
-        return torch.from_numpy(arr)[i.cpu()].to(x.device, x.dtype).view(-1, 1, 1, 1)
+    def _at(self, arr, i, x):
+        """arr[i] as a (B, 1, 1, 1) tensor of x's dtype and device; i: (B,) index tensor. The
+        float64 table is copied to x's device and dtype once and indexed there, so a step on the
+        GPU copies nothing from the host and waits for nothing."""
+        return self._table(arr, x.device, x.dtype)[i.to(x.device)].view(-1, 1, 1, 1)
+
+    def _table(self, arr, device, dtype):
+        key = (id(arr), device, dtype)
+        if key not in self._tables or self._tables[key][0] is not arr:
+            self._tables[key] = (arr, torch.from_numpy(arr).to(device, dtype))
+        return self._tables[key][1]
 
     # -- forward process ------------------------------------------------------------------------
 
@@ -654,7 +677,7 @@ class GaussianDiffusion:
 
     def network_t(self, i, device):
         """The t the network is fed for chain index i: the original t of a respaced chain."""
-        return torch.as_tensor(self.timesteps[i.cpu().numpy()], dtype=torch.long, device=device)
+        return self._table(self.timesteps, device, torch.long)[i.to(device)]
 
     def model_output(self, model, x_t, i, classifier_grad=None):
         """(eps_theta(x_t, t), v) with the network fed the original t of index i: its output
@@ -720,6 +743,16 @@ class GaussianDiffusion:
         sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
         x_prev = abar_prev.sqrt() * pred_x0 + (1 - abar_prev - sigma ** 2).sqrt() * eps
         return x_prev + sigma * noise, pred_x0
+
+    def dpm_solver_step(self, x_t, i, eps, prev_x0):
+        """x_{t-1} from x_t by DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2, the midpoint form
+        diffusers' DPMSolverMultistepScheduler uses): a multistep solver of the probability-flow
+        ODE in the data prediction x_0, second order from the previous step's x_0 (prev_x0),
+        first order at the first and the last step. Returns (x_prev, pred_x0); pred_x0 is the
+        next step's prev_x0."""
+        pred_x0 = self.predict_x0(x_t, i, eps)
+        D = pred_x0 + self._at(self.dpm_half_ratio, i, x_t) * (pred_x0 - prev_x0)
+        return self._at(self.dpm_sigma_ratio, i, x_t) * x_t + self._at(self.dpm_w, i, x_t) * D, pred_x0
 
     def training_loss(self, model, x0, i, noise, y=None):
         """L_simple = || eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t) ||^2 (eq. 14),
@@ -854,19 +887,26 @@ def ddim_timesteps(T, steps, spacing="leading"):
     raise ValueError(f"unknown --spacing '{spacing}'; use {', '.join(SPACINGS)}")
 
 
+def default_spacing(sampler):
+    """The t's a shorter chain keeps when --spacing is not given: trailing for DPM-Solver++, whose
+    multistep correction extrapolates badly over leading's last jump to t = 0 (the solver-error
+    table in the README), leading (DDIM's own) for the others."""
+    return "trailing" if sampler == "dpm++" else "leading"
+
+
 def check_sampler(sampler, steps, eta, T, spacing="leading"):
     """ValueError with a sentence for sampler settings that would give no or wrong images."""
-    if sampler not in ("ddpm", "ddim"):
-        raise ValueError(f"unknown sampler '{sampler}'; use ddpm or ddim")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler '{sampler}'; use {', '.join(SAMPLERS)}")
     if spacing not in SPACINGS:
         raise ValueError(f"unknown --spacing '{spacing}'; use {', '.join(SPACINGS)}")
     if steps is not None and not (isinstance(steps, (int, np.integer)) and 1 <= steps <= T):
         raise ValueError(f"--steps must be between 1 and T={T}, got {steps}")
     if not (isinstance(eta, (int, float)) and 0 <= eta <= 1):  # also refuses nan
         raise ValueError(f"--eta must be between 0 (deterministic DDIM) and 1, got {eta}")
-    if sampler == "ddpm" and eta != 0:
-        raise ValueError("--eta sets DDIM's noise; the ancestral sampler (--sampler ddpm) has none "
-                         "to set. Use --sampler ddim, or leave --eta out")
+    if sampler != "ddim" and eta != 0:
+        raise ValueError(f"--eta sets DDIM's noise; --sampler {sampler} has none to set. Use "
+                         "--sampler ddim, or leave --eta out")
 
 
 def classifier_free_guidance(model, y, s):
@@ -906,12 +946,12 @@ def classifier_gradient(classifier, y, s):
 
 @torch.no_grad()
 def sample_loop(model, diffusion, x_T, sampler="ddpm", steps=None, eta=0.0, noise_fn=None,
-                generator=None, callback=None, progress=False, spacing="leading", y=None,
+                generator=None, callback=None, progress=False, spacing=None, y=None,
                 guidance=1.0, classifier=None, classifier_scale=1.0):
-    """Run the reverse process from x_T (Algorithm 2, or DDIM) and return x_0.
+    """Run the reverse process from x_T (Algorithm 2, DDIM, or DPM-Solver++(2M)) and return x_0.
 
     steps:     number of steps; fewer than T respaces the schedule (network sees original t),
-               keeping the t's `spacing` names (see ddim_timesteps).
+               keeping the t's `spacing` names (see ddim_timesteps; None: default_spacing).
     noise_fn:  noise_fn(k, shape) -> tensor, the fresh noise for the k-th step (k = 0 first);
                default randn from `generator`. Two implementations fed the same noise_fn agree.
     callback:  callback(k, t, x_t, pred_x0) at every step: the step's input x_t (network time t)
@@ -921,6 +961,7 @@ def sample_loop(model, diffusion, x_T, sampler="ddpm", steps=None, eta=0.0, nois
                any model towards them with scale `classifier_scale`.
     """
     T = diffusion.num_timesteps
+    spacing = spacing or default_spacing(sampler)
     check_sampler(sampler, steps, eta, T, spacing)
     if getattr(model, "num_classes", 0):
         model = classifier_free_guidance(model, y, guidance)
@@ -938,12 +979,13 @@ def sample_loop(model, diffusion, x_T, sampler="ddpm", steps=None, eta=0.0, nois
     else:
         chain = diffusion.respace(ddim_timesteps(T, steps, spacing))
     x = x_T
+    prev_x0 = torch.zeros_like(x)  # dpm++: the previous step's x_0 (the first step does not use it)
     indices = range(chain.num_timesteps - 1, -1, -1)
     if progress:
         from tqdm import tqdm
         indices = tqdm(indices, desc=f"{sampler} sampling", unit="step", leave=False)
     for k, i_int in enumerate(indices):
-        i = torch.full((x.shape[0],), i_int, dtype=torch.long)  # on the CPU: no device sync
+        i = torch.full((x.shape[0],), i_int, dtype=torch.long, device=x.device)  # a fill, no copy
         if noise_fn is not None:
             noise = noise_fn(k, x.shape).to(x.device, x.dtype)
         else:
@@ -951,8 +993,11 @@ def sample_loop(model, diffusion, x_T, sampler="ddpm", steps=None, eta=0.0, nois
         eps, var_v = chain.model_output(model, x, i, classifier_grad)
         if sampler == "ddpm":
             x_prev, pred_x0 = chain.p_sample(x, i, eps, noise, var_v)
-        else:
+        elif sampler == "ddim":
             x_prev, pred_x0 = chain.ddim_step(x, i, eps, noise, eta)
+        else:  # deterministic: the step's noise is drawn all the same, so every sampler sees one stream
+            x_prev, pred_x0 = chain.dpm_solver_step(x, i, eps, prev_x0)
+            prev_x0 = pred_x0
         if callback is not None:
             callback(k, int(chain.timesteps[i_int]), x, pred_x0)
         x = x_prev
@@ -1493,6 +1538,17 @@ def amp_dtype(amp, device):
     return torch.bfloat16 if amp == "bf16" else None
 
 
+def sampling_dtype(amp, device):
+    """The autocast dtype of the network in sampling, or None for fp32 (the default, 'none'):
+    'auto' is bf16 where it is native (CUDA, or a CPU with AVX512-BF16 or AMX), else fp32. The
+    sampler's own arithmetic stays float32 (model_output casts the network's output back)."""
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" or cpu_has_bf16() else None
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("--amp fp16 needs CUDA; on a CPU use --amp bf16, auto or none")
+    return amp_dtype(amp, device)
+
+
 def learning_rate(cfg, step):
     """Linear warm-up (Ho et al.), then constant, or a cosine decay to 0 with --cosine-lr."""
     if step < cfg.warmup:
@@ -1511,10 +1567,9 @@ def micro_batch_seed(seed, step, micro):
 
 
 def ema_update(ema, model, decay):
-    """theta_ema <- decay theta_ema + (1 - decay) theta, parameter by parameter."""
+    """theta_ema <- decay theta_ema + (1 - decay) theta, for all parameters in one fused call."""
     with torch.no_grad():
-        for p_ema, p in zip(ema.parameters(), model.parameters()):
-            p_ema.lerp_(p, 1 - decay)
+        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
 def run_dir(cfg):
@@ -1856,7 +1911,7 @@ def train(cfg, resume=None, overwrite=False):
         if cfg.flip:
             flip = torch.rand(x0.shape[0], device=device) < 0.5
             x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
-        i = torch.randint(0, cfg.T, (x0.shape[0],))  # on the CPU: indexes the schedule tables
+        i = torch.randint(0, cfg.T, (x0.shape[0],), device=device)  # indexes tables kept on the device
         noise = torch.randn_like(x0)
         y = labels_seen(y)
         with autocast:
@@ -2090,8 +2145,8 @@ def load_classifier(path, cfg):
 
 
 def sample(ckpt, n=64, steps=None, sampler="ddpm", eta=0.0, seed=0, out="samples.png",
-           outdir=None, ema=True, batch=None, device="auto", progress=(), spacing="leading",
-           classes=None, guidance=3.0, classifier=None, classifier_scale=1.0):
+           outdir=None, ema=True, batch=None, device="auto", progress=(), spacing=None,
+           classes=None, guidance=3.0, classifier=None, classifier_scale=1.0, amp="none"):
     """n images from the checkpoint's model into one grid (and one PNG each in outdir, and the
     reverse process of the first batch as a picture or animation in each path of progress).
     classes: --class's text (names or indices, a comma list, or all: a grid row per class),
@@ -2111,8 +2166,9 @@ def sample(ckpt, n=64, steps=None, sampler="ddpm", eta=0.0, seed=0, out="samples
         raise ValueError("--guidance must be a number >= 0 (0: unconditional, 1: conditional) and "
                          "--classifier-scale a finite number")
     device = pick_device(device)
+    dtype = sampling_dtype(amp, device)
     model, cfg = load_checkpoint(ckpt, ema=ema)
-    check_sampler(sampler, steps, eta, cfg.T, spacing)
+    check_sampler(sampler, steps, eta, cfg.T, spacing or default_spacing(sampler))
     clf, names = None, cfg.class_names
     if classifier is not None:
         clf, clf_cfg = load_classifier(classifier, cfg)
@@ -2146,9 +2202,10 @@ def sample(ckpt, n=64, steps=None, sampler="ddpm", eta=0.0, seed=0, out="samples
         x_T = torch.randn(b, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g,
                           device=device)
         y = torch.as_tensor(labels[start:start + b], device=device) if labels is not None else None
-        x0 = sample_loop(model, diffusion, x_T, sampler=sampler, steps=steps, eta=eta,
-                         generator=g, callback=record, progress=True, spacing=spacing, y=y,
-                         guidance=guidance, classifier=clf, classifier_scale=classifier_scale)
+        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            x0 = sample_loop(model, diffusion, x_T, sampler=sampler, steps=steps, eta=eta,
+                             generator=g, callback=record, progress=True, spacing=spacing, y=y,
+                             guidance=guidance, classifier=clf, classifier_scale=classifier_scale)
         images.append(to_uint8(x0))
     elapsed = time.time() - t0
     images = np.concatenate(images)
@@ -2169,7 +2226,8 @@ def sample(ckpt, n=64, steps=None, sampler="ddpm", eta=0.0, seed=0, out="samples
                   + (f", classifier scale {classifier_scale:g}" if clf is not None else ""))
     print(f"wrote {out}" + (f" and {n} PNGs in {outdir}" if outdir else "") +
           (f", the process in {' and '.join(progress)}" if progress else "") +
-          f"; {n * n_steps / elapsed:.1f} image-steps/s on {device} ({sampler}, {n_steps} steps){guided}")
+          f"; {n * n_steps / elapsed:.1f} image-steps/s on {device} ({sampler}, {n_steps} steps, "
+          f"{'bf16' if dtype == torch.bfloat16 else 'fp16' if dtype else 'fp32'}){guided}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2264,13 +2322,15 @@ def main(argv=None):
     sample_parser.add_argument("--n", type=int, default=64, help="number of images (default: 64)")
     sample_parser.add_argument("--steps", type=int, default=None,
                                help="sampling steps; fewer than T respaces the chain (default: T)")
-    sample_parser.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm",
-                               help="ddpm: ancestral (Algorithm 2); ddim: Song et al. (default: ddpm)")
+    sample_parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
+                               help="ddpm: ancestral (Algorithm 2); ddim: Song et al.; dpm++: DPM-Solver++(2M), "
+                                    "Lu et al. 2022, good at 10 to 25 steps (default: ddpm)")
     sample_parser.add_argument("--eta", type=float, default=0.0,
                                help="DDIM noise, 0 deterministic .. 1 (default: 0; ddim only)")
-    sample_parser.add_argument("--spacing", choices=SPACINGS, default="leading",
+    sample_parser.add_argument("--spacing", choices=SPACINGS, default=None,
                                help="which t's a chain shorter than T keeps: leading 0, T/steps, ..; "
-                                    "trailing .., T-1 (Lin et al. 2023) (default: leading)")
+                                    "trailing .., T-1 (Lin et al. 2023) (default: trailing for dpm++, "
+                                    "leading otherwise)")
     sample_parser.add_argument("--seed", type=int, default=0, help="seed of x_T and the noise (default: 0)")
     sample_parser.add_argument("--batch", type=int, default=None,
                                help="images per network call (default: all of --n)")
@@ -2299,6 +2359,9 @@ def main(argv=None):
                                help="use the raw weights, not the EMA (default: EMA)")
     sample_parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                                help="where to run (default: auto, CUDA if usable)")
+    sample_parser.add_argument("--amp", default="none", choices=list(AMP_MODES),
+                               help="the network in autocast: bf16, fp16 (CUDA), auto (bf16 where native: CUDA, "
+                                    "or a CPU with AVX512-BF16 or AMX) or none, float32 (default: none)")
 
     info_parser = sub.add_parser("info", help="config, parameter count and FLOPs of a model")
     info_parser.add_argument("--model", default=None, choices=list(PRESETS),
@@ -2327,7 +2390,7 @@ def main(argv=None):
                    args.outdir, ema=not args.no_ema, batch=args.batch, device=args.device,
                    progress=args.progress, spacing=args.spacing, classes=args.classes,
                    guidance=args.guidance, classifier=args.classifier,
-                   classifier_scale=args.classifier_scale)
+                   classifier_scale=args.classifier_scale, amp=args.amp)
         elif args.command == "info":
             if args.ckpt:
                 kind = config_from_dict(read_checkpoint(args.ckpt)["config"], f"'{args.ckpt}'").kind

@@ -233,12 +233,12 @@ def sample_to_folder(folder, n, batch, make_batch):
     return [os.path.join(folder, f"{k:05d}.png") for k in range(n)]
 
 
-def torch_batches(ckpt, sampler, steps, eta, seed, device, spacing="leading"):
+def torch_batches(ckpt, sampler, steps, eta, seed, device, spacing=None):
     """make_batch for sample_to_folder from a checkpoint (EMA weights), on `device`."""
     device = ddpm.pick_device(device)
     model, cfg = ddpm.load_checkpoint(ckpt)
     model.to(device)
-    ddpm.check_sampler(sampler, steps, eta, cfg.T, spacing)
+    ddpm.check_sampler(sampler, steps, eta, cfg.T, spacing or ddpm.default_spacing(sampler))
     diffusion = ddpm.GaussianDiffusion.from_config(cfg)
 
     def make_batch(start, size):
@@ -249,10 +249,11 @@ def torch_batches(ckpt, sampler, steps, eta, seed, device, spacing="leading"):
     return make_batch
 
 
-def onnx_batches(path, sampler, steps, eta, seed, provider, batch, spacing="leading"):
-    """make_batch for sample_to_folder from an exported model, through ONNX Runtime."""
+def onnx_batches(path, sampler, steps, eta, seed, provider, batch, spacing=None):
+    """make_batch for sample_to_folder from an exported model, through ONNX Runtime (each step's
+    noise from numpy, seeded per batch as torch_batches seeds x_T)."""
     import sample_ort
-    denoiser, step, meta, device = sample_ort.open_sessions(path, provider)
+    denoiser, step, meta, device = sample_ort.open_sessions(path, provider, multistep=sampler == "dpm++")
     timesteps, coefs = sample_ort.step_table(meta["betas"], sampler, steps, eta, meta["var_type"], spacing)
     C, S = meta["in_channels"], meta["image_size"]
     runners = {}
@@ -467,7 +468,8 @@ def fid_command(args):
     result = {}
     if sampling:
         name = os.path.splitext(os.path.basename(args.ckpt or args.onnx))[0]
-        spaced = "" if args.spacing == "leading" else f"-{args.spacing}"
+        spacing = args.spacing or ddpm.default_spacing(args.sampler)
+        spaced = "" if spacing == "leading" else f"-{spacing}"
         folder = args.samples or os.path.join("runs", "eval", f"{name}-{args.sampler}-{args.steps or 'T'}{spaced}")
         if args.ckpt:
             make_batch = torch_batches(args.ckpt, args.sampler, args.steps, args.eta, args.seed, args.device,
@@ -547,11 +549,12 @@ def main(argv=None):
                    help=f"the reference: {', '.join(REFERENCES)}, a folder or a .npz (default: the last SET)")
     p.add_argument("--n", type=int, default=50_000, help="samples to make (default: 50000, as papers)")
     p.add_argument("--batch", type=int, default=250, help="images per sampling batch (default: 250)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="(default: ddpm)")
+    p.add_argument("--sampler", choices=ddpm.SAMPLERS, default="ddpm", help="(default: ddpm)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: T)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (default: 0)")
-    p.add_argument("--spacing", choices=ddpm.SPACINGS, default="leading",
-                   help="the t's of a respaced chain, as for sampling (default: leading)")
+    p.add_argument("--spacing", choices=ddpm.SPACINGS, default=None,
+                   help="the t's of a respaced chain, as for sampling (default: trailing for dpm++, "
+                        "leading otherwise)")
     p.add_argument("--seed", type=int, default=0, help="seed of the samples (default: 0)")
     p.add_argument("--samples", default=None,
                    help="folder for the samples, resumable (default: runs/eval/<model>-<sampler>-<steps>)")

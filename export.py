@@ -2,6 +2,7 @@
 
   python export.py ckpt.pt                  # -> ddpm.onnx, EMA weights, float32
   python export.py ckpt.pt --fp16 -o ddpm_fp16.onnx
+  python export.py ckpt.pt --int8 -o ddpm_int8.onnx   # int8 convolutions, for ORT's CPU provider
 
 The contract (other runtimes are written against it):
   inputs   x_t  float32 (B, C, H, W), the noisy images, in [-1, 1] at t=0
@@ -20,7 +21,9 @@ The contract (other runtimes are written against it):
   (with learned variances s is per pixel, from var_values: see step_graph). A conditional model
   also has ddpm.class_names (JSON) and ddpm.guided_step_graph: the same update preceded by
   classifier-free guidance over a batch whose halves are the conditional and the unconditional
-  branch (see step_graph).
+  branch (see step_graph). ddpm.multistep_graph (and ddpm.guided_multistep_graph) is
+  DPM-Solver++(2M)'s update, which takes the previous step's x_0 and returns this step's (see
+  multistep_graph).
 
 Before it reports success the file is checked: onnx.checker, then ONNX Runtime against
 PyTorch on random inputs at batch 1 and 3; above the precision's tolerance nothing is written
@@ -32,8 +35,10 @@ import argparse
 import base64
 import copy
 import json
+import logging
 import os
 import sys
+import tempfile
 import warnings
 
 import numpy as np
@@ -48,8 +53,11 @@ FORMAT_VERSION = 1
 MIN_OPSET = 17
 MAX_OPSET = 20  # the newest the TorchScript exporter (dynamo=False) of this torch writes
 # max |ort - torch| / max |torch| allowed: float32 is exact up to kernel rounding; float16 is
-# compared against the float32 PyTorch model, so it includes the half-precision loss itself.
-TOLERANCE = {"fp32": 1e-5, "fp16": 2e-2}
+# compared against the float32 PyTorch model, so it includes the half-precision loss itself;
+# int8 too: measured 1.2e-2 and 1.4e-2 on tiny models trained 300 steps, 7.5e-2 to 9.4e-2 on
+# untrained tiny and cifar10 models (see quantize_int8). 0.15 passes them and still refuses a
+# file whose int8 kernels saturate (2.1e-1 and 2.4e-1 on untrained tiny without reduce_range).
+TOLERANCE = {"fp32": 1e-5, "fp16": 2e-2, "int8": 0.15}
 
 
 class Float32(nn.Module):
@@ -196,15 +204,70 @@ def step_graph(clip_x0, opset, ir_version, learned=False, guided=False):
     return model
 
 
+def multistep_graph(clip_x0, opset, ir_version, guided=False):
+    """DPM-Solver++(2M)'s update (see ddpm.GaussianDiffusion.dpm_solver_step) as a tiny ONNX graph
+    that carries the previous step's x_0 as state.
+
+    inputs x_t, eps (B, C, H, W) float32, prev_x0 (B, C, H, W), the previous step's pred_x0
+    (anything at the first step), and coef (5,) = [a, b, c1, c2, c4]:
+      pred_x0 = clip(a x_t - b eps, -1, 1)   (the clip if the model says so)
+      x_prev  = c1 pred_x0 + c2 x_t + c4 prev_x0
+    with c2 = sigma_{t-1} / sigma_t, c1 = w (1 + r), c4 = -w r (r = h_t / (2 h_{t+1}), 0 at the first
+    and the last step). outputs x_prev and pred_x0, the next step's prev_x0.
+    guided: x_t and eps have 2B rows (the conditional branch, then the unconditional one), one
+    more input guidance (1,) = [s], eps = eps_u + s (eps_c - eps_u); x_prev has the B updated
+    images twice; prev_x0 and pred_x0 have B rows.
+    """
+    image = ["B", "C", "H", "W"]
+    batch = ["N", "C", "H", "W"] if guided else image
+    inputs = [oh.make_tensor_value_info(n, onnx.TensorProto.FLOAT, batch) for n in ("x_t", "eps")]
+    inputs += [oh.make_tensor_value_info("prev_x0", onnx.TensorProto.FLOAT, image),
+               oh.make_tensor_value_info("coef", onnx.TensorProto.FLOAT, [5])]
+    nodes = [oh.make_node("Split", ["coef", "split"], ["a", "b", "c1", "c2", "c4"], axis=0)]
+    inits = [oh.make_tensor("split", onnx.TensorProto.INT64, [5], [1] * 5)]
+    x, eps = "x_t", "eps"
+    if guided:
+        inputs.append(oh.make_tensor_value_info("guidance", onnx.TensorProto.FLOAT, [1]))
+        halves = {"num_outputs": 2} if opset >= 18 else {}
+        nodes += [oh.make_node("Split", ["x_t"], ["x_c", "x_u"], axis=0, **halves),
+                  oh.make_node("Split", ["eps"], ["eps_c", "eps_u"], axis=0, **halves),
+                  oh.make_node("Sub", ["eps_c", "eps_u"], ["eps_diff"]),
+                  oh.make_node("Mul", ["guidance", "eps_diff"], ["eps_push"]),
+                  oh.make_node("Add", ["eps_u", "eps_push"], ["eps_guided"])]
+        x, eps = "x_c", "eps_guided"
+    nodes += [oh.make_node("Mul", ["a", x], ["a_x"]),
+              oh.make_node("Mul", ["b", eps], ["b_eps"]),
+              oh.make_node("Sub", ["a_x", "b_eps"], ["pred_x0_raw" if clip_x0 else "pred_x0"])]
+    if clip_x0:
+        inits += [oh.make_tensor(name, onnx.TensorProto.FLOAT, [], [value]) for name, value in (("lo", -1.0), ("hi", 1.0))]
+        nodes.append(oh.make_node("Clip", ["pred_x0_raw", "lo", "hi"], ["pred_x0"]))
+    updated = "x_updated" if guided else "x_prev"
+    nodes += [oh.make_node("Mul", ["c1", "pred_x0"], ["t1"]),
+              oh.make_node("Mul", ["c2", x], ["c2_x"]),
+              oh.make_node("Mul", ["c4", "prev_x0"], ["t4"]),
+              oh.make_node("Add", ["t1", "c2_x"], ["t12"]),
+              oh.make_node("Add", ["t12", "t4"], [updated])]  # last: reads only intermediates
+    if guided:
+        nodes.append(oh.make_node("Concat", [updated, updated], ["x_prev"], axis=0))
+    outputs = [oh.make_tensor_value_info("x_prev", onnx.TensorProto.FLOAT, batch),
+               oh.make_tensor_value_info("pred_x0", onnx.TensorProto.FLOAT, image)]
+    graph = oh.make_graph(nodes, "ddpm_multistep", inputs, outputs, inits)
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", opset)], ir_version=ir_version)
+    onnx.checker.check_model(model)
+    return model
+
+
 def metadata(cfg, ema, precision, opset, ir_version):
     betas = ddpm.get_betas(cfg.schedule, cfg.T)
     learned = cfg.var_type == "learned_range"
 
-    def graph(guided):
-        return base64.b64encode(step_graph(cfg.clip_x0, opset, ir_version, learned, guided)
-                                .SerializeToString()).decode()
+    def graph(guided, multistep=False):
+        model = (multistep_graph(cfg.clip_x0, opset, ir_version, guided) if multistep else
+                 step_graph(cfg.clip_x0, opset, ir_version, learned, guided))
+        return base64.b64encode(model.SerializeToString()).decode()
     conditional = {"ddpm.class_names": json.dumps(list(cfg.class_names)),
-                   "ddpm.guided_step_graph": graph(True)} if cfg.num_classes else {}
+                   "ddpm.guided_step_graph": graph(True),
+                   "ddpm.guided_multistep_graph": graph(True, True)} if cfg.num_classes else {}
     return {
         "ddpm.format": str(FORMAT_VERSION),
         "ddpm.schedule": cfg.schedule,
@@ -220,6 +283,7 @@ def metadata(cfg, ema, precision, opset, ir_version):
         "ddpm.network_prediction": cfg.prediction,  # what the U-Net predicts; the graph outputs eps
         "ddpm.precision": precision,
         "ddpm.step_graph": graph(False),
+        "ddpm.multistep_graph": graph(False, True),  # --sampler dpm++; files without it refuse dpm++
         **conditional,
     }
 
@@ -246,6 +310,102 @@ def compare_with_torch(path, model, cfg, batches=(1, 3), seed=0):
     return results
 
 
+# -- int8 ---------------------------------------------------------------------------------------
+# Static quantization (QDQ) with onnxruntime.quantization, chosen by measurement on a 2-core AMD
+# EPYC (Zen 3: AVX2, no VNNI), ONNX Runtime 1.31.1. Errors are compare_with_torch's (random x_t,
+# batch 1 and 3), then in brackets on x_t ~ q(x_t | x_0) of shapes at 32 evenly spread t; timings
+# at batch 8 on a shared, busy CPU (medians; only the order is trustworthy):
+# - what --int8 writes, every Conv but the first and the last, per-channel weights, reduce_range:
+#   tiny trained 300 steps 1.2e-2 (2.1e-1) at 16x16 and 1.4e-2 (2.9e-1) at 32x32, conditional;
+#   untrained tiny 7.5e-2 and 9.4e-2, untrained cifar10 8.3e-2 (6.0e-2). Against float32 in
+#   ONNX Runtime: cifar10 1.6x faster (1.72 s against 2.76 s), tiny at 32x32 1.2x (201 against
+#   250 ms), tiny at 16x16 no faster (its convolutions are too small to pay for the QDQ steps).
+#   The bracketed errors come from small t (32x32 tiny: 2.2e-1 at t < 20, 2.6e-2 at t >= 100),
+#   where x_t is almost clean and the noise the network has to find (std 0.01 to 0.05) is under
+#   the 8-bit step of its activations. From the same noise, the 32x32 tiny's images end 0.7/255
+#   from float32's on average after 100 DDPM steps (max 4/255), 1.0/255 after 50 DDIM (max 11).
+# - the same without reduce_range: 2.3e-2 (tiny trained) and 2.1e-1 (untrained tiny), 1.3e-1
+#   (cifar10), against 1.1e-2, 8.1e-2 and 6.5e-2 for the same files run with ONNX Runtime's
+#   graph optimizations off (dequantize, then a float Conv): the u8s8 kernels of a CPU without
+#   VNNI add two products in 16 bits (vpmaddubsw) and saturate; 7-bit weights cannot.
+# - the first and the last Conv quantized too: 2.1e-2 and 2.5e-2 (2.8e-1 and 4.9e-1), trained tiny.
+# - every op the quantizer knows (Add, Mul, MatMul, ...), tried without reduce_range: 1.1e-1
+#   (3.0e-1) on the trained tiny, and slower than float32.
+# - the whole full-resolution level kept in float32 as well: 3.3e-3 (2.9e-2) on the trained
+#   tiny, 3.6e-2 (4.2e-2) on cifar10, but cifar10 only 1.2x faster: most of the FLOPs are there.
+# - dynamic quantization (quantize_dynamic, the Conv weights; activations' ranges per call):
+#   1.0e-2 (1.6e-1) tiny, 4.1e-2 (5.8e-2) cifar10, but 1.4x to 1.9x slower than float32 (its
+#   ConvInteger has no fused kernel). So static, which is the point of int8: speed.
+# quant_pre_process is not used: its symbolic shape inference fails on this graph.
+
+CALIBRATION_SAMPLES = 64
+
+
+def cpu_has_vnni():
+    """Whether /proc/cpuinfo lists an 8-bit dot product (AVX-512 VNNI, AVX-VNNI or AMX-INT8).
+    Without one, ONNX Runtime's u8 x s8 kernels add pairs of products in 16 bits, which can
+    saturate; 7-bit weights (reduce_range) keep the pair in range."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return False
+
+
+def calibration_inputs(cfg, n=CALIBRATION_SAMPLES, batch=8, seed=0):
+    """The feeds int8's activation ranges are measured on: x_t ~ q(x_t | x_0) (eq. 4) at n
+    timesteps spread evenly over 0 .. T-1 and, for a conditional model, y cycling through every
+    class and "no label" (num_classes). x_0 are the built-in shapes at the model's size and
+    channels, whatever the model was trained on: the checkpoint does not carry its data, and
+    cifar10 or an image folder may not be where one exports. Shapes fill [-1, 1] with flat areas
+    and sharp edges, and from t of a few hundred on the noise sets x_t's range anyway. Random
+    N(0, 1) x_t would miss the small-t inputs, which are almost clean images."""
+    x0 = ddpm.ShapesDataset(n=n, size=cfg.image_size, channels=cfg.in_channels, seed=seed).images  # (n, C, H, W)
+    t = torch.from_numpy(np.linspace(0, cfg.T - 1, n).round().astype(np.int64))
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    x_t = ddpm.GaussianDiffusion.from_config(cfg).q_sample(x0, t, noise)
+    y = torch.arange(n) % (cfg.num_classes + 1)
+    feeds = []
+    for first in range(0, n, batch):
+        inputs = (x_t[first:first + batch], t[first:first + batch], y[first:first + batch])
+        feeds.append({name: value.numpy() for name, value in zip(input_names(cfg), inputs)})
+    return feeds
+
+
+def quantize_int8(fp32_path, cfg):
+    """The float32 ONNX file at fp32_path with its convolutions in int8 (QDQ), as a ModelProto:
+    weights per output channel (int8), activations uint8 with ranges from calibration_inputs.
+    The first and the last Conv stay float32: the first reads x_t, whose noise at small t is
+    under the 8-bit step, and the last writes eps. What was measured: see the comment above."""
+    from onnxruntime import quantization as oq  # part of onnxruntime: no other package
+
+    vnni = cpu_has_vnni()
+    print("int8: this CPU has " + ("VNNI: 8-bit weights" if vnni else
+          "no VNNI: 7-bit weights (reduce_range), so ONNX Runtime's u8s8 kernels cannot saturate"))
+    convs = [node.name for node in onnx.load(fp32_path).graph.node if node.op_type == "Conv"]
+    assert all(convs), "the exporter names every node"
+    feeds = iter(calibration_inputs(cfg))
+
+    class Calibration(oq.CalibrationDataReader):
+        def get_next(self):
+            return next(feeds, None)
+
+    with tempfile.TemporaryDirectory() as folder:  # the quantizer's files too; removed on failure
+        path = os.path.join(folder, "int8.onnx")
+        logging.disable(logging.WARNING)  # its advice to run quant_pre_process (see above)
+        try:
+            oq.quantize_static(fp32_path, path, Calibration(), quant_format=oq.QuantFormat.QDQ,
+                               op_types_to_quantize=["Conv"], nodes_to_exclude=convs[:1] + convs[-1:],
+                               per_channel=True, reduce_range=not vnni,
+                               activation_type=oq.QuantType.QUInt8, weight_type=oq.QuantType.QInt8)
+        finally:
+            logging.disable(logging.NOTSET)
+        return onnx.load(path)
+
+
 def export_module(denoiser, cfg, out, reference, precision="fp32", ema=True, opset=MIN_OPSET, check=True):
     """Trace denoiser(x_t, t[, y]) -> eps (float32 in and out) to `out` with the ddpm.* metadata,
     check it against `reference` (the float32 PyTorch model), and only then move it into place.
@@ -268,7 +428,7 @@ def export_module(denoiser, cfg, out, reference, precision="fp32", ema=True, ops
         except Exception as e:  # the exporter's own errors have many types
             raise ValueError(f"torch could not export the model at opset {opset} "
                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-        proto = onnx.load(tmp)
+        proto = quantize_int8(tmp, cfg) if precision == "int8" else onnx.load(tmp)  # tmp: float32
         for key, value in metadata(cfg, ema, precision, opset, proto.ir_version).items():
             proto.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
         onnx.checker.check_model(proto, full_check=True)
@@ -276,7 +436,7 @@ def export_module(denoiser, cfg, out, reference, precision="fp32", ema=True, ops
         results[:] = compare_with_torch(tmp, reference, cfg) if check else []
         for b, abs_err, rel_err in results:
             print(f"check: ONNX Runtime vs PyTorch (float32), batch {b}: max abs error {abs_err:.2e}, "
-                  f"relative {rel_err:.2e} (tolerance {TOLERANCE[precision]:.0e})")
+                  f"relative {rel_err:.2e} (tolerance {TOLERANCE[precision]:.1e})")
         if any(not rel <= TOLERANCE[precision] for _, _, rel in results):
             raise ValueError(f"the exported model disagrees with PyTorch beyond the {precision} "
                              f"tolerance; '{out}' was not written")
@@ -289,13 +449,15 @@ def export_module(denoiser, cfg, out, reference, precision="fp32", ema=True, ops
     return results
 
 
-def export(ckpt, out="ddpm.onnx", fp16=False, ema=True, opset=MIN_OPSET, check=True):
+def export(ckpt, out="ddpm.onnx", fp16=False, ema=True, opset=MIN_OPSET, check=True, int8=False):
     """Write the ONNX file of a checkpoint's denoiser; returns the check's [(batch, abs, rel)]."""
+    if fp16 and int8:
+        raise ValueError("--fp16 and --int8 are two precisions for one file; choose one")
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ValueError(f"--opset {opset}: this torch exports opsets {MIN_OPSET} to {MAX_OPSET}")
     ddpm.check_output_path(out, (".onnx",), "-o", inputs=(ckpt,))
     model, cfg = ddpm.load_checkpoint(ckpt, ema=ema)
-    precision = "fp16" if fp16 else "fp32"
+    precision = "fp16" if fp16 else "int8" if int8 else "fp32"  # int8: quantized from the float32 graph
     unet = half_precision(copy.deepcopy(model)) if fp16 else model
     denoiser = Denoiser(unet, torch.float16 if fp16 else torch.float32, cfg).eval()
     reference = Denoiser(model, torch.float32, cfg).eval()
@@ -313,12 +475,15 @@ def main(argv=None):
                    help="the .onnx file to write; never the checkpoint itself (default: ddpm.onnx)")
     p.add_argument("--fp16", action="store_true",
                    help="half precision inside, inputs and outputs float32 (default: float32)")
+    p.add_argument("--int8", action="store_true",
+                   help="int8 convolutions for ONNX Runtime's CPU provider (static quantization "
+                        "calibrated on noised shapes), inputs and outputs float32 (default: float32)")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights, not the EMA (default: EMA)")
     p.add_argument("--opset", type=int, default=MIN_OPSET,
                    help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} (default: {MIN_OPSET})")
     args = p.parse_args(argv)
     try:
-        export(args.ckpt, args.output, args.fp16, not args.no_ema, args.opset)
+        export(args.ckpt, args.output, args.fp16, not args.no_ema, args.opset, int8=args.int8)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     except KeyboardInterrupt:

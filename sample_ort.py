@@ -2,15 +2,18 @@
 
   python sample_ort.py --n 64                       # 1000 ancestral steps from ddpm.onnx
   python sample_ort.py --n 64 --sampler ddim --steps 50
+  python sample_ort.py --n 64 --sampler dpm++ --steps 20 --spacing trailing
   python sample_ort.py --provider cuda --cuda-graph --batch 64
   python sample_ort.py --class all --guidance 3     # a conditional model: a row per class
 
-The reverse process (Ho et al. Algorithm 2, or DDIM, Song et al. eq. 12) runs as two ONNX
-Runtime sessions that share device buffers through IO binding: the denoiser eps_theta(x_t, t)
-from ddpm.onnx, and the per-step update stored in the file's metadata (ddpm.step_graph),
-whose output is bound to the denoiser's x_t input. On CUDA the image batch therefore never
-leaves the GPU; per step only t, the coefficients and the fresh noise travel to it. The
-schedule is rebuilt from the betas in the metadata with the same float64 math as ddpm.py.
+The reverse process (Ho et al. Algorithm 2, DDIM, Song et al. eq. 12, or DPM-Solver++(2M), Lu
+et al. 2022) runs as ONNX Runtime sessions that share device buffers through IO binding: the
+denoiser eps_theta(x_t, t) from ddpm.onnx, and the per-step update stored in the file's
+metadata (ddpm.step_graph, or ddpm.multistep_graph for DPM-Solver++, which carries the previous
+x_0), whose output is bound to the denoiser's x_t input; the noise is drawn on the device by a
+third, one-node session. On CUDA the image batch therefore never leaves the GPU; per step only
+t and the coefficients travel to it. The schedule is rebuilt from the betas in the metadata
+with the same float64 math as ddpm.py.
 """
 
 import argparse
@@ -38,6 +41,12 @@ SUPPORTED_FORMAT = 1
 
 
 SPACINGS = ("leading", "trailing", "linspace")
+SAMPLERS = ("ddpm", "ddim", "dpm++")
+
+
+def default_spacing(sampler):
+    """trailing for DPM-Solver++, leading otherwise (as ddpm.default_spacing)."""
+    return "trailing" if sampler == "dpm++" else "leading"
 
 
 def ddim_timesteps(T, steps, spacing="leading"):
@@ -55,25 +64,27 @@ def ddim_timesteps(T, steps, spacing="leading"):
 
 def check_sampler(sampler, steps, eta, T):
     """ValueError with a sentence for settings that would give no or wrong images (as ddpm.py)."""
-    if sampler not in ("ddpm", "ddim"):
-        raise ValueError(f"unknown sampler '{sampler}'; use ddpm or ddim")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler '{sampler}'; use {', '.join(SAMPLERS)}")
     if steps is not None and not 1 <= steps <= T:
         raise ValueError(f"--steps must be between 1 and T={T}, got {steps}")
     if not 0 <= eta <= 1:  # also refuses nan
         raise ValueError(f"--eta must be between 0 (deterministic DDIM) and 1, got {eta}")
-    if sampler == "ddpm" and eta != 0:
-        raise ValueError("--eta sets DDIM's noise; the ancestral sampler (--sampler ddpm) has none "
-                         "to set. Use --sampler ddim, or leave --eta out")
+    if sampler != "ddim" and eta != 0:
+        raise ValueError(f"--eta sets DDIM's noise; --sampler {sampler} has none to set. Use "
+                         "--sampler ddim, or leave --eta out")
 
 
-def step_table(betas, sampler="ddpm", steps=None, eta=0.0, var_type="fixed_large", spacing="leading"):
+def step_table(betas, sampler="ddpm", steps=None, eta=0.0, var_type="fixed_large", spacing=None):
     """(timesteps, coefs) in sampling order: the network's t and the step graph's
     [a, b, c1, c2, c3, s] for each step (learned_range: and [g, log_lo, log_hi], see export.py's
-    step_graph), computed in float64 and handed over as float32."""
+    step_graph), or for dpm++ the multistep graph's [a, b, c1, c2, c4] (export.py's
+    multistep_graph), computed in float64 and handed over as float32."""
     betas = np.asarray(betas, dtype=np.float64)
     T = len(betas)
     check_sampler(sampler, steps, eta, T)
     steps = steps or T
+    spacing = spacing or default_spacing(sampler)
     timesteps = np.arange(T)
     if not (sampler == "ddpm" and steps == T):  # respace: betas from the kept alpha-bars
         timesteps = ddim_timesteps(T, steps, spacing)
@@ -84,6 +95,15 @@ def step_table(betas, sampler="ddpm", steps=None, eta=0.0, var_type="fixed_large
     abar_prev = np.append(1.0, abar[:-1])
     a = np.sqrt(1.0 / abar)
     b = np.sqrt(1.0 / abar - 1)
+    if sampler == "dpm++":  # DPM-Solver++(2M), as ddpm.GaussianDiffusion.dpm_solver_step
+        sigma_ratio = np.sqrt((1.0 - abar_prev) / (1.0 - abar))
+        w = np.sqrt(abar_prev) - sigma_ratio * np.sqrt(abar)
+        lam = 0.5 * (np.log(abar) - np.log1p(-abar))  # log(alpha / sigma)
+        h = lam[:-1] - lam[1:]
+        r = np.zeros_like(betas)  # first order at the first and the last step
+        r[1:-1] = h[:-1] / (2 * h[1:])
+        coefs = np.stack([a, b, w * (1 + r), sigma_ratio, -w * r], axis=1).astype(np.float32)
+        return timesteps[::-1].copy(), coefs[::-1].copy()
     if sampler == "ddpm":
         c1 = betas * np.sqrt(abar_prev) / (1.0 - abar)  # eq. 7
         c2 = (1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar)
@@ -115,6 +135,8 @@ def step_table(betas, sampler="ddpm", steps=None, eta=0.0, var_type="fixed_large
 VAR_TYPES = ("fixed_large", "fixed_small", "learned_range")
 REQUIRED = ("ddpm.format", "ddpm.betas", "ddpm.image_size", "ddpm.in_channels", "ddpm.var_type",
             "ddpm.clip_x0", "ddpm.precision", "ddpm.step_graph")
+# optional: files exported before DPM-Solver++ lack these, and refuse --sampler dpm++ alone
+MULTISTEP = ("ddpm.multistep_graph", "ddpm.guided_multistep_graph")
 
 
 def read_metadata(session, path):
@@ -155,6 +177,7 @@ def read_metadata(session, path):
         num_classes = int(meta.get("ddpm.num_classes", "0"))
         class_names = json.loads(meta.get("ddpm.class_names", "[]"))
         guided_graph = base64.b64decode(meta.get("ddpm.guided_step_graph", ""), validate=True)
+        multistep = [base64.b64decode(meta.get(key, ""), validate=True) for key in MULTISTEP]
     except (ValueError, TypeError, binascii.Error) as e:
         raise ValueError(f"{problem} ({type(e).__name__}: {str(e)[:100]})") from None
     if num_classes and (not isinstance(class_names, list) or len(class_names) != num_classes
@@ -179,7 +202,8 @@ def read_metadata(session, path):
             "var_type": meta["ddpm.var_type"], "clip_x0": meta["ddpm.clip_x0"] == "true",
             "precision": meta["ddpm.precision"], "preset": meta.get("ddpm.preset", "?"),
             "step_graph": step_graph, "num_classes": num_classes,
-            "class_names": [str(c) for c in class_names], "guided_step_graph": guided_graph}
+            "class_names": [str(c) for c in class_names], "guided_step_graph": guided_graph,
+            "multistep_graph": multistep[0], "guided_multistep_graph": multistep[1]}
 
 
 def session_options(batch=None):
@@ -211,9 +235,10 @@ def physical_cores():
     return min(len(cores), usable) if cores else usable
 
 
-def open_sessions(path, provider="auto", cuda_graph=False, batch=None, guided=False):
+def open_sessions(path, provider="auto", cuda_graph=False, batch=None, guided=False, multistep=False):
     """(denoiser session, step session, metadata, device) with a clear error for bad input.
-    guided: the step session is the classifier-free guidance update (a conditional model)."""
+    guided: the step session is the classifier-free guidance update (a conditional model);
+    multistep: it is DPM-Solver++'s update, which carries the previous x_0."""
     if not os.path.isfile(path):
         raise ValueError(f"model file '{path}' does not exist (make one with 'python export.py "
                          "ckpt.pt', or pass --model PATH)")
@@ -255,16 +280,21 @@ def open_sessions(path, provider="auto", cuda_graph=False, batch=None, guided=Fa
     options = session_options(batch if cuda_graph else None)
     if guided and cuda_graph:
         options.add_free_dimension_override_by_name("N", 2 * batch)
+    key = ("guided_" if guided else "") + ("multistep_graph" if multistep else "step_graph")
+    if not meta[key]:
+        raise ValueError(f"'{path}' was exported before --sampler dpm++ existed (no ddpm.{key}); "
+                         "export it again with export.py, or use --sampler ddim")
     try:
-        step = ort.InferenceSession(meta["guided_step_graph" if guided else "step_graph"], options,
-                                    providers=providers)
+        step = ort.InferenceSession(meta[key], options, providers=providers)
     except Exception as e:
-        raise ValueError(f"'{path}' has a ddpm.step_graph ONNX Runtime cannot load "
+        raise ValueError(f"'{path}' has a ddpm.{key} ONNX Runtime cannot load "
                          f"({str(e).splitlines()[0][:120]}); export it again with export.py") from None
     names = ({i.name for i in step.get_inputs()}, [o.name for o in step.get_outputs()])
-    learned = {"var_values"} if meta["var_type"] == "learned_range" else set()
-    if names != ({"x_t", "eps", "noise", "coef"} | learned | ({"guidance"} if guided else set()), ["x_prev"]):
-        raise ValueError(f"'{path}' has a ddpm.step_graph with inputs {sorted(names[0])} and outputs "
+    learned = {"var_values"} if meta["var_type"] == "learned_range" and not multistep else set()
+    wanted = ({"x_t", "eps", "prev_x0", "coef"}, ["x_prev", "pred_x0"]) if multistep else \
+        ({"x_t", "eps", "noise", "coef"} | learned, ["x_prev"])
+    if names != (wanted[0] | ({"guidance"} if guided else set()), wanted[1]):
+        raise ValueError(f"'{path}' has a ddpm.{key} with inputs {sorted(names[0])} and outputs "
                          f"{names[1]}, not the update export.py writes; export it again")
     return denoiser, step, meta, "cuda" if on_cuda else "cpu"
 
@@ -272,18 +302,39 @@ def open_sessions(path, provider="auto", cuda_graph=False, batch=None, guided=Fa
 # ----------------------------------------------------------------------------------------------
 # The reverse process
 
+# A one-node ONNX model, noise = RandomNormalLike(like): N(0, I) of like's shape, drawn where the
+# session runs (on the GPU with CUDA), from a generator seeded by ort.set_seed when the session is
+# made and advancing with every run. Serialized here because sample_ort.py does not import onnx;
+# tests/test_onnx.py rebuilds it with onnx.helper and compares the bytes.
+NOISE_GRAPH = ("CAgSADp2Ch8KBGxpa2USBW5vaXNlIhBSYW5kb21Ob3JtYWxMaWtlEgpkZHBtX25vaXNlWiIKBGxpa2USGgoYCAESFAoD"
+               "EgFCCgMSAUMKAxIBSAoDEgFXYiMKBW5vaXNlEhoKGAgBEhQKAxIBQgoDEgFDCgMSAUgKAxIBV0IECgAQEQ==")
+
+
+def noise_session(seed, device):
+    """The session that draws each step's noise on the device, its generator seeded with `seed`
+    (ONNX Runtime's own generator: other numbers than numpy's for the same seed)."""
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    ort.set_seed(seed)
+    return ort.InferenceSession(base64.b64decode(NOISE_GRAPH), session_options(), providers=providers)
+
 
 class Sampler:
-    """Device buffers bound once; each step updates t, coef and noise in place and runs
+    """Device buffers bound once; each step updates t and coef in place and runs
     eps = denoiser(x, t) then x = step(x, eps, noise, coef), x never copied back to the host.
 
+    The noise: drawn on the device by `noise` (a session of noise_graph, seeded when it was
+    made) if given, else uploaded from the host each step (run's noise_fn: the parity tests feed
+    both implementations the same numbers). DPM-Solver++'s update (a step session with a
+    prev_x0 input) has no noise; it carries the previous x_0 in two device buffers that swap
+    roles each step (two bindings, so the addresses stay fixed for CUDA graphs).
     A conditional model gets labels y (B,) from set_labels ('no label' until then); with a guidance scale
     (the step session then being the guided update) x holds each image twice, for the
     conditional and the unconditional branch, so both go through the network in one call."""
 
-    def __init__(self, denoiser, step, shape, device, num_classes=0, guidance=None):
+    def __init__(self, denoiser, step, shape, device, num_classes=0, guidance=None, noise=None):
         self.denoiser, self.step, self.shape = denoiser, step, shape
         learned = [o.name for o in denoiser.get_outputs()] == ["eps", "var_values"]
+        self.multistep = "prev_x0" in {i.name for i in step.get_inputs()}
         self.guided = guidance is not None
         B = shape[0]
         N = 2 * B if self.guided else B  # images per network call
@@ -293,10 +344,10 @@ class Sampler:
         self.x = new(network_shape, np.float32, device, 0)
         self.t = new((N,), np.int64, device, 0)
         self.eps = new(network_shape, np.float32, device, 0)
-        self.noise = new(shape, np.float32, device, 0)
-        self.coef = new((9 if learned else 6,), np.float32, device, 0)
+        n_coef = {i.name: i.shape for i in step.get_inputs()}["coef"][0]
+        self.coef = new((n_coef,), np.float32, device, 0)
         outputs = {"eps": self.eps}
-        if learned:  # learned variances: the network's v goes to the update too
+        if learned:  # learned variances: the network's v goes to the update too (not to dpm++'s)
             outputs["var_values"] = new(network_shape, np.float32, device, 0)
         inputs = {"x_t": self.x, "t": self.t}
         self.num_classes = num_classes
@@ -308,17 +359,35 @@ class Sampler:
             self.eps_binding.bind_ortvalue_input(name, value)
         for name, value in outputs.items():
             self.eps_binding.bind_ortvalue_output(name, value)
-        self.step_binding = step.io_binding()
-        step_inputs = [("x_t", self.x), ("noise", self.noise), ("coef", self.coef), *outputs.items()]
+        step_inputs = [("x_t", self.x), ("eps", self.eps), ("coef", self.coef)]
+        if not self.multistep:
+            self.noise = new(shape, np.float32, device, 0)
+            step_inputs += [("noise", self.noise)] + [(k, v) for k, v in outputs.items() if k != "eps"]
         if self.guided:
             self.guidance = new((1,), np.float32, device, 0)
             self.guidance.update_inplace(np.array([guidance], np.float32))
             step_inputs.append(("guidance", self.guidance))
-        for name, value in step_inputs:
-            self.step_binding.bind_ortvalue_input(name, value)
-        # The update writes x_{t-1} over x_t: its last node (an Add of intermediates) runs after
-        # every node that reads x_t, so this in-place binding is safe and keeps addresses fixed.
-        self.step_binding.bind_ortvalue_output("x_prev", self.x)
+        self.x0 = [new(shape, np.float32, device, 0) for _ in range(2 if self.multistep else 0)]
+        self.step_bindings, self.step_options = [], []
+        for j in range(2 if self.multistep else 1):
+            binding = step.io_binding()
+            for name, value in step_inputs:
+                binding.bind_ortvalue_input(name, value)
+            # The update writes x_{t-1} over x_t: its last node (an Add or Concat of intermediates)
+            # runs after every node that reads x_t, so this in-place binding is safe.
+            binding.bind_ortvalue_output("x_prev", self.x)
+            options = ort.RunOptions()
+            if self.multistep:  # step k reads x0[k % 2] and writes this step's x_0 to the other
+                binding.bind_ortvalue_input("prev_x0", self.x0[j])
+                binding.bind_ortvalue_output("pred_x0", self.x0[1 - j])
+                options.add_run_config_entry("gpu_graph_id", str(j + 1))  # a CUDA graph per binding
+            self.step_bindings.append(binding)
+            self.step_options.append(options)
+        self.noise_session = noise if not self.multistep else None
+        if self.noise_session is not None:  # RandomNormalLike reads only the shape of its input
+            self.noise_binding = noise.io_binding()
+            self.noise_binding.bind_ortvalue_input("like", self.noise)
+            self.noise_binding.bind_ortvalue_output("noise", self.noise)
         self.run_options = ort.RunOptions()
 
     def set_labels(self, y):
@@ -328,20 +397,27 @@ class Sampler:
         labels = null if y is None else np.asarray(y, np.int64)
         self.y.update_inplace(np.concatenate([labels, null]) if self.guided else labels)
 
-    def run(self, x_T, timesteps, coefs, noise_fn, progress=None, on_step=None):
-        """x_0 from x_T. on_step(k, sampler), if given, runs between the denoiser and the update,
+    def run(self, x_T, timesteps, coefs, noise_fn=None, progress=None, on_step=None):
+        """x_0 from x_T; noise_fn(k, shape) the k-th step's noise if the noise comes from the host.
+        on_step(k, sampler), if given, runs between the denoiser and the update,
         when self.x holds x_t and self.eps the network's output (e.g. for process pictures)."""
         shape, N = x_T.shape, 2 * x_T.shape[0] if self.guided else x_T.shape[0]
         self.x.update_inplace(np.ascontiguousarray(np.concatenate([x_T, x_T]) if self.guided else x_T,
                                                    dtype=np.float32))
+        for x0 in self.x0:  # the first step multiplies prev_x0 by 0: it must not hold a nan
+            x0.update_inplace(np.zeros(shape, np.float32))
         for k, (t, coef) in enumerate(zip(timesteps, coefs)):
             self.t.update_inplace(np.full(N, t, dtype=np.int64))
             self.coef.update_inplace(coef)
-            self.noise.update_inplace(np.ascontiguousarray(noise_fn(k, shape), dtype=np.float32))
+            if self.noise_session is not None:
+                self.noise_session.run_with_iobinding(self.noise_binding, self.run_options)
+            elif not self.multistep:  # dpm++ has no noise
+                self.noise.update_inplace(np.ascontiguousarray(noise_fn(k, shape), dtype=np.float32))
             self.denoiser.run_with_iobinding(self.eps_binding, self.run_options)
             if on_step:
                 on_step(k, self)
-            self.step.run_with_iobinding(self.step_binding, self.run_options)
+            j = k % len(self.step_bindings)
+            self.step.run_with_iobinding(self.step_bindings[j], self.step_options[j])
             if progress:
                 progress(k + 1)
         return self.x.numpy()[:self.shape[0]]
@@ -513,12 +589,14 @@ def class_labels(classes, n):
 
 
 def sample(model, n=64, steps=None, sampler="ddpm", eta=0.0, seed=0, batch=None, provider="auto",
-           cuda_graph=False, out="samples.png", outdir=None, progress=(), spacing="leading",
-           classes=None, guidance=3.0):
+           cuda_graph=False, out="samples.png", outdir=None, progress=(), spacing=None,
+           classes=None, guidance=3.0, host_noise=False):
     """n images from the exported model into one grid (and one PNG each in outdir, and the
     reverse process of the first batch as a picture or animation in each path of progress).
     classes: --class's text (names or indices, a comma list, or all: a grid row per class) for a
-    conditional model, sampled with classifier-free guidance of scale `guidance`."""
+    conditional model, sampled with classifier-free guidance of scale `guidance`.
+    host_noise: each step's noise from numpy and uploaded (as before device noise; also with
+    --cuda-graph, whose replays would repeat one draw), else drawn on the device."""
     if n < 1:
         raise ValueError(f"--n {n}: sample at least 1 image")
     if not (math.isfinite(guidance) and guidance >= 0):
@@ -533,7 +611,9 @@ def sample(model, n=64, steps=None, sampler="ddpm", eta=0.0, seed=0, batch=None,
         check_writable_folder(outdir, "--outdir")
     guided = classes is not None and guidance not in (0, 1)  # else one branch is enough
     graph_batch = min(batch or n, n)  # a CUDA graph's fixed batch; later batches are padded to it
-    denoiser, step, meta, device = open_sessions(model, provider, cuda_graph, graph_batch, guided)
+    check_sampler(sampler, None, eta, 1)  # a sentence before any file is opened; --steps once T is known
+    denoiser, step, meta, device = open_sessions(model, provider, cuda_graph, graph_batch, guided,
+                                                 multistep=sampler == "dpm++")
     labels, nrow = None, None
     if classes is not None:
         if not meta["num_classes"]:
@@ -544,6 +624,7 @@ def sample(model, n=64, steps=None, sampler="ddpm", eta=0.0, seed=0, batch=None,
     timesteps, coefs = step_table(meta["betas"], sampler, steps, eta, meta["var_type"], spacing)
 
     rng = np.random.default_rng(seed)
+    noise = None if host_noise or cuda_graph or sampler == "dpm++" else noise_session(seed, device)
     C, S = meta["in_channels"], meta["image_size"]
     images, frames, start = [], {}, time.time()
     shown = {path: progress_steps(len(timesteps), not path.lower().endswith(".png")) for path in progress}
@@ -564,7 +645,7 @@ def sample(model, n=64, steps=None, sampler="ddpm", eta=0.0, seed=0, batch=None,
         b = batch if cuda_graph else min(batch, n - first)
         if runner is None or runner.shape[0] != b:
             runner = Sampler(denoiser, step, (b, C, S, S), device, meta["num_classes"],
-                             guidance if guided else None)
+                             guidance if guided else None, noise)
         if labels is not None and guidance != 0:  # guidance 0: the unconditional model
             runner.set_labels(np.pad(labels[first:first + b], (0, b - len(labels[first:first + b])), mode="edge"))
         x_T = rng.standard_normal((b, C, S, S), dtype=np.float32)
@@ -601,14 +682,18 @@ def main(argv=None):
     p.add_argument("--model", default="ddpm.onnx", help="the exported model (default: ddpm.onnx)")
     p.add_argument("--steps", type=int, default=None,
                    help="sampling steps; fewer than T respaces the chain (default: T)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm",
-                   help="ddpm: ancestral (Algorithm 2); ddim: Song et al. (default: ddpm)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
+                   help="ddpm: ancestral (Algorithm 2); ddim: Song et al.; dpm++: DPM-Solver++(2M), Lu et "
+                        "al. 2022, good at 10 to 25 steps (default: ddpm)")
     p.add_argument("--eta", type=float, default=0.0,
                    help="DDIM noise, 0 deterministic .. 1 (default: 0; ddim only)")
-    p.add_argument("--spacing", choices=SPACINGS, default="leading",
+    p.add_argument("--spacing", choices=SPACINGS, default=None,
                    help="which t's a chain shorter than T keeps: leading 0, T/steps, ..; trailing .., "
-                        "T-1 (Lin et al. 2023) (default: leading)")
+                        "T-1 (Lin et al. 2023) (default: trailing for dpm++, leading otherwise)")
     p.add_argument("--seed", type=int, default=0, help="seed of x_T and the noise (default: 0)")
+    p.add_argument("--host-noise", action="store_true",
+                   help="draw each step's noise with numpy and upload it, as ddpm.py can be fed it, instead "
+                        "of on the device (default: on the device)")
     p.add_argument("--batch", type=int, default=None, help="images per batch (default: all of --n)")
     p.add_argument("--provider", choices=["auto", "cuda", "cpu"], default="auto",
                    help="ONNX Runtime provider (default: auto, CUDA if usable)")
@@ -630,7 +715,7 @@ def main(argv=None):
     try:
         sample(args.model, args.n, args.steps, args.sampler, args.eta, args.seed, args.batch,
                args.provider, args.cuda_graph, args.out, args.outdir, args.progress, args.spacing,
-               args.classes, args.guidance)
+               args.classes, args.guidance, args.host_noise)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     except KeyboardInterrupt:

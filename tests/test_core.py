@@ -246,7 +246,7 @@ class OracleEps(torch.nn.Module):
         return (x_t - abar.sqrt() * self.x_star) / (1 - abar).sqrt()
 
 
-@pytest.mark.parametrize("sampler,steps", [("ddpm", 1000), ("ddpm", 100), ("ddim", 50)])
+@pytest.mark.parametrize("sampler,steps", [("ddpm", 1000), ("ddpm", 100), ("ddim", 50), ("dpm++", 20)])
 def test_perfect_oracle_returns_the_data_point(sampler, steps):
     betas = ddpm.get_betas("linear", T)
     d = ddpm.GaussianDiffusion(betas, clip_x0=False)
@@ -276,6 +276,47 @@ def test_sampler_feeds_the_original_t_in_order():
     assert seen == [[4], [3], [2], [1], [0]]
 
 
+def ode_error(sampler, steps, spacing="trailing"):
+    """Max distance of the sampler's x_0 to the exact solution of the probability-flow ODE for
+    data N(MU, S^2), which moves x_t - sqrt(abar_t) MU by the ratio of the marginals' standard
+    deviations: x_0 = MU + (x_T - sqrt(abar_T) MU) S / sqrt(abar_T S^2 + 1 - abar_T), with T here
+    the chain's first t (float64, unclipped, the Gaussian oracle's eps)."""
+    betas = ddpm.get_betas("linear", T)
+    d = ddpm.GaussianDiffusion(betas, clip_x0=False)
+    x_T = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 1.5
+    abar_T = d.alphas_cumprod[ddpm.ddim_timesteps(T, steps, spacing)[-1]]
+    exact = MU + (x_T - math.sqrt(abar_T) * MU) * S / math.sqrt(abar_T * S * S + 1 - abar_T)
+    return (ddpm.sample_loop(GaussianOracle(betas), d, x_T, sampler, steps=steps, spacing=spacing)
+            - exact).abs().max().item()
+
+
+def test_dpm_solver_is_a_second_order_solver_of_the_ode():
+    """Against the closed-form ODE solution: halving the step size divides DDIM's error (Euler,
+    first order) by about 2 and DPM-Solver++(2M)'s by about 4 (Lu et al. 2022b, sec. 4)."""
+    errors = {(s, n): ode_error(s, n) for s in ("ddim", "dpm++") for n in (10, 20, 40)}
+    for s in ("ddim", "dpm++"):
+        print(f"{s}: error {errors[s, 10]:.2e}, {errors[s, 20]:.2e}, {errors[s, 40]:.2e} at 10, 20, 40 steps; "
+              f"ratios {errors[s, 10] / errors[s, 20]:.2f}, {errors[s, 20] / errors[s, 40]:.2f}")
+    assert 1.5 < errors["ddim", 10] / errors["ddim", 20] < 2.6 and 1.5 < errors["ddim", 20] / errors["ddim", 40] < 2.6
+    assert errors["dpm++", 10] / errors["dpm++", 20] > 3.2 and errors["dpm++", 20] / errors["dpm++", 40] > 3.2
+    assert errors["dpm++", 20] < errors["ddim", 20] / 2
+
+
+def test_dpm_solver_keeps_trailing_t_unless_told():
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x, t):
+            seen.append(t[0].item())
+            return torch.zeros_like(x)
+
+    d = diffusion("linear")
+    ddpm.sample_loop(Recorder(), d, torch.zeros(1, 1, 1, 1), "dpm++", steps=4)
+    ddpm.sample_loop(Recorder(), d, torch.zeros(1, 1, 1, 1), "dpm++", steps=4, spacing="leading")
+    ddpm.sample_loop(Recorder(), d, torch.zeros(1, 1, 1, 1), "ddim", steps=4)
+    assert seen == [999, 749, 499, 249] + [750, 500, 250, 0] * 2
+
+
 def test_ddim_eta0_is_deterministic_given_x_T():
     model = ddpm.UNet(ddpm.make_config("tiny", image_size=16)).eval()
     d = ddpm.GaussianDiffusion(ddpm.get_betas("linear", T))
@@ -291,7 +332,8 @@ def test_ddim_eta0_is_deterministic_given_x_T():
                                          (dict(sampler="ddim", eta=2.0), "--eta"),
                                          (dict(sampler="ddim", eta=float("nan")), "--eta"),
                                          (dict(sampler="ddim", eta=-0.5), "--eta"),
-                                         (dict(sampler="ddpm", eta=0.5), "ancestral"),
+                                         (dict(sampler="ddpm", eta=0.5), "ddpm has none to set"),
+                                         (dict(sampler="dpm++", eta=0.5), "dpm\\+\\+ has none to set"),
                                          (dict(sampler="plms"), "unknown sampler")])
 def test_sampler_settings_that_give_wrong_images_are_refused(kw, fragment):
     d = diffusion("linear")

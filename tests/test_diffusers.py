@@ -365,3 +365,65 @@ def test_class_conditional_unet_converts_both_ways_and_matches_diffusers(tmp_pat
     with torch.no_grad():
         assert (again(x, t, class_labels=y).sample - unet(x, t, class_labels=y).sample).abs().max() < 1e-6
     assert convert.from_diffusers(str(tmp_path / "back"), str(tmp_path / "again.pt")).class_names == cfg.class_names
+
+
+def dpm_scheduler(spacing, clip, steps):
+    """diffusers' DPMSolverMultistepScheduler at its defaults (dpmsolver++, order 2, midpoint,
+    lower_order_final, final sigma 0), with clipping as its thresholding at a maximum of 1, and
+    float64 tables (in_float64, and the sigmas it derives from them in set_timesteps)."""
+    sched = in_float64(diffusers.DPMSolverMultistepScheduler(
+        num_train_timesteps=1000, beta_schedule="linear", timestep_spacing=spacing, thresholding=clip,
+        sample_max_value=1.0))
+    sched.set_timesteps(steps)
+    sigma = ((1 - sched.alphas_cumprod) / sched.alphas_cumprod) ** 0.5
+    sched.sigmas = torch.cat([sigma[sched.timesteps], torch.zeros(1, dtype=torch.float64)])
+    return sched
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "leading", "linspace"])
+@pytest.mark.parametrize("clip", [True, False])
+def test_dpm_solver_steps_equal_dpm_solver_multistep_scheduler(spacing, clip):
+    """Step by step in float64 over a whole chain of 20 steps on diffusers' own timesteps (its
+    leading and linspace differ from ours; our chain is respaced to them): its first- and
+    second-order updates against ddpm.py's dpm_solver_step. diffusers' step() computes in float32
+    whatever the input, so the float64 comparison drives its update functions in step()'s order
+    (first order at the first and the last step); the next test runs step() itself."""
+    model = GaussianDataEps()
+    sched = dpm_scheduler(spacing, clip, 20)
+    ts = sched.timesteps.numpy()
+    chain = ddpm.GaussianDiffusion(ddpm.get_betas("linear", 1000), clip_x0=clip).respace(ts)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2
+    ours, prev_x0, worst = x.clone(), torch.zeros_like(x), 0.0
+    for k, t in enumerate(sched.timesteps):
+        sched._step_index = k
+        out = sched.convert_model_output(model(x, t.view(1).repeat(2)), sample=x)
+        sched.model_outputs = [sched.model_outputs[-1], out]
+        if k in (0, len(ts) - 1):
+            x = sched.dpm_solver_first_order_update(out, sample=x)
+        else:
+            x = sched.multistep_dpm_solver_second_order_update(sched.model_outputs, sample=x)
+        i = torch.full((2,), len(ts) - 1 - k)
+        ours, prev_x0 = chain.dpm_solver_step(ours, i, model(ours, torch.as_tensor(chain.timesteps[i])), prev_x0)
+        worst = max(worst, (ours - x).abs().max().item())
+    print(f"DPM-Solver++ 20 steps, {spacing} {ts[:2].tolist()}..{ts[-2:].tolist()}, clip={clip}: max abs error over "
+          f"the chain {worst:.2e} (tolerance {F64_TOL:.0e})")
+    assert worst < F64_TOL
+
+
+@pytest.mark.parametrize("clip", [True, False])
+def test_dpm_solver_20_steps_equals_scheduler_step(clip):
+    """sched.step() (float32 inside) over 20 trailing steps, whose t's equal ours, against
+    ddpm.sample_loop('dpm++') in float64: the loop, its order choices and the spacing."""
+    model = GaussianDataEps()
+    sched = dpm_scheduler("trailing", clip, 20)
+    assert list(sched.timesteps.numpy()) == list(ddpm.ddim_timesteps(1000, 20, "trailing")[::-1])
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2
+    x = x_T
+    for t in sched.timesteps:
+        x = sched.step(model(x, t.view(1).repeat(2)), t, x).prev_sample
+    d = ddpm.GaussianDiffusion(ddpm.get_betas("linear", 1000), clip_x0=clip)
+    ours = ddpm.sample_loop(model, d, x_T, "dpm++", steps=20, spacing="trailing")
+    err = (ours - x).abs().max().item()
+    print(f"DPM-Solver++ 20 trailing steps, clip={clip}: sample_loop vs scheduler.step, max abs error "
+          f"{err:.2e} on values up to {x.abs().max().item():.2f} (tolerance {F32_TOL:.0e})")
+    assert err < F32_TOL

@@ -419,7 +419,7 @@ def test_bad_inputs_give_one_sentence(exported, tmp_path):
             (["--model", model, "--sampler", "ddim", "--eta", "2"], "--eta"),
             (["--model", model, "--sampler", "ddim", "--eta", "nan"], "--eta"),
             (["--model", model, "--sampler", "ddim", "--eta", "-0.5"], "--eta"),
-            (["--model", model, "--eta", "0.5"], "ancestral"),
+            (["--model", model, "--eta", "0.5"], "--sampler ddpm has none to set"),
             (["--model", model, "--out", tmp_path / "a_dir.png"], "is a folder"),
             (["--model", model, "--out", tmp_path / "x.txt"], ".png"),
             (["--model", model, "--out", model], ".png"),
@@ -548,3 +548,126 @@ def test_cuda_trajectory_matches_cpu(exported, cuda_graph):
     err = np.abs(out["cuda"] - out["cpu"]).max()
     print(f"CUDA (graph={cuda_graph}) vs CPU, 50 DDIM steps: max abs error {err:.2e}")
     assert err < 1e-3
+
+
+# -- DPM-Solver++(2M): sample_ort's table and export's multistep graph against ddpm.py -------------
+
+DPM_SETTINGS = [(steps, spacing) for steps, spacing in [(1000, "leading"), (20, "trailing"), (20, "leading"),
+                                                        (10, "linspace"), (2, "trailing"), (1, "trailing")]]
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("steps,spacing", DPM_SETTINGS)
+def test_dpm_solver_table_equals_ddpm(schedule, steps, spacing):
+    """[a, b, c1, c2, c4] against ddpm.GaussianDiffusion's dpm_* arrays: c1 = w (1 + r),
+    c2 = sigma ratio, c4 = -w r, r = 0 at the first and the last step."""
+    betas = ddpm.get_betas(schedule, 1000)
+    ts, coefs = sample_ort.step_table(betas, "dpm++", steps, 0.0, "fixed_large", spacing)
+    c = ddpm.GaussianDiffusion(betas).respace(ddpm.ddim_timesteps(1000, steps, spacing))
+    i = np.arange(c.num_timesteps)[::-1]
+    assert list(ts) == list(c.timesteps[i])
+    w, r = c.dpm_w[i], c.dpm_half_ratio[i]
+    expected = [c.sqrt_recip_alphas_cumprod[i], c.sqrt_recipm1_alphas_cumprod[i], w * (1 + r),
+                c.dpm_sigma_ratio[i], -w * r]
+    assert r[0] == 0 and r[-1] == 0  # first order at the first and the last step
+    worst = max(np.abs(coefs[:, col] - want).max() / max(np.abs(want).max(), 1e-30)
+                for col, want in enumerate(expected))
+    print(f"{schedule} dpm++ {steps} {spacing}: worst column relative error {worst:.2e}")
+    assert worst < 1e-6
+
+
+@pytest.mark.parametrize("clip", [True, False])
+@pytest.mark.parametrize("guided", [False, True])
+def test_multistep_graph_equals_dpm_solver_step(clip, guided):
+    """export.multistep_graph run by ONNX Runtime with sample_ort's table gives ddpm.py's
+    dpm_solver_step (float64), and hands on the step's x_0; guided: on the eps that
+    classifier-free guidance forms from the two halves."""
+    betas = ddpm.get_betas("linear", 1000)
+    ts, coefs = sample_ort.step_table(betas, "dpm++", 20, 0.0, "fixed_large", "trailing")
+    graph = export.multistep_graph(clip, export.MIN_OPSET, 8, guided)
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    c = ddpm.GaussianDiffusion(betas, clip_x0=clip).respace(ddpm.ddim_timesteps(1000, 20, "trailing"))
+    rng = np.random.default_rng(3)
+    worst = 0.0
+    for k in (0, 1, 10, 18, 19):
+        x_t = (3 * rng.standard_normal((2, 3, 4, 4))).astype(np.float32)
+        eps = rng.standard_normal((4 if guided else 2, 3, 4, 4)).astype(np.float32)
+        prev = rng.standard_normal((2, 3, 4, 4)).astype(np.float32)
+        feed = {"x_t": np.concatenate([x_t, x_t]) if guided else x_t, "eps": eps, "prev_x0": prev, "coef": coefs[k]}
+        e = torch.from_numpy(eps).double()
+        if guided:
+            feed["guidance"] = np.array([2.5], np.float32)
+            e = e[2:] + 2.5 * (e[:2] - e[2:])
+        x_prev, pred_x0 = session.run(["x_prev", "pred_x0"], feed)
+        ref, ref_x0 = c.dpm_solver_step(torch.from_numpy(x_t).double(), torch.full((2,), 19 - k), e,
+                                        torch.from_numpy(prev).double())
+        if guided:
+            assert np.array_equal(x_prev[:2], x_prev[2:])
+            x_prev = x_prev[:2]
+        worst = max(worst, np.abs(x_prev - ref.numpy()).max() / max(1.0, np.abs(ref.numpy()).max()),
+                    np.abs(pred_x0 - ref_x0.numpy()).max() / max(1.0, np.abs(ref_x0.numpy()).max()))
+    print(f"multistep graph clip={clip} guided={guided}: max relative error {worst:.2e}")
+    assert worst < 1e-5
+
+
+@pytest.mark.parametrize("steps,spacing", [(20, "trailing"), (10, "leading")])
+def test_dpm_solver_trajectory_parity(exported, steps, spacing):
+    """The whole DPM-Solver++ loop, the ONNX Runtime Sampler (two state buffers that swap) against
+    ddpm.sample_loop from the same x_T, with the trained U-Net."""
+    d, cfg, model = exported
+    x_T = np.random.default_rng(7).standard_normal((4, 3, 16, 16), dtype=np.float32)
+    ref = ddpm.sample_loop(model, ddpm.GaussianDiffusion.from_config(cfg), torch.from_numpy(x_T), "dpm++",
+                           steps=steps, spacing=spacing).numpy()
+    denoiser, step, meta, device = sample_ort.open_sessions(str(d / "ddpm.onnx"), "cpu", multistep=True)
+    ts, coefs = sample_ort.step_table(meta["betas"], "dpm++", steps, 0.0, meta["var_type"], spacing)
+    got = sample_ort.Sampler(denoiser, step, x_T.shape, device).run(x_T, ts, coefs)
+    err = np.abs(got - ref).max()
+    ddim = ddpm.sample_loop(model, ddpm.GaussianDiffusion.from_config(cfg), torch.from_numpy(x_T), "ddim",
+                            steps=steps, spacing=spacing).numpy()
+    print(f"dpm++ {steps} {spacing}: ORT vs PyTorch final images max abs error {err:.2e}; "
+          f"the same x_T through DDIM lands {np.abs(ddim - ref).max():.2e} away")
+    assert err < 1e-3
+    assert np.abs(ddim - ref).max() > 100 * err  # the loop ran DPM-Solver++, not DDIM
+
+
+def test_an_export_without_the_multistep_graph_refuses_dpm_solver(oracle_onnx, tmp_path):
+    path, _ = oracle_onnx
+    out = tampered(path, tmp_path, drop_key("ddpm.multistep_graph"))
+    refusal(sample_ort.main, ["--model", out, "--n", 1, "--steps", 5, "--sampler", "dpm++",
+                              "--out", tmp_path / "s.png", "--provider", "cpu"], "export it again")
+    sample_ort.sample(str(out), n=1, steps=5, sampler="ddim", provider="cpu", out=str(tmp_path / "s.png"))
+    refusal(sample_ort.main, ["--model", path, "--n", 1, "--sampler", "dpm++", "--eta", "0.5",
+                              "--out", tmp_path / "s.png"], "--eta sets DDIM's noise")
+
+
+# -- noise drawn on the device ----------------------------------------------------------------------
+
+def test_noise_graph_is_the_one_node_model_it_says():
+    import base64
+    rebuilt = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("RandomNormalLike", ["like"], ["noise"])], "ddpm_noise",
+        [onnx.helper.make_tensor_value_info("like", onnx.TensorProto.FLOAT, ["B", "C", "H", "W"])],
+        [onnx.helper.make_tensor_value_info("noise", onnx.TensorProto.FLOAT, ["B", "C", "H", "W"])]),
+        opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8, producer_name="")
+    onnx.checker.check_model(rebuilt)
+    assert base64.b64decode(sample_ort.NOISE_GRAPH) == rebuilt.SerializeToString()
+
+
+def test_device_noise_gives_the_closed_form_moments_and_follows_the_seed(oracle_onnx, tmp_path):
+    """The ancestral sampler with noise drawn by ONNX Runtime on the oracle: the output's mean and
+    variance over 2,000 x 16 pixels against the closed form (a noise of the wrong scale, or the
+    same draw every step, moves the variance by far more than the sampling error of ~2%)."""
+    path, betas = oracle_onnx
+    denoiser, step, meta, device = sample_ort.open_sessions(str(path), "cpu")
+    ts, coefs = sample_ort.step_table(meta["betas"], "ddpm", 100, 0.0, "fixed_large")
+    x_T = np.random.default_rng(0).standard_normal((2000, 1, 4, 4), dtype=np.float32)
+
+    def run(seed):
+        return sample_ort.Sampler(denoiser, step, x_T.shape, device,
+                                  noise=sample_ort.noise_session(seed, device)).run(x_T, ts, coefs)
+    out = run(1)
+    m, v = implied_moments(betas, "ddpm", 100, "fixed_large", 0.0)
+    mean, var = out.mean(), out.var()
+    print(f"device noise, ddpm 100 steps: mean {mean:.4f} (closed form {m:.4f}), variance {var:.4f} ({v:.4f})")
+    assert abs(mean - m) < 0.02 and abs(var / v - 1) < 0.05
+    assert np.array_equal(run(1), out) and not np.array_equal(run(2), out)

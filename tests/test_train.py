@@ -534,7 +534,7 @@ def test_sample_mistakes_are_sentences(small_ckpt, tmp_path):
             (["--n", "0"], "--n 0"), (["--batch", "0"], "--batch 0"),
             (["--steps", "0"], "--steps"), (["--steps", "5000"], "--steps"),
             (["--sampler", "ddim", "--eta", "2"], "--eta"), (["--sampler", "ddim", "--eta", "nan"], "--eta"),
-            (["--eta", "0.3"], "ancestral"), (["--device", "tpu"], "invalid choice"),
+            (["--eta", "0.3"], "ddpm has none to set"), (["--device", "tpu"], "invalid choice"),
             (["--out", tmp_path / "g.txt"], ".png"), (["--out", small_ckpt], ".png"),
             (["--out", tmp_path / "a_dir.png"], "is a folder"),
             (["--out", "/proc/ddpm/g.png"], "cannot write"),
@@ -594,3 +594,25 @@ def test_cpu_amp_follows_what_the_cpu_can_do(tmp_path, capsys):
     print(f"this CPU has native bf16: {native}; |bf16 run - fp32 run| after 3 steps: {diff:.1e}")
     assert all(torch.isfinite(v).all() for v in a["model"].values())
     assert (diff > 0) == native  # bf16 rounding shows in the weights exactly when it ran
+
+
+def test_sample_amp_bf16_where_native(small_ckpt, tmp_path, monkeypatch):
+    """--amp auto is bf16 autocast where the CPU multiplies bf16 natively (here made to say so),
+    fp32 elsewhere; the images move by bf16's rounding, not more. fp16 needs CUDA."""
+    def images(folder, **kw):
+        ddpm.sample(small_ckpt, n=4, steps=5, sampler="ddim", out=str(tmp_path / f"{folder}.png"),
+                    outdir=str(tmp_path / folder), device="cpu", **kw)
+        return np.stack([np.asarray(Image.open(tmp_path / folder / f"{k:05d}.png")) for k in range(4)]).astype(int)
+    fp32 = images("fp32")
+    monkeypatch.setattr(ddpm, "cpu_has_bf16", lambda: False)
+    assert ddpm.sampling_dtype("auto", torch.device("cpu")) is None
+    assert np.array_equal(images("auto_fp32", amp="auto"), fp32)
+    monkeypatch.setattr(ddpm, "cpu_has_bf16", lambda: True)
+    assert ddpm.sampling_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    bf16 = images("bf16", amp="auto")
+    diff = np.abs(bf16 - fp32)
+    print(f"bf16 autocast vs fp32, 4 images x 5 DDIM steps: mean difference {diff.mean():.2f}, "
+          f"max {diff.max()} of 255")
+    assert 0 < diff.mean() < 4
+    refusal(ddpm.main, ["sample", "--ckpt", small_ckpt, "--amp", "fp16", "--device", "cpu",
+                        "--out", tmp_path / "x.png"], "needs CUDA")
