@@ -48,7 +48,6 @@ import contextlib
 import dataclasses
 import datetime
 import importlib.metadata
-import inspect
 import json
 import math
 import multiprocessing
@@ -468,10 +467,8 @@ def main(argv=None):
         export.export(ckpt, onnx["fp32"])
         if device == "cuda":
             export.export(ckpt, onnx["fp16"], fp16=True)
-        elif "int8" in inspect.signature(export.export).parameters:
-            export.export(ckpt, onnx["int8"], int8=True)
         else:
-            skipped.append("ORT CPU int8: export.export has no int8 argument yet (export.py --int8)")
+            export.export(ckpt, onnx["int8"], int8=True)
 
     def sampler(name, model, precision="fp32", **kw):
         return Contender(name, "sampling", model, precision, batch, steps, **kw)
@@ -491,9 +488,8 @@ def main(argv=None):
                          sampler(f"ORT CUDA {prec}, IO binding", onnx[prec], prec),
                          sampler(f"ORT CUDA {prec}, IO binding + CUDA graph", onnx[prec], prec, cuda_graph=True)]
     else:
-        sampling.append(sampler("ORT CPU fp32, IO binding", onnx["fp32"]))
-        if os.path.exists(onnx["int8"]):
-            sampling.append(sampler("ORT CPU int8, IO binding", onnx["int8"], "int8"))
+        sampling += [sampler("ORT CPU fp32, IO binding", onnx["fp32"]),
+                     sampler("ORT CPU int8, IO binding", onnx["int8"], "int8")]
     sampling.append(sampler("diffusers eager fp32", "diffusers"))
     if compile_:
         sampling.append(sampler("diffusers compile fp32", "diffusers", compile=True))
