@@ -298,7 +298,7 @@ def train_step(model, cfg, batch, device, amp=None):
     autocast = torch.autocast(device, dtype=amp) if amp else contextlib.nullcontext()
 
     def run():
-        i = torch.randint(0, cfg.T, (batch,))  # on the CPU, as ddpm.train: no sync to index the tables
+        i = torch.randint(0, cfg.T, (batch,), device=device)  # on the device, as ddpm.train: the tables live there
         with autocast:
             loss = diffusion.training_loss(model, x0, i, torch.randn_like(x0))
         loss.backward()
