@@ -26,6 +26,8 @@ import sys
 
 import torch
 
+import checkpoints
+import core
 import ddpm
 
 HO_LAYOUT = {  # UNet2DModel settings that make it Ho et al.'s network
@@ -123,7 +125,7 @@ def schedule_config(sched, path):
         raise ValueError(f"scheduler '{path}' uses betas we do not build ({sched.get('beta_schedule')}, "
                          f"{sched.get('beta_start')}..{sched.get('beta_end')} over T={T})")
     var_type = sched.get("variance_type", "fixed_small")
-    if var_type not in ddpm.VAR_TYPES:
+    if var_type not in core.VAR_TYPES:
         raise ValueError(f"scheduler '{path}': variance_type {var_type} is not supported")
     prediction = {theirs: ours for ours, theirs in PREDICTION_TYPES.items()}.get(sched.get("prediction_type", "epsilon"))
     if prediction is None:
@@ -235,7 +237,7 @@ def read_weights(unet_dir):
 
 def from_diffusers(folder, out="ckpt.pt", overwrite=False):
     """Read a diffusers UNet2DModel folder and write our self-describing checkpoint."""
-    ddpm.check_output_path(out, ddpm.CHECKPOINT_EXTENSIONS, "-o", overwrite=overwrite)
+    core.check_output_path(out, checkpoints.CHECKPOINT_EXTENSIONS, "-o", overwrite=overwrite)
     unet_dir = os.path.join(folder, "unet") if os.path.isdir(os.path.join(folder, "unet")) else folder
     config_path = os.path.join(unet_dir, "config.json")
     if not os.path.isfile(config_path):
@@ -255,7 +257,7 @@ def from_diffusers(folder, out="ckpt.pt", overwrite=False):
                                  f"but '{path}' has variance_type {schedule['var_type']}: learned_range "
                                  "needs twice the input channels (eps and v), the fixed types as many")
             break
-    cfg = ddpm.Config(model="converted", **model_cfg, **schedule)
+    cfg = ddpm.Config(preset="converted", **model_cfg, **schedule)
     ddpm.check_config(cfg)
 
     theirs = read_weights(unet_dir)
@@ -274,8 +276,8 @@ def from_diffusers(folder, out="ckpt.pt", overwrite=False):
                          f"{len(unknown)} unknown ({', '.join(unknown[:5])}), "
                          f"{len(missing)} missing ({', '.join(missing[:5])})")
     model.load_state_dict(converted)
-    ddpm.save_checkpoint(out, ddpm.checkpoint_state(cfg, model))
-    print(f"wrote {out}: {ddpm.count_params(model):,} parameters, {cfg.image_size}x{cfg.image_size}, "
+    checkpoints.save_checkpoint(out, checkpoints.checkpoint_state(cfg, model))
+    core.say(f"wrote {out}: {ddpm.count_params(model):,} parameters, {cfg.image_size}x{cfg.image_size}, "
           f"{cfg.schedule} schedule, {cfg.var_type}, clip_x0={cfg.clip_x0}")
     return cfg
 
@@ -322,7 +324,7 @@ def to_diffusers(ckpt, out, ema=True, overwrite=False):
         raise ValueError(f"cannot write '{out}' ({e.strerror or e})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"wrote {out}: DDPMPipeline folder ({ddpm.count_params(model):,} parameters, "
+    core.say(f"wrote {out}: DDPMPipeline folder ({ddpm.count_params(model):,} parameters, "
           f"{'EMA' if ema else 'raw'} weights, {cfg.schedule} schedule, {cfg.var_type})")
     return out
 

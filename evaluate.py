@@ -28,13 +28,15 @@ import hashlib
 import json
 import math
 import os
-import sys
 
 import numpy as np
 import torch
 from PIL import Image
 
+import core
+import data
 import ddpm
+import distributed
 
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")
@@ -160,11 +162,11 @@ def read_images(files):
 def reference_images(name, data_dir):
     """A built-in reference set as (N, H, W, 3) uint8."""
     if name == "shapes":
-        images = ddpm.ShapesDataset(seed=12345).images  # not the training draw (seed 0)
-        return ddpm.to_uint8(images)
+        images = data.ShapesDataset(seed=12345).images  # not the training draw (seed 0)
+        return core.to_uint8(images)
     import torchvision
     dataset, split = name.split("-")
-    url, filename = ddpm.DOWNLOADS[dataset]
+    url, filename = data.DOWNLOADS[dataset]
     try:
         if dataset == "cifar10":
             base = torchvision.datasets.CIFAR10(data_dir, train=split == "train", download=True)
@@ -187,14 +189,14 @@ def reference_statistics(ref, inception, stats_dir, data_dir):
         key = f"{os.path.basename(os.path.normpath(ref))}-{hashlib.sha1(os.path.abspath(ref).encode()).hexdigest()[:8]}"
     cache = os.path.join(stats_dir, f"{key}-inception.npz")
     if os.path.isfile(cache):
-        print(f"reference: {ref}, statistics cached in {cache}")
+        core.say(f"reference: {ref}, statistics cached in {cache}")
         return load_statistics(cache)
     images = reference_images(ref, data_dir) if ref in REFERENCES else read_images(image_files(ref))
-    print(f"reference: {ref}, {len(images)} images; computing its Inception statistics once")
+    core.say(f"reference: {ref}, {len(images)} images; computing its Inception statistics once")
     stats = statistics(inception(images)[0])
-    ddpm.check_writable_folder(stats_dir, "--stats-dir")
-    ddpm.write_atomically(cache, lambda tmp: np.savez(open(tmp, "wb"), **stats))
-    print(f"reference statistics cached in {cache}")
+    core.check_writable_folder(stats_dir, "--stats-dir")
+    core.write_atomically(cache, lambda tmp: np.savez(open(tmp, "wb"), **stats))
+    core.say(f"reference statistics cached in {cache}")
     return stats
 
 
@@ -214,19 +216,19 @@ def sample_to_folder(folder, n, batch, make_batch):
     (size, H, W, C) uint8, which must depend on start alone (a fixed seed per batch): an
     interrupted run finds the PNGs already there and continues, with the same images."""
     from tqdm import tqdm
-    ddpm.check_output_folder(folder, "--samples")
+    core.check_writable_folder(folder, "--samples")
     done = 0
     while done < n and os.path.isfile(os.path.join(folder, f"{done:05d}.png")):
         done += 1
     start = done - done % batch  # a batch is made whole or not at all
     if done:
-        print(f"samples: {done} of {n} already in {folder}; continuing")
+        core.say(f"samples: {done} of {n} already in {folder}; continuing")
     bar = tqdm(total=n, initial=start, desc="sampling", unit="img", dynamic_ncols=True)
     for first in range(start, n, batch):
         size = min(batch, n - first)
         for k, img in enumerate(make_batch(first, size)):
             path = os.path.join(folder, f"{first + k:05d}.png")
-            ddpm.write_atomically(path, lambda tmp: Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img)
+            core.write_atomically(path, lambda tmp: Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img)
                                   .save(tmp, format="PNG"))
         bar.update(size)
     bar.close()
@@ -235,17 +237,18 @@ def sample_to_folder(folder, n, batch, make_batch):
 
 def torch_batches(ckpt, sampler, steps, eta, seed, device, spacing=None):
     """make_batch for sample_to_folder from a checkpoint (EMA weights), on `device`."""
-    device = ddpm.pick_device(device)
+    device = distributed.pick_device(device)
     model, cfg = ddpm.load_checkpoint(ckpt)
     model.to(device)
-    ddpm.check_sampler(sampler, steps, eta, cfg.T, spacing or ddpm.default_spacing(sampler))
+    core.check_sampler(sampler, steps, eta, cfg.T, spacing or core.default_spacing(sampler))
     diffusion = ddpm.GaussianDiffusion.from_config(cfg)
 
     def make_batch(start, size):
         g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + start)
         x_T = torch.randn(size, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g, device=device)
-        x0 = ddpm.sample_loop(model, diffusion, x_T, sampler, steps, eta, generator=g, spacing=spacing)
-        return ddpm.to_uint8(x0)
+        x0 = ddpm.sample_loop(model, diffusion, x_T, sampler=sampler, num_steps=steps, eta=eta, generator=g,
+                             spacing=spacing)
+        return core.to_uint8(x0)
     return make_batch
 
 
@@ -254,7 +257,7 @@ def onnx_batches(path, sampler, steps, eta, seed, provider, batch, spacing=None)
     noise from numpy, seeded per batch as torch_batches seeds x_T)."""
     import sample_ort
     denoiser, step, meta, device = sample_ort.open_sessions(path, provider, multistep=sampler == "dpm++")
-    timesteps, coefs = sample_ort.step_table(meta["betas"], sampler, steps, eta, meta["var_type"], spacing)
+    timesteps, coefs = sample_ort.step_table(meta, sampler, steps, eta, spacing)
     C, S = meta["in_channels"], meta["image_size"]
     runners = {}
 
@@ -263,7 +266,7 @@ def onnx_batches(path, sampler, steps, eta, seed, provider, batch, spacing=None)
         runner = runners.setdefault(size, sample_ort.Sampler(denoiser, step, (size, C, S, S), device))
         x_T = rng.standard_normal((size, C, S, S), dtype=np.float32)
         x0 = runner.run(x_T, timesteps, coefs, lambda k, shape: rng.standard_normal(shape, dtype=np.float32))
-        return sample_ort.to_uint8(x0)
+        return core.to_uint8(x0)
     return make_batch
 
 
@@ -343,11 +346,11 @@ class ShapesClassifier(torch.nn.Module):
             torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
             torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
             torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-            torch.nn.Flatten(), torch.nn.Linear(64, len(ddpm.SHAPE_CLASSES)))
+            torch.nn.Flatten(), torch.nn.Linear(64, len(data.SHAPE_CLASSES)))
 
     @torch.no_grad()
     def __call__(self, images_uint8):
-        x = ddpm.to_model_range(images_uint8)
+        x = data.to_model_range(images_uint8)
         if x.shape[1] == 1:
             x = x.repeat(1, 3, 1, 1)
         if x.shape[-1] != 32:
@@ -359,18 +362,18 @@ def train_shapes_classifier(n=20_000, steps=600, seed=1):
     """The judge's classifier, trained on a fresh draw of shapes (not the training set's seed).
     About 30 s on 2 CPU cores; accuracy on another draw printed."""
     torch.manual_seed(seed)
-    data = ddpm.ShapesDataset(n=n, size=32, seed=seed + 100)
+    shapes = data.ShapesDataset(n=n, size=32, seed=seed + 100)
     model = ShapesClassifier()
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    labels = torch.from_numpy(data.labels)
+    labels = torch.from_numpy(shapes.labels)
     for step in range(steps):
         idx = torch.randint(0, n, (128,))
-        loss = torch.nn.functional.cross_entropy(model.net.train()(data.images[idx]), labels[idx])
+        loss = torch.nn.functional.cross_entropy(model.net.train()(shapes.images[idx]), labels[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
-    test = ddpm.ShapesDataset(n=1000, size=32, seed=seed + 200)
-    accuracy = (model(ddpm.to_uint8(test.images)).argmax(1) == test.labels).mean()
+    test = data.ShapesDataset(n=1000, size=32, seed=seed + 200)
+    accuracy = (model(core.to_uint8(test.images)).argmax(1) == test.labels).mean()
     return model, float(accuracy)
 
 
@@ -398,7 +401,7 @@ def negative_log_likelihood(ckpt, data=None, data_dir="data", split="test", n=No
         raise ValueError(f"--n {n}: evaluate at least 1 image")
     if batch < 1:
         raise ValueError(f"--batch {batch}: use at least 1 image per batch")
-    device = ddpm.pick_device(device)
+    device = distributed.pick_device(device)
     model, cfg = ddpm.load_checkpoint(ckpt)
     model = model.to(device)
     data_cfg = dataclasses.replace(cfg, data=data or cfg.data, data_dir=data_dir)
@@ -431,7 +434,7 @@ def negative_log_likelihood(ckpt, data=None, data_dir="data", split="test", n=No
 
 def nll_command(args):
     if args.json:
-        ddpm.check_output_path(args.json, (".json",), "--json")
+        core.check_output_path(args.json, (".json",), "--json")
     r = negative_log_likelihood(args.ckpt, args.data, args.data_dir, args.split, args.n, args.batch,
                                 args.seed, args.device)
     print(f"{r['data']} {r['split']}, {r['n_images']} images, {r['var_type']}: "
@@ -439,7 +442,7 @@ def nll_command(args):
     print(f"  prior L_T {r['prior']:.6f}   decoder L_0 {r['decoder']:.4f}   "
           f"sum of L_1..L_T-1 {r['terms']:.4f}")
     if args.json:
-        ddpm.write_atomically(args.json, lambda tmp: open(tmp, "w").write(json.dumps(r, indent=1)))
+        core.write_atomically(args.json, lambda tmp: open(tmp, "w").write(json.dumps(r, indent=1)))
     return r
 
 
@@ -463,12 +466,12 @@ def fid_command(args):
     if args.batch < 1:
         raise ValueError(f"--batch {args.batch}: use at least 1 image per batch")
     if args.json:
-        ddpm.check_output_path(args.json, (".json",), "--json")
-    inception = Inception(args.inception_weights, ddpm.pick_device(args.device))
+        core.check_output_path(args.json, (".json",), "--json")
+    inception = Inception(args.inception_weights, distributed.pick_device(args.device))
     result = {}
     if sampling:
         name = os.path.splitext(os.path.basename(args.ckpt or args.onnx))[0]
-        spacing = args.spacing or ddpm.default_spacing(args.sampler)
+        spacing = args.spacing or core.default_spacing(args.sampler)
         spaced = "" if spacing == "leading" else f"-{spacing}"
         folder = args.samples or os.path.join("runs", "eval", f"{name}-{args.sampler}-{args.steps or 'T'}{spaced}")
         if args.ckpt:
@@ -500,7 +503,7 @@ def fid_command(args):
               "CIFAR-10 numbers use 50,000 and the training set's 50,000. FID falls as n grows, so "
               "numbers from other n are not comparable")
     if args.json:
-        ddpm.write_atomically(args.json, lambda tmp: open(tmp, "w").write(json.dumps(result, indent=1)))
+        core.write_atomically(args.json, lambda tmp: open(tmp, "w").write(json.dumps(result, indent=1)))
     return result
 
 
@@ -512,18 +515,18 @@ def shapes_command(args):
     else:
         raise ValueError(f"'{args.images}' is neither a grid picture nor a folder of images")
     if args.json:  # before the half minute of training
-        ddpm.check_output_path(args.json, (".json",), "--json")
+        core.check_output_path(args.json, (".json",), "--json")
     classifier, accuracy = train_shapes_classifier()
     verdict = judge_shapes(images, classifier)
     print(f"judge: classifier accuracy on fresh shapes {accuracy:.3f}")
     for name, ok in verdict.items():
         if name != "class":
             print(f"  {name:<26} {ok.mean():6.1%}")
-    counts = np.bincount(verdict["class"][verdict["good"]], minlength=len(ddpm.SHAPE_CLASSES))
+    counts = np.bincount(verdict["class"][verdict["good"]], minlength=len(data.SHAPE_CLASSES))
     print(f"good cells: {verdict['good'].sum()} of {len(images)} ({verdict['good'].mean():.1%}); classes of the "
-          "good ones: " + ", ".join(f"{c} {k}" for c, k in zip(ddpm.SHAPE_CLASSES, counts) if k))
+          "good ones: " + ", ".join(f"{c} {k}" for c, k in zip(data.SHAPE_CLASSES, counts) if k))
     if args.classes is not None:  # the classes sample --class asked for, in its grid order
-        asked, _ = ddpm.class_labels(ddpm.parse_classes(args.classes, ddpm.SHAPE_CLASSES), len(images))
+        asked, _ = core.class_labels(core.parse_classes(args.classes, data.SHAPE_CLASSES), len(images))
         if len(asked) != len(images):
             raise ValueError(f"--class {args.classes} gives {len(asked)} cells, the grid has {len(images)}")
         verdict["class asked for"] = verdict["class"] == asked
@@ -532,7 +535,7 @@ def shapes_command(args):
     if args.json:
         summary = {name: float(ok.mean()) for name, ok in verdict.items() if name != "class"}
         summary.update(n_images=len(images), classifier_accuracy=accuracy)
-        ddpm.write_atomically(args.json, lambda tmp: open(tmp, "w").write(json.dumps(summary, indent=1)))
+        core.write_atomically(args.json, lambda tmp: open(tmp, "w").write(json.dumps(summary, indent=1)))
     return verdict
 
 
@@ -549,10 +552,10 @@ def main(argv=None):
                    help=f"the reference: {', '.join(REFERENCES)}, a folder or a .npz (default: the last SET)")
     p.add_argument("--n", type=int, default=50_000, help="samples to make (default: 50000, as papers)")
     p.add_argument("--batch", type=int, default=250, help="images per sampling batch (default: 250)")
-    p.add_argument("--sampler", choices=ddpm.SAMPLERS, default="ddpm", help="(default: ddpm)")
+    p.add_argument("--sampler", choices=core.SAMPLERS, default="ddpm", help="(default: ddpm)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: T)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (default: 0)")
-    p.add_argument("--spacing", choices=ddpm.SPACINGS, default=None,
+    p.add_argument("--spacing", choices=core.SPACINGS, default=None,
                    help="the t's of a respaced chain, as for sampling (default: trailing for dpm++, "
                         "leading otherwise)")
     p.add_argument("--seed", type=int, default=0, help="seed of the samples (default: 0)")

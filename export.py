@@ -18,12 +18,13 @@ The contract (other runtimes are written against it):
   ddpm.in_channels, ddpm.var_type, ddpm.clip_x0, ddpm.preset, ddpm.ema, ddpm.num_classes,
   ddpm.precision, and ddpm.step_graph: a base64 ONNX graph of the per-step update
   x_{t-1} = c1 pred_x0 + c2 x_t + c3 eps' + s noise, which sample_ort.py runs on the device
-  (with learned variances s is per pixel, from var_values: see step_graph). A conditional model
+  (with learned variances s is per pixel, from var_values: see step_graph); it outputs x_prev
+  and pred_x0 (format 2 on; format 1 files output x_prev alone). A conditional model
   also has ddpm.class_names (JSON) and ddpm.guided_step_graph: the same update preceded by
   classifier-free guidance over a batch whose halves are the conditional and the unconditional
   branch (see step_graph). ddpm.multistep_graph (and ddpm.guided_multistep_graph) is
   DPM-Solver++(2M)'s update, which takes the previous step's x_0 and returns this step's (see
-  multistep_graph).
+  multistep_graph). The guided graphs also output eps_guided, the guided eps of the B images.
 
 Before it reports success the file is checked: onnx.checker, then ONNX Runtime against
 PyTorch on random inputs at batch 1 and 3; above the precision's tolerance nothing is written
@@ -47,9 +48,11 @@ import onnx.helper as oh
 import torch
 import torch.nn as nn
 
+import core
+import data
 import ddpm
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the update graphs also output pred_x0 (and eps_guided where guided)
 MIN_OPSET = 17
 MAX_OPSET = 20  # the newest the TorchScript exporter (dynamo=False) of this torch writes
 # max |ort - torch| / max |torch| allowed: float32 is exact up to kernel rounding; float16 is
@@ -111,12 +114,57 @@ def input_names(cfg):
     return ["x_t", "t", "y"] if cfg.num_classes else ["x_t", "t"]
 
 
-def step_graph(clip_x0, opset, ir_version, learned=False, guided=False):
-    """The per-step update as a tiny ONNX graph, so it runs where the images are (GPU or CPU).
-
-    inputs x_t, eps, noise (B, C, H, W) float32 and coef (6,) = [a, b, c1, c2, c3, s]:
+def guidance_and_x0(nodes, inits, inputs, opset, clip_x0, guided, learned=False):
+    """The part of every update graph before its own formula, added to nodes, inits and inputs:
+    with guided, classifier-free guidance over a batch of 2B rows whose halves are the
+    conditional and the unconditional branch (one more input guidance (1,) = [s]; eps_guided =
+    eps_u + s (eps_c - eps_u), Ho & Salimans eq. 6, an output), then
       pred_x0 = a x_t - b eps            (eq. 15 solved for x_0; a = 1/sqrt(abar), b = sqrt(1/abar - 1))
-      pred_x0 = clip(pred_x0, -1, 1)     (if the model says so)
+      pred_x0 = clip(pred_x0, -1, 1)     (if the model says so), an output.
+    Needs the scalars a and b from the coef split. Returns the names of (x_t, eps, var_values) of
+    the B images the update works on: the conditional half where guided."""
+    x, eps, var = "x_t", "eps", "var_values"
+    if guided:
+        inputs.append(oh.make_tensor_value_info("guidance", onnx.TensorProto.FLOAT, [1]))
+        halves = {"num_outputs": 2} if opset >= 18 else {}  # equal halves of the batch
+        for name in ("x_t", "eps") + (("var_values",) if learned else ()):
+            nodes.append(oh.make_node("Split", [name], [name + "_c", name + "_u"], axis=0, **halves))
+        nodes += [oh.make_node("Sub", ["eps_c", "eps_u"], ["eps_diff"]),
+                  oh.make_node("Mul", ["guidance", "eps_diff"], ["eps_push"]),
+                  oh.make_node("Add", ["eps_u", "eps_push"], ["eps_guided"])]
+        x, eps, var = "x_t_c", "eps_guided", "var_values_c"
+    nodes += [oh.make_node("Mul", ["a", x], ["a_x"]),
+              oh.make_node("Mul", ["b", eps], ["b_eps"]),
+              oh.make_node("Sub", ["a_x", "b_eps"], ["pred_x0_raw" if clip_x0 else "pred_x0"])]
+    if clip_x0:
+        inits += [oh.make_tensor(name, onnx.TensorProto.FLOAT, [], [value]) for name, value in (("lo", -1.0), ("hi", 1.0))]
+        nodes.append(oh.make_node("Clip", ["pred_x0_raw", "lo", "hi"], ["pred_x0"]))
+    return x, eps, var
+
+
+def update_model(name, nodes, inputs, inits, opset, ir_version, guided):
+    """The graph's outputs: x_prev (the B updated images; where guided twice, so the next denoiser
+    call sees both branches again), pred_x0 (B) and, where guided, eps_guided (B); checked."""
+    image, batch = ["B", "C", "H", "W"], ["N", "C", "H", "W"] if guided else ["B", "C", "H", "W"]
+    if guided:  # both halves again; this last node reads only intermediates (in-place safe)
+        nodes.append(oh.make_node("Concat", ["x_updated", "x_updated"], ["x_prev"], axis=0))
+    outputs = [oh.make_tensor_value_info("x_prev", onnx.TensorProto.FLOAT, batch),
+               oh.make_tensor_value_info("pred_x0", onnx.TensorProto.FLOAT, image)]
+    if guided:
+        outputs.append(oh.make_tensor_value_info("eps_guided", onnx.TensorProto.FLOAT, image))
+    graph = oh.make_graph(nodes, name, inputs, outputs, inits)
+    # the denoiser's IR version: the onnx package's newest can be ahead of ONNX Runtime's
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", opset)], ir_version=ir_version)
+    onnx.checker.check_model(model)
+    return model
+
+
+def step_graph(clip_x0, opset, ir_version, learned=False, guided=False):
+    """The per-step update of DDPM and DDIM as a tiny ONNX graph, so it runs where the images are
+    (GPU or CPU).
+
+    inputs x_t, eps, noise (B, C, H, W) float32 and coef (6,) = [a, b, c1, c2, c3, s]; pred_x0 as
+    in guidance_and_x0, then
       eps'    = (a x_t - pred_x0) / b    (the eps consistent with a clipped x_0; eps if no clipping)
       x_prev  = c1 pred_x0 + c2 x_t + c3 eps' + s noise
     DDPM: c1, c2 = the posterior mean coefficients (eq. 7), c3 = 0, s = sigma_t (0 at t=0).
@@ -124,11 +172,8 @@ def step_graph(clip_x0, opset, ir_version, learned=False, guided=False):
     learned: one more input var_values (B, C, H, W) and coef (9,) = [..., s, g, log_lo, log_hi]
     with the noise's scale per pixel s + g exp(1/2 (log_lo + (v + 1)/2 (log_hi - log_lo))): DDPM
     s = 0, g = 1 (0 at t=0), log_lo = log beta-tilde_t (clipped), log_hi = log beta_t; DDIM g = 0.
-    guided (classifier-free guidance): x_t, eps and var_values have 2B rows, the conditional
-    branch then the unconditional one, with the same images in both halves; one more input
-    guidance (1,) = [s], and eps = eps_u + s (eps_c - eps_u) (Ho & Salimans eq. 6), the variance
-    from the conditional half, noise (B, C, H, W); x_prev is the updated B images, twice, so the
-    next denoiser call sees both branches again.
+    guided: x_t, eps and var_values have 2B rows (see guidance_and_x0), the variance from the
+    conditional half, noise (B, C, H, W). Outputs: see update_model. core.step_table writes coef.
     """
     image = ["B", "C", "H", "W"]
     batch = ["N", "C", "H", "W"] if guided else image  # N = 2B: both branches
@@ -140,36 +185,12 @@ def step_graph(clip_x0, opset, ir_version, learned=False, guided=False):
     coef_names = ["a", "b", "c1", "c2", "c3", "s"] + (["g", "log_lo", "log_hi"] if learned else [])
     nodes = [oh.make_node("Split", ["coef", "split"], coef_names, axis=0)]
     inits = [oh.make_tensor("split", onnx.TensorProto.INT64, [n_coef], [1] * n_coef)]
-    x, eps, var = "x_t", "eps", "var_values"
-    if guided:
-        inputs.append(oh.make_tensor_value_info("guidance", onnx.TensorProto.FLOAT, [1]))
-        halves = {"num_outputs": 2} if opset >= 18 else {}  # equal halves of the batch
-
-        def split(name):
-            nodes.append(oh.make_node("Split", [name], [name + "_c", name + "_u"], axis=0, **halves))
-            return name + "_c", name + "_u"
-        x, _ = split("x_t")
-        eps_c, eps_u = split("eps")
-        nodes += [oh.make_node("Sub", [eps_c, eps_u], ["eps_diff"]),
-                  oh.make_node("Mul", ["guidance", "eps_diff"], ["eps_push"]),
-                  oh.make_node("Add", [eps_u, "eps_push"], ["eps_guided"])]
-        eps = "eps_guided"
-        if learned:
-            var, _ = split("var_values")
-    nodes += [
-        oh.make_node("Mul", ["a", x], ["a_x"]),
-        oh.make_node("Mul", ["b", eps], ["b_eps"]),
-        oh.make_node("Sub", ["a_x", "b_eps"], ["pred_x0_raw"]),
-    ]
+    x, eps, var = guidance_and_x0(nodes, inits, inputs, opset, clip_x0, guided, learned)
     if clip_x0:
-        inits += [oh.make_tensor("lo", onnx.TensorProto.FLOAT, [], [-1.0]),
-                  oh.make_tensor("hi", onnx.TensorProto.FLOAT, [], [1.0])]
-        nodes += [oh.make_node("Clip", ["pred_x0_raw", "lo", "hi"], ["pred_x0"]),
-                  oh.make_node("Sub", ["a_x", "pred_x0"], ["a_x_minus_x0"]),
+        nodes += [oh.make_node("Sub", ["a_x", "pred_x0"], ["a_x_minus_x0"]),
                   oh.make_node("Div", ["a_x_minus_x0", "b"], ["eps_used"])]
     else:
-        nodes += [oh.make_node("Identity", ["pred_x0_raw"], ["pred_x0"]),
-                  oh.make_node("Identity", [eps], ["eps_used"])]
+        nodes.append(oh.make_node("Identity", [eps], ["eps_used"]))
     scale = "s"  # the noise's scale: a number, or per pixel with learned variances
     if learned:  # scale = s + g exp(0.5 (log_lo + (v + 1) / 2 (log_hi - log_lo)))
         inits += [oh.make_tensor("one", onnx.TensorProto.FLOAT, [], [1.0]),
@@ -184,7 +205,6 @@ def step_graph(clip_x0, opset, ir_version, learned=False, guided=False):
                   oh.make_node("Mul", ["g", "std"], ["g_std"]),
                   oh.make_node("Add", ["s", "g_std"], ["scale"])]
         scale = "scale"
-    updated = "x_updated" if guided else "x_prev"
     nodes += [
         oh.make_node("Mul", ["c1", "pred_x0"], ["t1"]),
         oh.make_node("Mul", ["c2", x], ["t2"]),
@@ -192,16 +212,9 @@ def step_graph(clip_x0, opset, ir_version, learned=False, guided=False):
         oh.make_node("Mul", [scale, "noise"], ["t4"]),
         oh.make_node("Add", ["t1", "t2"], ["mean12"]),
         oh.make_node("Add", ["mean12", "t3"], ["mean"]),
-        oh.make_node("Add", ["mean", "t4"], [updated]),
+        oh.make_node("Add", ["mean", "t4"], ["x_updated" if guided else "x_prev"]),
     ]
-    if guided:  # both halves again; this last node reads only intermediates (in-place safe)
-        nodes.append(oh.make_node("Concat", [updated, updated], ["x_prev"], axis=0))
-    graph = oh.make_graph(nodes, "ddpm_step", inputs,
-                          [oh.make_tensor_value_info("x_prev", onnx.TensorProto.FLOAT, batch)], inits)
-    # the denoiser's IR version: the onnx package's newest can be ahead of ONNX Runtime's
-    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", opset)], ir_version=ir_version)
-    onnx.checker.check_model(model)
-    return model
+    return update_model("ddpm_step", nodes, inputs, inits, opset, ir_version, guided)
 
 
 def multistep_graph(clip_x0, opset, ir_version, guided=False):
@@ -209,14 +222,12 @@ def multistep_graph(clip_x0, opset, ir_version, guided=False):
     that carries the previous step's x_0 as state.
 
     inputs x_t, eps (B, C, H, W) float32, prev_x0 (B, C, H, W), the previous step's pred_x0
-    (anything at the first step), and coef (5,) = [a, b, c1, c2, c4]:
-      pred_x0 = clip(a x_t - b eps, -1, 1)   (the clip if the model says so)
+    (anything at the first step), and coef (5,) = [a, b, c1, c2, c4]; pred_x0 as in
+    guidance_and_x0, then
       x_prev  = c1 pred_x0 + c2 x_t + c4 prev_x0
     with c2 = sigma_{t-1} / sigma_t, c1 = w (1 + r), c4 = -w r (r = h_t / (2 h_{t+1}), 0 at the first
-    and the last step). outputs x_prev and pred_x0, the next step's prev_x0.
-    guided: x_t and eps have 2B rows (the conditional branch, then the unconditional one), one
-    more input guidance (1,) = [s], eps = eps_u + s (eps_c - eps_u); x_prev has the B updated
-    images twice; prev_x0 and pred_x0 have B rows.
+    and the last step). pred_x0, an output, is the next step's prev_x0. guided: x_t and eps have
+    2B rows; prev_x0 has B. Outputs: see update_model.
     """
     image = ["B", "C", "H", "W"]
     batch = ["N", "C", "H", "W"] if guided else image
@@ -225,40 +236,17 @@ def multistep_graph(clip_x0, opset, ir_version, guided=False):
                oh.make_tensor_value_info("coef", onnx.TensorProto.FLOAT, [5])]
     nodes = [oh.make_node("Split", ["coef", "split"], ["a", "b", "c1", "c2", "c4"], axis=0)]
     inits = [oh.make_tensor("split", onnx.TensorProto.INT64, [5], [1] * 5)]
-    x, eps = "x_t", "eps"
-    if guided:
-        inputs.append(oh.make_tensor_value_info("guidance", onnx.TensorProto.FLOAT, [1]))
-        halves = {"num_outputs": 2} if opset >= 18 else {}
-        nodes += [oh.make_node("Split", ["x_t"], ["x_c", "x_u"], axis=0, **halves),
-                  oh.make_node("Split", ["eps"], ["eps_c", "eps_u"], axis=0, **halves),
-                  oh.make_node("Sub", ["eps_c", "eps_u"], ["eps_diff"]),
-                  oh.make_node("Mul", ["guidance", "eps_diff"], ["eps_push"]),
-                  oh.make_node("Add", ["eps_u", "eps_push"], ["eps_guided"])]
-        x, eps = "x_c", "eps_guided"
-    nodes += [oh.make_node("Mul", ["a", x], ["a_x"]),
-              oh.make_node("Mul", ["b", eps], ["b_eps"]),
-              oh.make_node("Sub", ["a_x", "b_eps"], ["pred_x0_raw" if clip_x0 else "pred_x0"])]
-    if clip_x0:
-        inits += [oh.make_tensor(name, onnx.TensorProto.FLOAT, [], [value]) for name, value in (("lo", -1.0), ("hi", 1.0))]
-        nodes.append(oh.make_node("Clip", ["pred_x0_raw", "lo", "hi"], ["pred_x0"]))
-    updated = "x_updated" if guided else "x_prev"
+    x, _, _ = guidance_and_x0(nodes, inits, inputs, opset, clip_x0, guided)
     nodes += [oh.make_node("Mul", ["c1", "pred_x0"], ["t1"]),
               oh.make_node("Mul", ["c2", x], ["c2_x"]),
               oh.make_node("Mul", ["c4", "prev_x0"], ["t4"]),
               oh.make_node("Add", ["t1", "c2_x"], ["t12"]),
-              oh.make_node("Add", ["t12", "t4"], [updated])]  # last: reads only intermediates
-    if guided:
-        nodes.append(oh.make_node("Concat", [updated, updated], ["x_prev"], axis=0))
-    outputs = [oh.make_tensor_value_info("x_prev", onnx.TensorProto.FLOAT, batch),
-               oh.make_tensor_value_info("pred_x0", onnx.TensorProto.FLOAT, image)]
-    graph = oh.make_graph(nodes, "ddpm_multistep", inputs, outputs, inits)
-    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", opset)], ir_version=ir_version)
-    onnx.checker.check_model(model)
-    return model
+              oh.make_node("Add", ["t12", "t4"], ["x_updated" if guided else "x_prev"])]  # last: reads only intermediates
+    return update_model("ddpm_multistep", nodes, inputs, inits, opset, ir_version, guided)
 
 
 def metadata(cfg, ema, precision, opset, ir_version):
-    betas = ddpm.get_betas(cfg.schedule, cfg.T)
+    betas = core.get_betas(cfg.schedule, cfg.T)
     learned = cfg.var_type == "learned_range"
 
     def graph(guided, multistep=False):
@@ -277,7 +265,7 @@ def metadata(cfg, ema, precision, opset, ir_version):
         "ddpm.in_channels": str(cfg.in_channels),
         "ddpm.var_type": cfg.var_type,
         "ddpm.clip_x0": "true" if cfg.clip_x0 else "false",
-        "ddpm.preset": cfg.model,
+        "ddpm.preset": cfg.preset,
         "ddpm.ema": "true" if ema else "false",
         "ddpm.num_classes": str(cfg.num_classes),  # 0: unconditional
         "ddpm.network_prediction": cfg.prediction,  # what the U-Net predicts; the graph outputs eps
@@ -363,7 +351,7 @@ def calibration_inputs(cfg, n=CALIBRATION_SAMPLES, batch=8, seed=0):
     cifar10 or an image folder may not be where one exports. Shapes fill [-1, 1] with flat areas
     and sharp edges, and from t of a few hundred on the noise sets x_t's range anyway. Random
     N(0, 1) x_t would miss the small-t inputs, which are almost clean images."""
-    x0 = ddpm.ShapesDataset(n=n, size=cfg.image_size, channels=cfg.in_channels, seed=seed).images  # (n, C, H, W)
+    x0 = data.ShapesDataset(n=n, size=cfg.image_size, channels=cfg.in_channels, seed=seed).images  # (n, C, H, W)
     t = torch.from_numpy(np.linspace(0, cfg.T - 1, n).round().astype(np.int64))
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     x_t = ddpm.GaussianDiffusion.from_config(cfg).q_sample(x0, t, noise)
@@ -383,7 +371,7 @@ def quantize_int8(fp32_path, cfg):
     from onnxruntime import quantization as oq  # part of onnxruntime: no other package
 
     vnni = cpu_has_vnni()
-    print("int8: this CPU has " + ("VNNI: 8-bit weights" if vnni else
+    core.say("int8: this CPU has " + ("VNNI: 8-bit weights" if vnni else
           "no VNNI: 7-bit weights (reduce_range), so ONNX Runtime's u8s8 kernels cannot saturate"))
     convs = [node.name for node in onnx.load(fp32_path).graph.node if node.op_type == "Conv"]
     assert all(convs), "the exporter names every node"
@@ -435,7 +423,7 @@ def export_module(denoiser, cfg, out, reference, precision="fp32", ema=True, ops
         onnx.save(proto, tmp)  # one file: weights inline (the largest preset is far below 2 GB)
         results[:] = compare_with_torch(tmp, reference, cfg) if check else []
         for b, abs_err, rel_err in results:
-            print(f"check: ONNX Runtime vs PyTorch (float32), batch {b}: max abs error {abs_err:.2e}, "
+            core.say(f"check: ONNX Runtime vs PyTorch (float32), batch {b}: max abs error {abs_err:.2e}, "
                   f"relative {rel_err:.2e} (tolerance {TOLERANCE[precision]:.1e})")
         if any(not rel <= TOLERANCE[precision] for _, _, rel in results):
             raise ValueError(f"the exported model disagrees with PyTorch beyond the {precision} "
@@ -443,7 +431,7 @@ def export_module(denoiser, cfg, out, reference, precision="fp32", ema=True, ops
 
     results = []
     try:
-        ddpm.write_atomically(out, write)
+        core.write_atomically(out, write)
     except OSError as e:
         raise ValueError(f"cannot write '{out}' ({e.strerror or e}); nothing was written") from None
     return results
@@ -455,7 +443,7 @@ def export(ckpt, out="ddpm.onnx", fp16=False, ema=True, opset=MIN_OPSET, check=T
         raise ValueError("--fp16 and --int8 are two precisions for one file; choose one")
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ValueError(f"--opset {opset}: this torch exports opsets {MIN_OPSET} to {MAX_OPSET}")
-    ddpm.check_output_path(out, (".onnx",), "-o", inputs=(ckpt,))
+    core.check_output_path(out, (".onnx",), "-o", inputs=(ckpt,))
     model, cfg = ddpm.load_checkpoint(ckpt, ema=ema)
     precision = "fp16" if fp16 else "int8" if int8 else "fp32"  # int8: quantized from the float32 graph
     unet = half_precision(copy.deepcopy(model)) if fp16 else model
@@ -463,8 +451,8 @@ def export(ckpt, out="ddpm.onnx", fp16=False, ema=True, opset=MIN_OPSET, check=T
     reference = Denoiser(model, torch.float32, cfg).eval()
     results = export_module(denoiser, cfg, out, reference, precision, ema, opset, check)
     size_mb = os.path.getsize(out) / 2 ** 20
-    print(f"wrote {out} ({size_mb:.1f} MB, {precision}, {'EMA' if ema else 'raw'} weights, "
-          f"preset {cfg.model}, opset {opset})")
+    core.say(f"wrote {out} ({size_mb:.1f} MB, {precision}, {'EMA' if ema else 'raw'} weights, "
+          f"preset {cfg.preset}, opset {opset})")
     return results
 
 
@@ -483,7 +471,7 @@ def main(argv=None):
                    help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} (default: {MIN_OPSET})")
     args = p.parse_args(argv)
     try:
-        export(args.ckpt, args.output, args.fp16, not args.no_ema, args.opset, int8=args.int8)
+        export(args.ckpt, out=args.output, fp16=args.fp16, ema=not args.no_ema, opset=args.opset, int8=args.int8)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     except KeyboardInterrupt:

@@ -45,9 +45,11 @@ Prints a markdown table last and writes a JSON copy to bench/results/<machine>.j
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import datetime
 import importlib.metadata
+import itertools
 import json
 import math
 import multiprocessing
@@ -64,8 +66,10 @@ import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+import checkpoints  # noqa: E402
 import convert  # noqa: E402
 import ddpm  # noqa: E402
+import distributed  # noqa: E402
 import export  # noqa: E402
 import sample_ort  # noqa: E402
 
@@ -246,7 +250,7 @@ def torch_sampler(model, cfg, batch, steps, device, amp=None):
 
     def run():
         with autocast:
-            ddpm.sample_loop(model, diffusion, x_T, "ddim", steps=steps, eta=1.0,
+            ddpm.sample_loop(model, diffusion, x_T, sampler="ddim", num_steps=steps, eta=1.0,
                              generator=torch.Generator(device=device).manual_seed(0))
         return batch * steps
     return run
@@ -270,7 +274,7 @@ def diffusers_unet(cfg):
 
 def ort_sampler(onnx_path, cfg, batch, steps, provider, io_binding=True, cuda_graph=False):
     denoiser, step, meta, device = sample_ort.open_sessions(onnx_path, provider, cuda_graph, batch)
-    ts, coefs = sample_ort.step_table(meta["betas"], "ddim", steps, 1.0)
+    ts, coefs = sample_ort.step_table(meta, "ddim", steps, 1.0)
     shape = (batch, cfg.in_channels, cfg.image_size, cfg.image_size)
     rng = np.random.default_rng(0)
     x_T = rng.standard_normal(shape, dtype=np.float32)
@@ -291,20 +295,20 @@ def ort_sampler(onnx_path, cfg, batch, steps, provider, io_binding=True, cuda_gr
     return run
 
 
-def train_step(model, cfg, batch, device, amp=None):
+def train_step(model, raw_model, cfg, batch, device, amp=None):
+    """ddpm.train_step itself (the micro-batch's draws, autocast, the scaler, clipping, the
+    optimizer, the EMA) on a batch of noise images, for our U-Net and diffusers' alike."""
     diffusion = ddpm.GaussianDiffusion.from_config(cfg)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    optimizer = ddpm.make_optimizer(cfg, raw_model.parameters())
+    ema = copy.deepcopy(raw_model).requires_grad_(False)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     x0 = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size, device=device).clamp(-1, 1)
-    autocast = torch.autocast(device, dtype=amp) if amp else contextlib.nullcontext()
+    labels = torch.zeros(batch, dtype=torch.long)
+    steps = itertools.count()
 
     def run():
-        i = torch.randint(0, cfg.T, (batch,), device=device)  # on the device, as ddpm.train: the tables live there
-        with autocast:
-            loss = diffusion.training_loss(model, x0, i, torch.randn_like(x0))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        ddpm.train_step(model, raw_model, ema, optimizer, scaler, x0, labels, next(steps), cfg=cfg,
+                        diffusion=diffusion, dtype=amp)
         return batch
     return run
 
@@ -320,11 +324,12 @@ def build(c, cfg, ckpt, device):
     model = model.to(device).train(c.kind == "training")
     if c.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    raw_model = model
     if c.compile:
         model = torch.compile(model)
     amp = AUTOCAST.get(c.precision)
     if c.kind == "training":
-        return train_step(model, cfg, c.batch, device, amp)
+        return train_step(model, raw_model, cfg, c.batch, device, amp)
     return torch_sampler(model, cfg, c.batch, c.steps, device, amp)
 
 
@@ -460,7 +465,7 @@ def main(argv=None):
     flops = ddpm.count_flops(ours, cfg)
     tmp = tempfile.mkdtemp()
     ckpt = os.path.join(tmp, "ckpt.pt")
-    ddpm.save_checkpoint(ckpt, ddpm.checkpoint_state(cfg, ours))
+    checkpoints.save_checkpoint(ckpt, checkpoints.checkpoint_state(cfg, ours))
     onnx = {prec: os.path.join(tmp, f"{prec}.onnx") for prec in ("fp32", "fp16", "int8")}
     skipped = []
     with contextlib.redirect_stdout(sys.stderr):
@@ -476,7 +481,7 @@ def main(argv=None):
     sampling = [sampler("PyTorch eager fp32", "ours")]
     if compile_:
         sampling.append(sampler("PyTorch compile fp32", "ours", compile=True))
-    if device == "cuda" or ddpm.cpu_has_bf16():
+    if device == "cuda" or distributed.cpu_has_bf16():
         sampling.append(sampler("PyTorch eager bf16 autocast", "ours", "bf16"))
     else:
         skipped.append("PyTorch eager bf16 autocast: this CPU has no bf16 units (AVX512-BF16 or AMX), "

@@ -29,6 +29,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+import core  # noqa: E402
 import ddpm  # noqa: E402
 import sample_ort  # noqa: E402
 
@@ -55,13 +56,13 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of x_T (default: 0)")
     p.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50, 100],
                    help="step counts (default: 10 20 50 100)")
-    p.add_argument("--spacings", nargs="+", choices=ddpm.SPACINGS, default=list(ddpm.SPACINGS),
+    p.add_argument("--spacings", nargs="+", choices=core.SPACINGS, default=list(core.SPACINGS),
                    help="time spacings (default: all three)")
     p.add_argument("--samplers", nargs="+", choices=["ddim", "dpm++"], default=["ddim", "dpm++"],
                    help="deterministic samplers to compare (default: ddim dpm++)")
     p.add_argument("--onnx", nargs="*", default=[], metavar="FILE",
                    help="exported models to run through ONNX Runtime at 20 steps (default: none)")
-    p.add_argument("--onnx-spacing", choices=ddpm.SPACINGS, default="trailing",
+    p.add_argument("--onnx-spacing", choices=core.SPACINGS, default="trailing",
                    help="the spacing of the --onnx rows (default: trailing)")
     p.add_argument("--out", default=os.path.join(HERE, "results"),
                    help="folder for the JSON copy (default: bench/results)")
@@ -79,7 +80,7 @@ def main(argv=None):
 
     def run(sampler, steps, spacing="leading"):
         start = time.perf_counter()
-        x0 = ddpm.sample_loop(model, diffusion, x_T, sampler, steps=steps, spacing=spacing, progress=True)
+        x0 = ddpm.sample_loop(model, diffusion, x_T, sampler=sampler, num_steps=steps, spacing=spacing, progress=True)
         return x0, time.perf_counter() - start
 
     reference, ref_seconds = run("ddim", cfg.T)
@@ -103,7 +104,7 @@ def main(argv=None):
             raise SystemExit(f"error: {e}") from None
         for sampler in args.samplers:
             _, step, _, _ = sample_ort.open_sessions(path, "cpu", multistep=sampler == "dpm++")
-            ts, coefs = sample_ort.step_table(meta["betas"], sampler, 20, 0.0, meta["var_type"], args.onnx_spacing)
+            ts, coefs = sample_ort.step_table(meta, sampler, 20, 0.0, args.onnx_spacing)
             x = x_T.numpy()
             start = time.perf_counter()
             x0 = sample_ort.Sampler(denoiser, step, x.shape, device).run(

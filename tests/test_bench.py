@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import checkpoints
 import ddpm
 from bench import bench
 from conftest import run_script
@@ -94,7 +95,7 @@ def test_solver_error_harness(tmp_path):
     import export
     cfg = ddpm.make_config("tiny", image_size=8, T=50, clip_x0=False, attn_resolutions=())
     torch.manual_seed(0)
-    ddpm.save_checkpoint(str(tmp_path / "ckpt.pt"), ddpm.checkpoint_state(cfg, ddpm.UNet(cfg).eval()))
+    checkpoints.save_checkpoint(str(tmp_path / "ckpt.pt"), checkpoints.checkpoint_state(cfg, ddpm.UNet(cfg).eval()))
     export.export(str(tmp_path / "ckpt.pt"), str(tmp_path / "m.onnx"))
     r = run_script("bench/solver_error.py", "--ckpt", tmp_path / "ckpt.pt", "--n", 2, "--steps", 5, 50,
                    "--spacings", "leading", "--onnx", tmp_path / "m.onnx", "--out", tmp_path)

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
+import core
 import ddpm
 import evaluate
 import export
@@ -79,7 +81,7 @@ class PointOracle(torch.nn.Module):
         return eps if self.var_v is None else torch.cat([eps, torch.full_like(eps, self.var_v)], 1)
 
 
-@pytest.mark.parametrize("var_type", ddpm.VAR_TYPES)
+@pytest.mark.parametrize("var_type", core.VAR_TYPES)
 def test_each_term_for_a_perfect_posterior_model_on_one_point(var_type):
     """On the one-point data set the model's mean is the true posterior mean, so each L_{t-1} is
     only the variance mismatch 1/2 (log s2 - log bt + bt / s2 - 1), zero for beta-tilde; L_0 is
@@ -107,7 +109,7 @@ def test_each_term_for_a_perfect_posterior_model_on_one_point(var_type):
     assert err_kl < 1e-9 and err_dec < 2e-3 and abs(prior.item() - prior_expected) < 1e-12
 
 
-@pytest.mark.parametrize("var_type", ddpm.VAR_TYPES)
+@pytest.mark.parametrize("var_type", core.VAR_TYPES)
 def test_the_terms_sum_to_the_direct_definition_of_the_bound(var_type):
     """L_VLB = E_q[-log p(x_T) - sum_t log p_theta(x_{t-1} | x_t) + sum_t log q(x_t | x_{t-1})]
     (Ho et al. eq. 3), estimated by Monte Carlo over whole forward trajectories with p_theta's
@@ -180,7 +182,7 @@ def learned_model(tmp_path_factory):
     model = ddpm.UNet(cfg).eval()
     with torch.no_grad():
         model.conv_out.weight.mul_(3)
-    ddpm.save_checkpoint(str(d / "ckpt.pt"), ddpm.checkpoint_state(cfg, model))
+    checkpoints.save_checkpoint(str(d / "ckpt.pt"), checkpoints.checkpoint_state(cfg, model))
     export.export(str(d / "ckpt.pt"), str(d / "lr.onnx"))
     return d, cfg, model
 

@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+import checkpoints
 import convert
 import ddpm
 from conftest import refusal
@@ -46,7 +47,7 @@ def test_parameter_names_map_both_ways(preset):
 @pytest.fixture
 def tiny_ckpt(tmp_path):
     cfg = ddpm.make_config("tiny", image_size=16)
-    ddpm.save_checkpoint(tmp_path / "tiny.pt", ddpm.checkpoint_state(cfg, ddpm.UNet(cfg)))
+    checkpoints.save_checkpoint(tmp_path / "tiny.pt", checkpoints.checkpoint_state(cfg, ddpm.UNet(cfg)))
     return tmp_path / "tiny.pt"
 
 
@@ -73,7 +74,7 @@ def test_to_diffusers_writes_a_pipeline_folder_and_refuses_to_clobber(tiny_ckpt,
 @pytest.mark.parametrize("prediction,theirs", [("v", "v_prediction"), ("x0", "sample")])
 def test_prediction_type_goes_both_ways(tmp_path, prediction, theirs):
     cfg = ddpm.make_config("tiny", image_size=16, prediction=prediction, schedule="cosine")
-    ddpm.save_checkpoint(tmp_path / "m.pt", ddpm.checkpoint_state(cfg, ddpm.UNet(cfg)))
+    checkpoints.save_checkpoint(tmp_path / "m.pt", checkpoints.checkpoint_state(cfg, ddpm.UNet(cfg)))
     with contextlib.redirect_stdout(io.StringIO()):
         convert.to_diffusers(str(tmp_path / "m.pt"), str(tmp_path / "d"))
         back = convert.from_diffusers(str(tmp_path / "d"), str(tmp_path / "back.pt"))

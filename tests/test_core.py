@@ -7,6 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import core
+import data
 import ddpm
 from conftest import MU, S, SAMPLER_CASES, GaussianOracle, implied_moments, probe_inputs, probe_moments
 
@@ -135,7 +137,7 @@ def test_variance_types():
 
 def test_respacing_keeps_alpha_bars_and_original_t():
     d = diffusion("linear")
-    kept = ddpm.ddim_timesteps(T, 50)
+    kept = core.ddim_timesteps(T, 50)
     assert list(kept[:3]) == [0, 20, 40] and len(kept) == 50 and kept[-1] == 980
     r = d.respace(kept)
     assert np.allclose(r.alphas_cumprod, d.alphas_cumprod[kept], rtol=1e-12, atol=0)
@@ -284,7 +286,7 @@ def ode_error(sampler, steps, spacing="trailing"):
     betas = ddpm.get_betas("linear", T)
     d = ddpm.GaussianDiffusion(betas, clip_x0=False)
     x_T = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 1.5
-    abar_T = d.alphas_cumprod[ddpm.ddim_timesteps(T, steps, spacing)[-1]]
+    abar_T = d.alphas_cumprod[core.ddim_timesteps(T, steps, spacing)[-1]]
     exact = MU + (x_T - math.sqrt(abar_T) * MU) * S / math.sqrt(abar_T * S * S + 1 - abar_T)
     return (ddpm.sample_loop(GaussianOracle(betas), d, x_T, sampler, steps=steps, spacing=spacing)
             - exact).abs().max().item()
@@ -395,11 +397,11 @@ def test_min_snr_weights_are_hang_et_al(prediction, weight):
 
 
 def test_timestep_spacings_are_lin_et_al():
-    assert list(ddpm.ddim_timesteps(1000, 10, "leading")) == [0, 100, 200, 300, 400, 500, 600, 700, 800, 900]
-    assert list(ddpm.ddim_timesteps(1000, 10, "trailing")) == [99, 199, 299, 399, 499, 599, 699, 799, 899, 999]
-    assert list(ddpm.ddim_timesteps(1000, 10, "linspace")) == [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]
-    assert list(ddpm.ddim_timesteps(1000, 3, "trailing")) == [332, 666, 999]
-    assert list(ddpm.ddim_timesteps(1000, 1000, "trailing")) == list(range(1000))
+    assert list(core.ddim_timesteps(1000, 10, "leading")) == [0, 100, 200, 300, 400, 500, 600, 700, 800, 900]
+    assert list(core.ddim_timesteps(1000, 10, "trailing")) == [99, 199, 299, 399, 499, 599, 699, 799, 899, 999]
+    assert list(core.ddim_timesteps(1000, 10, "linspace")) == [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]
+    assert list(core.ddim_timesteps(1000, 3, "trailing")) == [332, 666, 999]
+    assert list(core.ddim_timesteps(1000, 1000, "trailing")) == list(range(1000))
     seen = []
 
     class Recorder(torch.nn.Module):
@@ -614,7 +616,7 @@ def test_tiny_model_overfits_eight_images():
     cfg = ddpm.make_config("tiny", image_size=16)
     model = ddpm.UNet(cfg)
     d = ddpm.GaussianDiffusion.from_config(cfg)
-    x0 = ddpm.ShapesDataset(n=8, size=16, seed=0).images  # (8, 3, 16, 16)
+    x0 = data.ShapesDataset(n=8, size=16, seed=0).images  # (8, 3, 16, 16)
     g = torch.Generator().manual_seed(123)  # a fixed evaluation set of (t, eps)
     i_eval = torch.randint(0, T, (64,), generator=g)
     noise_eval = torch.randn(64, 3, 16, 16, generator=g)

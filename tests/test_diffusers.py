@@ -10,6 +10,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
+import checkpoints
+import core
 import convert
 import ddpm
 import export
@@ -141,7 +143,7 @@ def test_to_diffusers_loads_in_ddpm_pipeline_and_samples(tmp_path, schedule, var
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    ddpm.save_checkpoint(tmp_path / "ours.pt", ddpm.checkpoint_state(cfg, model))
+    checkpoints.save_checkpoint(tmp_path / "ours.pt", checkpoints.checkpoint_state(cfg, model))
     convert.to_diffusers(str(tmp_path / "ours.pt"), str(tmp_path / "pipe"))
     pipe = diffusers.DDPMPipeline.from_pretrained(str(tmp_path / "pipe"))
     x, t = torch.randn(3, 3, 16, 16), torch.tensor([0, 417, 999])
@@ -280,7 +282,7 @@ def test_ddim_50_steps_equals_ddim_scheduler(eta, clip):
         if dtype == torch.float64:
             sched = in_float64(sched)
         sched.set_timesteps(50)
-        assert list(sched.timesteps.numpy()) == list(ddpm.ddim_timesteps(1000, 50)[::-1])
+        assert list(sched.timesteps.numpy()) == list(core.ddim_timesteps(1000, 50)[::-1])
         x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=dtype)
         g = torch.Generator().manual_seed(5)
         x = x_T
@@ -359,7 +361,7 @@ def test_class_conditional_unet_converts_both_ways_and_matches_diffusers(tmp_pat
     print(f"conditional: ours vs diffusers max abs error {err:.1e} (labels move the output by {spread:.2f})")
     assert err < 1e-5 and spread > 1e-3
     ckpt = tmp_path / "named.pt"
-    ddpm.save_checkpoint(str(ckpt), ddpm.checkpoint_state(cfg, model))
+    checkpoints.save_checkpoint(str(ckpt), checkpoints.checkpoint_state(cfg, model))
     convert.to_diffusers(str(ckpt), str(tmp_path / "back"))
     again = diffusers.UNet2DModel.from_pretrained(tmp_path / "back" / "unet").eval()
     with torch.no_grad():
@@ -416,7 +418,7 @@ def test_dpm_solver_20_steps_equals_scheduler_step(clip):
     ddpm.sample_loop('dpm++') in float64: the loop, its order choices and the spacing."""
     model = GaussianDataEps()
     sched = dpm_scheduler("trailing", clip, 20)
-    assert list(sched.timesteps.numpy()) == list(ddpm.ddim_timesteps(1000, 20, "trailing")[::-1])
+    assert list(sched.timesteps.numpy()) == list(core.ddim_timesteps(1000, 20, "trailing")[::-1])
     x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2
     x = x_T
     for t in sched.timesteps:

@@ -10,6 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoints
+import core
+import data
 import ddpm
 import evaluate
 import export
@@ -88,10 +91,10 @@ def setup(tmp_path_factory):
     make_standin_weights(d / "inception.pth")
     cfg = ddpm.make_config("tiny", image_size=16)
     torch.manual_seed(0)
-    ddpm.save_checkpoint(d / "ckpt.pt", ddpm.checkpoint_state(cfg, ddpm.UNet(cfg)))
+    checkpoints.save_checkpoint(d / "ckpt.pt", checkpoints.checkpoint_state(cfg, ddpm.UNet(cfg)))
     ref = d / "ref"
     ref.mkdir()
-    for k, img in enumerate(ddpm.to_uint8(ddpm.ShapesDataset(n=12, size=16, seed=5).images)):
+    for k, img in enumerate(core.to_uint8(data.ShapesDataset(n=12, size=16, seed=5).images)):
         Image.fromarray(img).save(ref / f"{k:03d}.png")
     return d
 
@@ -171,7 +174,7 @@ def classifier(shapes_judge):
 
 @pytest.mark.slow
 def test_the_judge_passes_the_dataset_and_fails_what_is_not_it(classifier):
-    real = ddpm.to_uint8(ddpm.ShapesDataset(n=200, size=32, seed=77).images)
+    real = core.to_uint8(data.ShapesDataset(n=200, size=32, seed=77).images)
     good = evaluate.judge_shapes(real, classifier)["good"].mean()
     noise = np.random.default_rng(0).integers(0, 256, (50, 32, 32, 3), dtype=np.uint8)
     bright = real.copy()
@@ -192,8 +195,8 @@ def test_the_judge_passes_the_dataset_and_fails_what_is_not_it(classifier):
 
 
 def test_grid_cells_are_read_back(tmp_path):
-    images = ddpm.to_uint8(ddpm.ShapesDataset(n=7, size=32, seed=3).images)
-    ddpm.save_grid(images, str(tmp_path / "g.png"))
+    images = core.to_uint8(data.ShapesDataset(n=7, size=32, seed=3).images)
+    core.save_grid(images, str(tmp_path / "g.png"))
     cells = evaluate.split_grid(str(tmp_path / "g.png"), 32)
     assert np.array_equal(cells, images)  # 7 of a 3x3 grid: the empty cells are left out
     refusal(evaluate.main, ["shapes", tmp_path / "g.png", "--cell", 30], "not a grid of 30x30")

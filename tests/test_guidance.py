@@ -11,17 +11,20 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoints
+import core
+import data
 import ddpm
 import export
 import sample_ort
 from conftest import refusal, run_script
 
-K = len(ddpm.SHAPE_CLASSES)
+K = len(data.SHAPE_CLASSES)
 
 
 def conditional_cfg(**overrides):
     settings = dict(image_size=16, T=50, schedule="cosine", data="shapes", num_classes=K,
-                    class_names=ddpm.SHAPE_CLASSES, cond=True)
+                    class_names=data.SHAPE_CLASSES, cond=True)
     return ddpm.make_config("tiny", **{**settings, **overrides})
 
 
@@ -79,7 +82,7 @@ class Affine(torch.nn.Module):
 def test_classifier_free_guidance_is_eq_6_in_one_batched_call(s):
     model = Affine(6, 4)  # 6 channels: 3 of eps, 3 of learned-variance values
     x, t, y = torch.randn(5, 3, 4, 4), torch.zeros(5, dtype=torch.long), torch.tensor([0, 1, 2, 3, 1])
-    got = ddpm.classifier_free_guidance(model, y, s)(x, t)
+    got = ddpm.ClassifierFreeGuidance(model, y, s)(x, t)
     table = model.table.numpy()
     cond, uncond = table[y.numpy()], table[[4] * 5]
     expected_eps = x.numpy() + (uncond + s * (cond - uncond))[:, :3, None, None]
@@ -108,7 +111,7 @@ def test_classifier_guidance_shifts_eps_by_the_closed_form_gradient():
     x = torch.randn(4, 3, 4, 4, dtype=torch.float64)
     i, y, s = torch.tensor([0, 10, 50, 99]), torch.tensor([0, 4, 2, 2]), 2.5
     zero = lambda x_t, t: torch.zeros_like(x_t)  # noqa: E731  eps_theta = 0
-    eps, _ = d.model_output(zero, x, i, ddpm.classifier_gradient(clf, y, s))
+    eps, _ = d.model_output(zero, x, i, ddpm.ClassifierGradient(clf, y, s))
     A, xf = clf.A.numpy(), x.flatten(1).numpy()
     logits = xf @ A.T
     p = np.exp(logits - logits.max(1, keepdims=True))
@@ -144,7 +147,7 @@ def test_classifier_guidance_moves_samples_towards_the_class():
 
 def test_the_noisy_classifier_is_the_unets_downsampling_half():
     cfg = dataclass_replace(ddpm.make_config("tiny", image_size=16), kind="classifier", num_classes=K,
-                            class_names=ddpm.SHAPE_CLASSES)
+                            class_names=data.SHAPE_CLASSES)
     clf, unet = ddpm.build_model(cfg), ddpm.UNet(dataclass_replace(cfg, kind="denoiser", num_classes=0, class_names=()))
     ours = set(clf.state_dict())
     encoder = {k for k in unet.state_dict() if not k.startswith(("up.", "norm_out", "conv_out"))}
@@ -182,7 +185,7 @@ def test_cond_training_drops_labels_at_p_uncond_and_passes_the_rest(tmp_path, mo
     print(f"p_uncond 0.5: {dropped:.0%} of {len(labels)} labels replaced by 'no label'")
     assert 0.35 < dropped < 0.65 and labels.min() >= 0 and len(set(labels.tolist())) == K + 1
     state = torch.load(tmp_path / "cond.pt", weights_only=True)
-    assert state["config"]["num_classes"] == K and tuple(state["config"]["class_names"]) == ddpm.SHAPE_CLASSES
+    assert state["config"]["num_classes"] == K and tuple(state["config"]["class_names"]) == data.SHAPE_CLASSES
     seen.clear()
     ddpm.train(tiny_run(tmp_path, "plain"))
     assert all(y is None for y in seen)
@@ -207,8 +210,8 @@ def test_folder_class_names_come_from_sub_folders(tmp_path):
         (tmp_path / name).mkdir()
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / name / "a.png")
     cfg = ddpm.make_config("tiny", image_size=8, ch_mult=(1,), attn_resolutions=(), data=str(tmp_path))
-    data = ddpm.load_dataset(cfg, labelled=True)
-    assert ddpm.class_names(data, cfg.data) == ("cat", "dog") and [data[k][1] for k in range(2)] == [0, 1]
+    data = data.load_dataset(cfg, labelled=True)
+    assert data.class_names(data, cfg.data) == ("cat", "dog") and [data[k][1] for k in range(2)] == [0, 1]
 
 
 def test_train_classifier_resumes_exactly(tmp_path):
@@ -231,7 +234,7 @@ def test_train_classifier_resumes_exactly(tmp_path):
     assert diff == 0 and a["config"]["kind"] == "classifier"
     assert rows[0]["loss"] == pytest.approx(np.log(K), abs=0.3)
     clf, cfg = ddpm.load_checkpoint(str(tmp_path / "straight.pt"), ema=False, kind="classifier")
-    assert cfg.class_names == ddpm.SHAPE_CLASSES
+    assert cfg.class_names == data.SHAPE_CLASSES
     refusal(ddpm.main, ["sample", "--ckpt", tmp_path / "straight.pt"], "noisy classifier", "--classifier")
     refusal(ddpm.main, ["train", "--resume", tmp_path / "straight.pt"], "train-classifier")
 
@@ -246,7 +249,7 @@ def conditional_models(tmp_path_factory):
         d = tmp_path_factory.mktemp(var_type)
         cfg = conditional_cfg(var_type=var_type, prediction="v")
         model = random_conditional_unet(cfg)
-        ddpm.save_checkpoint(str(d / "ckpt.pt"), ddpm.checkpoint_state(cfg, model))
+        checkpoints.save_checkpoint(str(d / "ckpt.pt"), checkpoints.checkpoint_state(cfg, model))
         export.export(str(d / "ckpt.pt"), str(d / "cond.onnx"))
         models[var_type] = d, cfg, model
     return models
@@ -265,7 +268,7 @@ def test_guided_trajectories_pytorch_vs_onnx_runtime(conditional_models, var_typ
     diffusion = ddpm.GaussianDiffusion.from_config(cfg)
     guided = s not in (0, 1)
     denoiser, step, meta, device = sample_ort.open_sessions(str(d / "cond.onnx"), "cpu", guided=guided)
-    assert meta["num_classes"] == K and meta["class_names"] == list(ddpm.SHAPE_CLASSES)
+    assert meta["num_classes"] == K and meta["class_names"] == list(data.SHAPE_CLASSES)
     ts, coefs = sample_ort.step_table(meta["betas"], sampler, steps, 0.0, meta["var_type"])
     rng = np.random.default_rng(1)
     x_T = rng.standard_normal((3, 3, 16, 16)).astype(np.float32)
@@ -295,7 +298,7 @@ def test_export_contract_of_a_conditional_model(conditional_onnx):
     inputs = {i.name: i.type for i in session.get_inputs()}
     assert inputs == {"x_t": "tensor(float)", "t": "tensor(int64)", "y": "tensor(int64)"}
     meta = session.get_modelmeta().custom_metadata_map
-    assert meta["ddpm.num_classes"] == str(K) and json.loads(meta["ddpm.class_names"]) == list(ddpm.SHAPE_CLASSES)
+    assert meta["ddpm.num_classes"] == str(K) and json.loads(meta["data.class_names"]) == list(data.SHAPE_CLASSES)
     assert "ddpm.guided_step_graph" in meta
 
 
@@ -313,21 +316,21 @@ def test_class_all_draws_a_row_per_class(conditional_onnx, tmp_path, script):
 
 
 def test_class_names_and_indices_agree_in_both_scripts():
-    names = list(ddpm.SHAPE_CLASSES)
+    names = list(data.SHAPE_CLASSES)
     for spec in ("all", "3", "ring,0,star", "vbar"):
-        ours = ddpm.parse_classes(spec, names)
-        assert ours == sample_ort.parse_classes(spec, names)
+        ours = core.parse_classes(spec, names)
+        assert ours == core.parse_classes(spec, names)
         for n in (1, 7, 20):
-            a, b = ddpm.class_labels(ours, n), sample_ort.class_labels(ours, n)
+            a, b = core.class_labels(ours, n), core.class_labels(ours, n)
             assert np.array_equal(a[0], b[0]) and a[1] == b[1] and len(a[0]) >= n
-    assert ddpm.parse_classes("ring,0,star", names) == [5, 0, 6]
+    assert core.parse_classes("ring,0,star", names) == [5, 0, 6]
 
 
 def test_guidance_mistakes_are_sentences(conditional_onnx, tmp_path):
     d, cfg, _ = conditional_onnx
     plain = tmp_path / "plain.pt"
     ucfg = ddpm.make_config("tiny", image_size=16, T=50, schedule="cosine")
-    ddpm.save_checkpoint(str(plain), ddpm.checkpoint_state(ucfg, ddpm.UNet(ucfg)))
+    checkpoints.save_checkpoint(str(plain), checkpoints.checkpoint_state(ucfg, ddpm.UNet(ucfg)))
     export.export(str(plain), str(tmp_path / "plain.onnx"))
     ckpt = d / "ckpt.pt"
     refusal(ddpm.main, ["sample", "--ckpt", plain, "--class", "1"], "unconditional", "--classifier")
@@ -342,7 +345,7 @@ def test_guidance_mistakes_are_sentences(conditional_onnx, tmp_path):
 def test_a_classifier_of_other_classes_is_refused(tmp_path, conditional_onnx):
     d, cfg, _ = conditional_onnx
     other = dataclass_replace(cfg, kind="classifier", num_classes=3, class_names=("a", "b", "c"))
-    ddpm.save_checkpoint(str(tmp_path / "clf.pt"), ddpm.checkpoint_state(other, ddpm.build_model(other)))
+    checkpoints.save_checkpoint(str(tmp_path / "clf.pt"), checkpoints.checkpoint_state(other, ddpm.build_model(other)))
     refusal(ddpm.main, ["sample", "--ckpt", d / "ckpt.pt", "--classifier", tmp_path / "clf.pt", "--class", "1"],
             "knows the classes a, b, c")
     refusal(ddpm.main, ["sample", "--ckpt", d / "ckpt.pt", "--classifier", tmp_path / "clf.pt"], "--class")

@@ -14,6 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoints
+import core
 import ddpm
 import export
 import sample_ort
@@ -84,7 +86,7 @@ def chain_of(betas, sampler, steps, var_type, clip, spacing="leading"):
     d = ddpm.GaussianDiffusion(betas, var_type=var_type, clip_x0=clip)
     if sampler == "ddpm" and steps == len(betas):
         return d
-    return d.respace(ddpm.ddim_timesteps(len(betas), steps, spacing))
+    return d.respace(core.ddim_timesteps(len(betas), steps, spacing))
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
@@ -214,12 +216,12 @@ def test_a_model_that_predicts_v_or_x0_exports_eps(tmp_path, prediction):
     cfg = ddpm.make_config("tiny", image_size=16, prediction=prediction, schedule="cosine", clip_x0=False)
     torch.manual_seed(0)
     model = ddpm.UNet(cfg).eval()
-    ddpm.save_checkpoint(tmp_path / "c.pt", ddpm.checkpoint_state(cfg, model))
+    checkpoints.save_checkpoint(tmp_path / "c.pt", checkpoints.checkpoint_state(cfg, model))
     export.export(str(tmp_path / "c.pt"), str(tmp_path / "m.onnx"))
     d = ddpm.GaussianDiffusion.from_config(cfg)
     x, t = torch.randn(3, 3, 16, 16), torch.tensor([0, 400, 999])
     with torch.no_grad():
-        ref = d.model_eps(model, x, t).numpy()
+        ref = d.model_output(model, x, t)[0].numpy()
     got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(["eps"], {"x_t": x.numpy(), "t": t.numpy()})[0]
     err = np.abs(got - ref).max() / np.abs(ref).max()
     rng = np.random.default_rng(0)
@@ -285,15 +287,15 @@ def test_trajectory_parity_with_identical_noise(exported, sampler, steps, eta):
 
 def test_uint8_and_grid_agree_with_ddpm():
     x = np.random.default_rng(0).uniform(-1.3, 1.3, (5, 3, 4, 4)).astype(np.float32)
-    ours = sample_ort.to_uint8(x)
-    assert np.array_equal(ours, ddpm.to_uint8(torch.from_numpy(x)))
+    ours = core.to_uint8(x)
+    assert np.array_equal(ours, core.to_uint8(torch.from_numpy(x)))
     assert ours.shape == (5, 4, 4, 3) and ours[x.transpose(0, 2, 3, 1) >= 1].min() == 255
 
 
 def test_grid_layout(tmp_path):
     images = np.stack([np.full((3, 2, 1), 10 * k, np.uint8) for k in range(5)])
-    sample_ort.save_grid(images, str(tmp_path / "a.png"), pad=1)
-    ddpm.save_grid(images, str(tmp_path / "b.png"), pad=1)
+    core.save_grid(images, str(tmp_path / "a.png"), pad=1)
+    core.save_grid(images, str(tmp_path / "b.png"), pad=1)
     a = np.asarray(Image.open(tmp_path / "a.png"))
     assert np.array_equal(a, np.asarray(Image.open(tmp_path / "b.png")))
     assert a.shape == (2 * 4 + 1, 3 * 3 + 1)  # 5 images: 3 per row, 2 rows, pad 1
@@ -306,8 +308,8 @@ def test_process_pictures_are_drawn_alike_by_both_scripts(tmp_path):
                rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)) for t in (999, 500, 0)]
     final = rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
     for ext in (".png", ".gif", ".webp"):
-        ddpm.save_progress(frames, final, str(tmp_path / f"a{ext}"))
-        sample_ort.save_progress(frames, final, str(tmp_path / f"b{ext}"))
+        core.save_progress(frames, final, str(tmp_path / f"a{ext}"))
+        core.save_progress(frames, final, str(tmp_path / f"b{ext}"))
         assert (tmp_path / f"a{ext}").read_bytes() == (tmp_path / f"b{ext}").read_bytes()
     with Image.open(tmp_path / "a.png") as still:
         # 5 rows of 16x16 images shown 4x (64 px), a label line; 4 column pairs (3 steps and the sample)
@@ -563,7 +565,7 @@ def test_dpm_solver_table_equals_ddpm(schedule, steps, spacing):
     c2 = sigma ratio, c4 = -w r, r = 0 at the first and the last step."""
     betas = ddpm.get_betas(schedule, 1000)
     ts, coefs = sample_ort.step_table(betas, "dpm++", steps, 0.0, "fixed_large", spacing)
-    c = ddpm.GaussianDiffusion(betas).respace(ddpm.ddim_timesteps(1000, steps, spacing))
+    c = ddpm.GaussianDiffusion(betas).respace(core.ddim_timesteps(1000, steps, spacing))
     i = np.arange(c.num_timesteps)[::-1]
     assert list(ts) == list(c.timesteps[i])
     w, r = c.dpm_w[i], c.dpm_half_ratio[i]
@@ -586,7 +588,7 @@ def test_multistep_graph_equals_dpm_solver_step(clip, guided):
     ts, coefs = sample_ort.step_table(betas, "dpm++", 20, 0.0, "fixed_large", "trailing")
     graph = export.multistep_graph(clip, export.MIN_OPSET, 8, guided)
     session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
-    c = ddpm.GaussianDiffusion(betas, clip_x0=clip).respace(ddpm.ddim_timesteps(1000, 20, "trailing"))
+    c = ddpm.GaussianDiffusion(betas, clip_x0=clip).respace(core.ddim_timesteps(1000, 20, "trailing"))
     rng = np.random.default_rng(3)
     worst = 0.0
     for k in (0, 1, 10, 18, 19):

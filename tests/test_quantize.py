@@ -10,6 +10,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
+import checkpoints
+import data
 import ddpm
 import export
 import sample_ort
@@ -22,7 +24,7 @@ def untrained(path, **settings):
     cfg = ddpm.make_config("tiny", image_size=16, **settings)
     torch.manual_seed(0)
     model = ddpm.UNet(cfg).eval()
-    ddpm.save_checkpoint(path, ddpm.checkpoint_state(cfg, model))
+    checkpoints.save_checkpoint(path, checkpoints.checkpoint_state(cfg, model))
     return cfg, model
 
 
@@ -51,7 +53,7 @@ def test_calibration_inputs_follow_the_forward_process():
     assert t[0] == 0 and t[-1] == cfg.T - 1 and np.all(np.diff(t) > 0)
     assert np.abs(np.diff(t) - (cfg.T - 1) / (n - 1)).max() <= 1  # evenly spread
     assert set(y.tolist()) == {0, 1, 2, 3}  # 3 is "no label"
-    x0 = ddpm.ShapesDataset(n=n, size=16, seed=0).images.numpy().astype(np.float64)
+    x0 = data.ShapesDataset(n=n, size=16, seed=0).images.numpy().astype(np.float64)
     noise = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(0)).numpy()
     abar = np.cumprod(1 - ddpm.get_betas(cfg.schedule, cfg.T))[t].reshape(-1, 1, 1, 1)
     expected = np.sqrt(abar) * x0 + np.sqrt(1 - abar) * noise
@@ -103,7 +105,7 @@ def test_int8_error_against_float32_pytorch(int8):
     print(f"export's check: worst relative error {worst:.2e} (tolerance {export.TOLERANCE['int8']:.1e})")
     assert worst <= export.TOLERANCE["int8"]
     g = torch.Generator().manual_seed(1)
-    x0 = ddpm.ShapesDataset(n=16, size=16, seed=3).images
+    x0 = data.ShapesDataset(n=16, size=16, seed=3).images
     t = torch.tensor([0, 2, 5, 10, 15, 19, 19, 19, 100, 200, 400, 600, 800, 900, 999, 999])
     x_t = ddpm.GaussianDiffusion.from_config(cfg).q_sample(x0, t, torch.randn(x0.shape, generator=g))
     x_t = torch.cat([torch.randn(8, 3, 16, 16, generator=g), x_t])  # (24, C, H, W): random, t < 20, t >= 100

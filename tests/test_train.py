@@ -17,6 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoints
+import core
+import data
 import ddpm
 from conftest import ROOT, max_difference, refusal, run_script
 
@@ -175,21 +178,21 @@ def test_nan_loss_stops_and_says_which_step_is_kept(tmp_path, monkeypatch):
         ddpm.train(cfg)
     print(stop.value)
     assert "nan" in str(stop.value) and "holds step 2" in str(stop.value)
-    assert ddpm.read_checkpoint(cfg.ckpt)["step"] == 2
+    assert checkpoints.read_checkpoint(cfg.ckpt)["step"] == 2
     assert (tmp_path / "nan" / "loss.png").exists()  # drawn at every log, not only at the end
 
 
 def test_save_checkpoint_refuses_non_finite_weights(tmp_path):
     path = tmp_path / "c.pt"
-    ddpm.save_checkpoint(path, {"config": {}, "model": {"w": torch.ones(2)}, "step": 1})
+    checkpoints.save_checkpoint(path, {"config": {}, "model": {"w": torch.ones(2)}, "step": 1})
     with pytest.raises(ValueError, match="not finite"):
-        ddpm.save_checkpoint(path, {"config": {}, "model": {"w": torch.tensor([1.0, float("inf")])}})
+        checkpoints.save_checkpoint(path, {"config": {}, "model": {"w": torch.tensor([1.0, float("inf")])}})
     assert load(path)["step"] == 1
 
 
 def test_crash_during_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    ddpm.save_checkpoint(path, {"config": {}, "model": {"w": torch.ones(3)}, "step": 1})
+    checkpoints.save_checkpoint(path, {"config": {}, "model": {"w": torch.ones(3)}, "step": 1})
 
     def dying_save(obj, f):  # writes half a file, then the machine "dies"
         with open(f, "wb") as fh:
@@ -198,9 +201,9 @@ def test_crash_during_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(OSError):
-        ddpm.save_checkpoint(path, {"config": {}, "model": {"w": torch.zeros(3)}, "step": 2})
+        checkpoints.save_checkpoint(path, {"config": {}, "model": {"w": torch.zeros(3)}, "step": 2})
     monkeypatch.undo()
-    state = ddpm.read_checkpoint(str(path))
+    state = checkpoints.read_checkpoint(str(path))
     assert state["step"] == 1 and torch.equal(state["model"]["w"], torch.ones(3))
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temp file left behind
 
@@ -214,7 +217,7 @@ def test_temp_files_of_killed_writers_are_removed_on_the_next_save(tmp_path):
         (tmp_path / f"ckpt.pt.tmp{dead.pid}").write_bytes(b"left by kill -9")  # its writer is gone
         (tmp_path / f"ckpt.pt.tmp{sleeper.pid}").write_bytes(b"being written")  # its writer lives
         (tmp_path / "other.pt.tmp1").write_bytes(b"not ours")
-        ddpm.save_checkpoint(path, {"config": {}, "model": {"w": torch.ones(1)}, "step": 1})
+        checkpoints.save_checkpoint(path, {"config": {}, "model": {"w": torch.ones(1)}, "step": 1})
         assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", f"ckpt.pt.tmp{sleeper.pid}", "other.pt.tmp1"]
     finally:
         sleeper.kill()
@@ -252,7 +255,7 @@ def test_outputs_that_cannot_be_written_fail_before_any_work(tmp_path, monkeypat
     refusal(ddpm.main, flags + ["--ckpt", "/proc/ddpm/c.pt"], "--ckpt: cannot write")
     refusal(ddpm.main, flags + ["--ckpt", tmp_path / "c.pt", "--out", "/proc/ddpm"], "--out: cannot write")
     refusal(ddpm.main, flags + ["--ckpt", tmp_path], "is a folder")
-    monkeypatch.setattr(ddpm.shutil, "disk_usage", lambda path: type("U", (), {"free": 10 << 20})())
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda path: type("U", (), {"free": 10 << 20})())
     refusal(ddpm.main, flags + ["--ckpt", tmp_path / "c.pt", "--out", tmp_path / "run"], "only 10 MB free")
     assert sorted(os.listdir(tmp_path)) == ["a_file", "run"]
 
@@ -272,7 +275,7 @@ def test_save_every_zero_saves_at_the_end_and_sample_every_zero_never(tmp_path):
     cfg = tiny_cfg(tmp_path, "zero", steps=3, save_every=0, sample_every=0)
     ddpm.train(cfg)
     assert load(cfg.ckpt)["step"] == 3
-    assert run_files(cfg.out) == ["events.out.tfevents.*", "loss.png", "metrics.jsonl"]
+    assert run_files(cfg.run_dir) == ["events.out.tfevents.*", "loss.png", "metrics.jsonl"]
 
 
 def test_img_per_s_leaves_out_sampling_and_saving(tmp_path, monkeypatch):
@@ -298,7 +301,7 @@ def test_checkpoint_is_self_describing_and_safe(tmp_path):
     assert all(torch.equal(v, state["ema"][k]) for k, v in model.state_dict().items())
     raw, _ = ddpm.load_checkpoint(cfg.ckpt, ema=False)
     assert all(torch.equal(v, state["model"][k]) for k, v in raw.state_dict().items())
-    assert run_files(cfg.out) == ["events.out.tfevents.*", "loss.png", "metrics.jsonl", "samples_0000002.png"]
+    assert run_files(cfg.run_dir) == ["events.out.tfevents.*", "loss.png", "metrics.jsonl", "samples_0000002.png"]
 
 
 def test_unusable_checkpoints_are_sentences(tmp_path):
@@ -324,18 +327,18 @@ def test_unusable_checkpoints_are_sentences(tmp_path):
 # -- data -------------------------------------------------------------------------------------
 
 def test_shapes_are_deterministic_labelled_and_in_range():
-    a, b = ddpm.ShapesDataset(n=20, size=16, seed=3), ddpm.ShapesDataset(n=20, size=16, seed=3)
+    a, b = data.ShapesDataset(n=20, size=16, seed=3), data.ShapesDataset(n=20, size=16, seed=3)
     assert torch.equal(a.images, b.images)
     assert a.images.min() >= -1 and a.images.max() <= 1 and a.images.std() > 0.3
     assert sorted(set(a.labels.tolist())) == list(range(10))
-    assert not torch.equal(a.images, ddpm.ShapesDataset(n=20, size=16, seed=4).images)
+    assert not torch.equal(a.images, data.ShapesDataset(n=20, size=16, seed=4).images)
 
 
 def test_uint8_round_trip_and_clipping():
     img = np.random.default_rng(0).integers(0, 256, (2, 5, 5, 3), dtype=np.uint8)
-    assert np.array_equal(ddpm.to_uint8(ddpm.to_model_range(img)), img)
+    assert np.array_equal(core.to_uint8(data.to_model_range(img)), img)
     over = torch.tensor([-3.0, -1.0, 0.0, 1.0, 3.0]).view(1, 1, 1, 5)
-    assert ddpm.to_uint8(over).ravel().tolist() == [0, 0, 128, 255, 255]
+    assert core.to_uint8(over).ravel().tolist() == [0, 0, 128, 255, 255]
 
 
 def write_png(path, size=(20, 12), colour=(200, 10, 10)):
@@ -349,7 +352,7 @@ def test_image_folder_with_classes_and_junk(tmp_path, capsys):
             write_png(tmp_path / cls / f"{k}.png")
     (tmp_path / "cats" / "notes.txt").write_text("not an image")
     (tmp_path / "dogs" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    ds = ddpm.ImageFolderDataset(str(tmp_path), 16)
+    ds = data.ImageFolderDataset(str(tmp_path), 16)
     assert len(ds) == 6 and ds.skipped == 2 and ds.classes == ["cats", "dogs"]
     assert "skipped 2 files" in capsys.readouterr().out
     x, label = ds[4]
@@ -361,12 +364,12 @@ def test_image_folder_with_classes_and_junk(tmp_path, capsys):
 def test_flat_image_folder_and_empty_folder(tmp_path):
     for k in range(2):
         write_png(tmp_path / f"{k}.jpg", size=(40, 40))
-    ds = ddpm.ImageFolderDataset(str(tmp_path), 8)
+    ds = data.ImageFolderDataset(str(tmp_path), 8)
     assert len(ds) == 2 and ds[1][1] == 0
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ValueError, match="no readable images"):
-        ddpm.ImageFolderDataset(str(empty), 8)
+        data.ImageFolderDataset(str(empty), 8)
 
 
 def corrupt_png(path, size=(16, 16)):
@@ -388,7 +391,7 @@ def test_an_image_that_fails_to_decode_is_named_and_skipped(tmp_path, capsys):
     for k in range(8):
         write_png(data / f"{k}.png", size=(16, 16), colour=(10 * k, 0, 0))
     corrupt_png(data / "3b.png")
-    ds = ddpm.ImageFolderDataset(str(data), 16)
+    ds = data.ImageFolderDataset(str(data), 16)
     assert len(ds) == 9  # its header is fine: only decoding shows the damage
     names = [os.path.basename(p) for p, _ in ds.items]
     x, _ = ds[names.index("3b.png")]
@@ -404,7 +407,7 @@ def test_16_bit_png_is_scaled_not_clipped_to_white(tmp_path):
     img.save(tmp_path / "deep.png")
     with Image.open(tmp_path / "deep.png") as opened:
         assert opened.mode.startswith("I")  # Pillow reads it as 16-bit
-    ds = ddpm.ImageFolderDataset(str(tmp_path), 8)
+    ds = data.ImageFolderDataset(str(tmp_path), 8)
     x, _ = ds[0]
     print(f"16-bit 51400/65535 read as {x.mean().item():.4f} (expected {200 / 127.5 - 1:.4f})")
     assert x.shape == (3, 8, 8) and x.mean().item() == pytest.approx(200 / 127.5 - 1, abs=1e-6)
@@ -412,9 +415,9 @@ def test_16_bit_png_is_scaled_not_clipped_to_white(tmp_path):
 
 def test_grayscale_trains_samples_and_reads_folders(tmp_path, monkeypatch):
     write_png(tmp_path / "a.png", size=(8, 8), colour=(255, 0, 0))
-    x, _ = ddpm.ImageFolderDataset(str(tmp_path), 8, channels=1)[0]
+    x, _ = data.ImageFolderDataset(str(tmp_path), 8, channels=1)[0]
     assert x.shape == (1, 8, 8) and x.mean().item() == pytest.approx(round(0.299 * 255) / 127.5 - 1, abs=1e-6)
-    shapes = ddpm.ShapesDataset(n=4, size=8, channels=1)
+    shapes = data.ShapesDataset(n=4, size=8, channels=1)
     assert shapes.images.shape == (4, 1, 8, 8)
     cfg = tiny_cfg(tmp_path, "gray", in_channels=1, steps=2, sample_every=2)
     ddpm.train(cfg)
@@ -426,8 +429,8 @@ def test_grayscale_trains_samples_and_reads_folders(tmp_path, monkeypatch):
 
 
 def test_step_batches_depend_on_step_only():
-    full = list(ddpm.StepBatchSampler(50, 8, seed=1, start_step=0, steps=14))
-    tail = list(ddpm.StepBatchSampler(50, 8, seed=1, start_step=5, steps=14))
+    full = list(data.StepBatchSampler(50, 8, seed=1, start_step=0, steps=14))
+    tail = list(data.StepBatchSampler(50, 8, seed=1, start_step=5, steps=14))
     assert full[5:] == tail and len(full) == 14
     assert sorted(sum(full[:6], [])) == sorted(set(sum(full[:6], [])))  # an epoch has no repeats
 
@@ -464,15 +467,15 @@ def test_sample_draws_the_reverse_process(small_ckpt, tmp_path):
         shown.append((path, [t for t, _, _ in frames], final.shape))
         real_save_progress(frames, final, path)
 
-    real_save_progress = ddpm.save_progress
-    ddpm.save_progress = spy
+    real_save_progress = core.save_progress
+    core.save_progress = spy
     try:
         ddpm.main(["sample", "--ckpt", small_ckpt, "--n", "4", "--batch", "2", "--sampler", "ddim", "--steps", "30",
                    "--out", str(tmp_path / "s.png"), "--progress", str(tmp_path / "p.png")])
         ddpm.main(["sample", "--ckpt", small_ckpt, "--n", "2", "--steps", "150", "--out", str(tmp_path / "s.png"),
                    "--progress", str(tmp_path / "p.webp")])
     finally:
-        ddpm.save_progress = real_save_progress
+        core.save_progress = real_save_progress
     (still, ts, shape), (animation, ts2, _) = shown
     assert ts[0] == 29 * (1000 // 30) and ts[-1] == 0 and len(ts) == 10 and shape[0] == 2  # the first batch
     assert len(ts2) == 100 and ts2[0] == 149 * (1000 // 150)  # 100 of the 150 respaced steps (T = 1000)
@@ -604,10 +607,10 @@ def test_sample_amp_bf16_where_native(small_ckpt, tmp_path, monkeypatch):
                     outdir=str(tmp_path / folder), device="cpu", **kw)
         return np.stack([np.asarray(Image.open(tmp_path / folder / f"{k:05d}.png")) for k in range(4)]).astype(int)
     fp32 = images("fp32")
-    monkeypatch.setattr(ddpm, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(distributed, "cpu_has_bf16", lambda: False)
     assert ddpm.sampling_dtype("auto", torch.device("cpu")) is None
     assert np.array_equal(images("auto_fp32", amp="auto"), fp32)
-    monkeypatch.setattr(ddpm, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(distributed, "cpu_has_bf16", lambda: True)
     assert ddpm.sampling_dtype("auto", torch.device("cpu")) == torch.bfloat16
     bf16 = images("bf16", amp="auto")
     diff = np.abs(bf16 - fp32)
