@@ -445,7 +445,7 @@ def check_output_path(path, extensions, flag, overwrite=True, inputs=()):
 def check_writable_folder(folder, flag):
     """Create the folder and a file in it, as the real write will; a sentence if that fails."""
     if os.path.exists(folder) and not os.path.isdir(folder):
-        raise ValueError(f"{flag} '{folder}' is a file, not a folder")
+        raise ValueError(f"{flag}: cannot write in '{folder}', which is a file, not a folder")
     try:
         os.makedirs(folder, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):

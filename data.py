@@ -145,7 +145,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if not self.items:
             raise ValueError(f"no readable images in '{root}' ({skipped} other files skipped)")
         if skipped:
-            core.warn(f"skipped {skipped} files in '{root}' that are not readable images", "data")
+            core.say(f"data: skipped {skipped} files in '{root}' that are not readable images")
 
     def __len__(self):
         return len(self.items)

@@ -714,7 +714,7 @@ class ClassifierGradient:
 
 
 @torch.no_grad()
-def sample_loop(model, diffusion, x_T, *, sampler="ddpm", num_steps=None, eta=0.0, noise_fn=None,
+def sample_loop(model, diffusion, x_T, sampler="ddpm", num_steps=None, *, eta=0.0, noise_fn=None,
                 generator=None, callback=None, progress=False, spacing=None, y=None,
                 guidance_scale=1.0, classifier=None, classifier_scale=1.0):
     """Run the reverse process from x_T (Algorithm 2, DDIM, or DPM-Solver++(2M)) and return x_0.
@@ -864,11 +864,12 @@ def micro_batch_loss(model, x0, y, step, micro, *, cfg, diffusion, dtype):
 
 
 def train_step(model, raw_model, ema, optimizer, scaler, batch, labels, step, *, cfg, diffusion,
-               dtype, rank=0, world=1, stop_signal=None):
+               dtype, rank=0, world=1, stop=None):
     """One optimizer step on this process's share of a batch: the gradient of the mean loss over
     its grad_accum micro-batches (DDP averages it over the processes, once, in the backward of
     the last micro-batch), clipped, an Adam step, the EMA. Returns (the loss averaged over the
-    job, the gradient norm, whether any process was asked to stop), agreed in one all-reduce."""
+    job, the gradient norm, whether any process was asked to stop), agreed in one all-reduce
+    after the micro-batches, so a signal that arrives during them counts for this step."""
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(cfg, step)
     micro = batch.shape[0] // cfg.grad_accum
@@ -882,7 +883,7 @@ def train_step(model, raw_model, ema, optimizer, scaler, batch, labels, step, *,
                                     diffusion=diffusion, dtype=dtype) / cfg.grad_accum
             scaler.scale(loss).backward()
         loss_sum += loss.detach()
-    loss, stop_asked = distributed.agree(loss_sum, stop_signal, world)
+    loss, stop_asked = distributed.agree(loss_sum, stop and stop.signal, world)
     if not math.isfinite(loss):
         raise Diverged(f"the loss became {loss} at step {step + 1}")
     scaler.unscale_(optimizer)
@@ -1019,7 +1020,7 @@ def train(cfg, *, resume=None, overwrite=False):
                 batch = batch.to(device, non_blocking=True)
                 loss, grad_norm, stop_asked = train_step(
                     model, raw_model, ema, optimizer, scaler, batch, labels, step, cfg=cfg,
-                    diffusion=diffusion, dtype=dtype, rank=rank, world=world, stop_signal=stop.signal)
+                    diffusion=diffusion, dtype=dtype, rank=rank, world=world, stop=stop)
                 step += 1
                 imgs_since += cfg.batch_size
                 bar.update(1)

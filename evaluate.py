@@ -257,7 +257,7 @@ def onnx_batches(path, sampler, steps, eta, seed, provider, batch, spacing=None)
     noise from numpy, seeded per batch as torch_batches seeds x_T)."""
     import sample_ort
     denoiser, step, meta, device = sample_ort.open_sessions(path, provider, multistep=sampler == "dpm++")
-    timesteps, coefs = sample_ort.step_table(meta, sampler, steps, eta, spacing)
+    timesteps, coefs = sample_ort.step_table(meta["betas"], sampler, steps, eta, meta["var_type"], spacing)
     C, S = meta["in_channels"], meta["image_size"]
     runners = {}
 
@@ -393,7 +393,7 @@ def split_grid(path, cell, pad=2):
 # Negative log-likelihood: the variational bound in bits/dim (Ho et al. Table 1)
 
 
-def negative_log_likelihood(ckpt, data=None, data_dir="data", split="test", n=None, batch=64, seed=0,
+def negative_log_likelihood(ckpt, data_name=None, data_dir="data", split="test", n=None, batch=64, seed=0,
                             device="auto"):
     """L_VLB of n images of the split in bits/dim, every one of the T terms evaluated per image
     (GaussianDiffusion.bits_per_dim), with the checkpoint's EMA weights. Returns a dict."""
@@ -404,8 +404,8 @@ def negative_log_likelihood(ckpt, data=None, data_dir="data", split="test", n=No
     device = distributed.pick_device(device)
     model, cfg = ddpm.load_checkpoint(ckpt)
     model = model.to(device)
-    data_cfg = dataclasses.replace(cfg, data=data or cfg.data, data_dir=data_dir)
-    dataset = ddpm.load_dataset(data_cfg, split)  # no flips: those are the training loop's
+    data_cfg = dataclasses.replace(cfg, data=data_name or cfg.data, data_dir=data_dir)
+    dataset = data.load_dataset(data_cfg, split)  # no flips: those are the training loop's
     n = len(dataset) if n is None else min(n, len(dataset))
     diffusion = ddpm.GaussianDiffusion.from_config(cfg)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=batch)

@@ -352,15 +352,15 @@ class Sampler:
         return np.clip(pred_x0, -1, 1) if self.clip_x0 else pred_x0
 
 
-def step_table(meta, sampler="ddpm", num_steps=None, eta=0.0, spacing=None):
+def step_table(betas, sampler="ddpm", num_steps=None, eta=0.0, var_type="fixed_large", spacing=None):
     """(timesteps, coefs) of a sampler on the file's schedule: core.step_table of the chain
     core.kept_timesteps picks (the full chain, or a respaced one)."""
-    T = len(meta["betas"])
+    T = len(betas)
     core.check_sampler(sampler, num_steps, eta, T, spacing)
-    full = core.Schedule(meta["betas"])
+    full = core.Schedule(betas)
     kept = core.kept_timesteps(T, sampler, num_steps, spacing)
     chain = full if kept is None else core.Schedule(*full.respaced(kept))
-    return core.step_table(chain, sampler, eta, meta["var_type"])
+    return core.step_table(chain, sampler, eta, var_type)
 
 
 def sample(model, *, n=64, num_steps=None, sampler="ddpm", eta=0.0, seed=0, batch=None, provider="auto",
@@ -385,7 +385,7 @@ def sample(model, *, n=64, num_steps=None, sampler="ddpm", eta=0.0, seed=0, batc
         labels, nrow = core.class_labels(core.parse_classes(classes, meta["class_names"]), n)
         n = len(labels)  # a row per class: n rounded up
     batch = graph_batch if cuda_graph else min(batch or n, n)
-    timesteps, coefs = step_table(meta, sampler, num_steps, eta, spacing)
+    timesteps, coefs = step_table(meta["betas"], sampler, num_steps, eta, meta["var_type"], spacing)
 
     rng = np.random.default_rng(seed)
     noise = None if host_noise or cuda_graph or sampler == "dpm++" else noise_session(seed, device)

@@ -274,7 +274,7 @@ def diffusers_unet(cfg):
 
 def ort_sampler(onnx_path, cfg, batch, steps, provider, io_binding=True, cuda_graph=False):
     denoiser, step, meta, device = sample_ort.open_sessions(onnx_path, provider, cuda_graph, batch)
-    ts, coefs = sample_ort.step_table(meta, "ddim", steps, 1.0)
+    ts, coefs = sample_ort.step_table(meta["betas"], "ddim", steps, 1.0)
     shape = (batch, cfg.in_channels, cfg.image_size, cfg.image_size)
     rng = np.random.default_rng(0)
     x_T = rng.standard_normal(shape, dtype=np.float32)
@@ -504,7 +504,7 @@ def main(argv=None):
         training.append(Contender("ours bf16 + compile + channels_last", "training", "ours", "bf16", train_batch,
                                   compile=True, channels_last=True))
     training.append(Contender("diffusers fp32", "training", "diffusers", "fp32", train_batch))
-    print(f"{len(sampling)} sampling contenders ({cfg.model}, batch {batch}, {steps} steps per run) and "
+    print(f"{len(sampling)} sampling contenders ({cfg.preset}, batch {batch}, {steps} steps per run) and "
           f"{len(training)} training (batch {train_batch}), {repeats} repeats", file=sys.stderr)
     convs, peaks = dominant_convs(ours, cfg), {}  # (batch, precision) -> (FLOP/s, what reached it)
 
@@ -537,7 +537,7 @@ def main(argv=None):
 
     info = {**machine_info(device), "load_average": load}
     stamp = datetime.date.today().isoformat()
-    result = {"date": stamp, "machine": info, "device": device, "model": cfg.model, "batch": batch,
+    result = {"date": stamp, "machine": info, "device": device, "model": cfg.preset, "batch": batch,
               "steps": steps, "train_batch": train_batch, "forward_gflops": flops / 1e9,
               "conv_peaks": [{"batch": b, "precision": prec, "tflops": rate / 1e12, "reached_by": what}
                              for (b, prec), (rate, what) in peaks.items()],
@@ -553,7 +553,7 @@ def main(argv=None):
     print(f"\n{stamp}, {info.get('gpu', info['cpu'])} ({info['cpu_capability']}; {flags}), {info['threads']} threads, "
           f"load {load:.1f} at the start, torch {info['torch']}, onnxruntime {info['onnxruntime']}, "
           f"diffusers {info.get('diffusers', '-')}")
-    print(f"{cfg.model} preset, {flops / 1e9:.2f} GFLOPs per forward (torch's flop counter, 2 per multiply-add)")
+    print(f"{cfg.preset} preset, {flops / 1e9:.2f} GFLOPs per forward (torch's flop counter, 2 per multiply-add)")
     for (b, prec), (rate, what) in peaks.items():
         print(f"peak {prec} at batch {b}: {rate / 1e12:.3f} TFLOP/s ({what})")
     print(f"reference, not used: a {matmul_n}x{matmul_n} torch.matmul, "

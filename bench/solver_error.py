@@ -104,7 +104,7 @@ def main(argv=None):
             raise SystemExit(f"error: {e}") from None
         for sampler in args.samplers:
             _, step, _, _ = sample_ort.open_sessions(path, "cpu", multistep=sampler == "dpm++")
-            ts, coefs = sample_ort.step_table(meta, sampler, 20, 0.0, args.onnx_spacing)
+            ts, coefs = sample_ort.step_table(meta["betas"], sampler, 20, 0.0, meta["var_type"], args.onnx_spacing)
             x = x_T.numpy()
             start = time.perf_counter()
             x0 = sample_ort.Sampler(denoiser, step, x.shape, device).run(
@@ -118,14 +118,14 @@ def main(argv=None):
 
     result = {"date": datetime.date.today().isoformat(), "machine": platform.node(),
               "cpu": cpu_name(),
-              "ckpt": os.path.abspath(args.ckpt), "preset": cfg.model, "prediction": cfg.prediction,
+              "ckpt": os.path.abspath(args.ckpt), "preset": cfg.preset, "prediction": cfg.prediction,
               "schedule": cfg.schedule, "clip_x0": cfg.clip_x0, "n": args.n, "seed": args.seed,
               "reference_seconds": ref_seconds, "rows": rows}
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"solver_error-{platform.node() or 'machine'}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"\n{cfg.model} preset ({cfg.prediction}, {cfg.schedule} schedule, clip {cfg.clip_x0}), {args.n} images; "
+    print(f"\n{cfg.preset} preset ({cfg.prediction}, {cfg.schedule} schedule, clip {cfg.clip_x0}), {args.n} images; "
           f"distance to DDIM eta 0 at {cfg.T} steps from the same x_T, RMS in [-1, 1] (8-bit levels)\n")
     pytorch = [r for r in rows if r["runtime"] == "PyTorch fp32"]
     print("| sampler | spacing | " + " | ".join(f"{s} steps" for s in args.steps) + " |")

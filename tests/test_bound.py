@@ -92,7 +92,7 @@ def test_each_term_for_a_perfect_posterior_model_on_one_point(var_type):
     x0 = (torch.randint(0, 256, (1, 3, 4, 4), generator=torch.Generator().manual_seed(0)).double() / 127.5 - 1)
     w = 0.7  # learned_range: v = 2 w - 1
     model = PointOracle(betas, x0, 2 * w - 1 if var_type == "learned_range" else None)
-    d = ddpm.GaussianDiffusion(betas, var_type=var_type, clip_x0=True)
+    d = ddpm.GaussianDiffusion(betas=betas, var_type=var_type, clip_x0=True)
     total, prior, terms = d.bits_per_dim(model, x0, torch.Generator().manual_seed(1))
     bt = np.append(beta_tilde[1], beta_tilde[1:])  # beta-tilde_0 = 0: the references take beta-tilde_1
     s2 = {"fixed_small": bt, "fixed_large": np.append(beta_tilde[1], betas[1:]),
@@ -125,7 +125,7 @@ def test_the_terms_sum_to_the_direct_definition_of_the_bound(var_type):
     x0_img = torch.tensor([-1.0, -0.2, 0.4, 1.0], dtype=torch.float64).view(1, 1, 2, 2)
     c = torch.tensor([-0.6, 0.1, 0.1, 0.8], dtype=torch.float64).view(1, 1, 2, 2)
     model = PointOracle(betas, c, 2 * w - 1 if var_type == "learned_range" else None)  # wrong data: no term is 0
-    d = ddpm.GaussianDiffusion(betas, var_type=var_type, clip_x0=False)
+    d = ddpm.GaussianDiffusion(betas=betas, var_type=var_type, clip_x0=False)
     total, _, _ = d.bits_per_dim(model, x0_img.repeat(N, 1, 1, 1), torch.Generator().manual_seed(0))
 
     rng = np.random.default_rng(1)
@@ -161,7 +161,7 @@ def test_hybrid_loss_trains_the_variance_only_through_l_vlb():
     x_t = d.q_sample(x0, i, torch.randn_like(x0))
     out = torch.randn(4, 3, 8, 8, requires_grad=True)
     var_v = torch.zeros(4, 3, 8, 8, requires_grad=True)
-    d.hybrid_vlb_term(x0, x_t, i, out, var_v).backward()
+    d.hybrid_vlb_term(x0, i, x_t, out, var_v).backward()
     print(f"|grad| mean branch {out.grad.abs().max().item() if out.grad is not None else 0:.1e}, "
           f"variance branch {var_v.grad.abs().max().item():.1e}")
     assert (out.grad is None or out.grad.abs().max() == 0) and var_v.grad.abs().max() > 0
@@ -200,7 +200,7 @@ def test_learned_variance_trajectories_pytorch_vs_onnx_runtime(learned_model, sa
     got = sample_ort.Sampler(denoiser, step, x_T.shape, device).run(x_T, ts, coefs, lambda k, shape: noise[k])
     ref = ddpm.sample_loop(model, diffusion, torch.from_numpy(x_T), sampler, steps,
                            noise_fn=lambda k, shape: torch.from_numpy(noise[k]))
-    fixed = ddpm.GaussianDiffusion(diffusion.betas, "fixed_small", prediction=cfg.prediction)
+    fixed = ddpm.GaussianDiffusion(betas=diffusion.betas, var_type="fixed_small", prediction=cfg.prediction)
     no_var = ddpm.sample_loop(lambda x, t: model(x, t)[:, :3], fixed, torch.from_numpy(x_T), sampler, steps,
                               noise_fn=lambda k, shape: torch.from_numpy(noise[k]))
     err, moved = np.abs(got - ref.numpy()).max(), (ref - no_var).abs().max().item()

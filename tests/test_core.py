@@ -16,7 +16,7 @@ T = 1000
 
 
 def diffusion(schedule, **kw):
-    return ddpm.GaussianDiffusion(ddpm.get_betas(schedule, T), **kw)
+    return ddpm.GaussianDiffusion(betas=ddpm.get_betas(schedule, T), **kw)
 
 
 def linear_betas(T=T):
@@ -93,12 +93,12 @@ def test_posterior_equals_bayes_rule(schedule):
         post_var = 1 / (1 / prior_var + a * a / b)
         post_mean = post_var * (prior_mean_coef * x0 / prior_var + a * x_t / b)
         i = torch.full((3,), t)
-        mean, var = d.q_posterior(x0, x_t, i)
+        mean, var = d.q_posterior(x0, i, x_t)
         worst = max(worst, (mean - post_mean).abs().max().item() / (1 + post_mean.abs().max().item()),
                     abs(var[0].item() - post_var) / post_var)
     print(f"{schedule}: posterior max relative error vs Bayes = {worst:.2e}")
     assert worst < 1e-9
-    mean, var = d.q_posterior(x0, x_t, torch.zeros(3, dtype=torch.long))
+    mean, var = d.q_posterior(x0, torch.zeros(3, dtype=torch.long), x_t)
     assert torch.allclose(mean, x0) and var.abs().max() == 0  # at t=0 the posterior is x0
 
 
@@ -179,7 +179,7 @@ STEP_CASES = [(sampler, eta, var_type, clip, steps)  # DDIM's variance is eta's,
 def test_one_step_of_each_sampler_equals_the_paper(sampler, eta, var_type, clip, steps):
     betas = linear_betas()
     kept = np.arange(T) if steps == T else np.arange(steps) * (T // steps)
-    d = ddpm.GaussianDiffusion(betas, var_type=var_type, clip_x0=clip)
+    d = ddpm.GaussianDiffusion(betas=betas, var_type=var_type, clip_x0=clip)
     chain = d if steps == T else d.respace(kept)
     g = torch.Generator().manual_seed(steps)
     worst = 0.0
@@ -205,9 +205,9 @@ def test_sampler_output_moments_match_the_closed_form(sampler, steps, var_type, 
     """A 10% error in any step coefficient moves these moments by far more than the tolerance
     (measured: sigma x 1.5 more than doubles the variance, DDIM's eps x 0.9 shrinks it 5000x)."""
     betas = linear_betas()
-    d = ddpm.GaussianDiffusion(betas, var_type=var_type, clip_x0=False)
+    d = ddpm.GaussianDiffusion(betas=betas, var_type=var_type, clip_x0=False)
     x_T, noise = probe_inputs(steps)
-    out = ddpm.sample_loop(GaussianOracle(betas), d, torch.from_numpy(x_T), sampler, steps=steps, eta=eta,
+    out = ddpm.sample_loop(GaussianOracle(betas), d, torch.from_numpy(x_T), sampler, num_steps=steps, eta=eta,
                            noise_fn=lambda k, shape: torch.from_numpy(noise[k]), spacing=spacing)
     (mean,), (var,) = probe_moments(out.numpy())
     m, v = implied_moments(betas, sampler, steps, var_type, eta, spacing)
@@ -223,7 +223,7 @@ def test_sampler_output_moments_match_the_closed_form(sampler, steps, var_type, 
 def test_sampled_moments_converge_to_the_closed_form():
     """Plain random sampling too (not the probe): 1000 ancestral steps on 40,000 pixels."""
     betas = linear_betas()
-    d = ddpm.GaussianDiffusion(betas, var_type="fixed_small", clip_x0=False)
+    d = ddpm.GaussianDiffusion(betas=betas, var_type="fixed_small", clip_x0=False)
     g = torch.Generator().manual_seed(0)
     x0 = ddpm.sample_loop(GaussianOracle(betas), d, torch.randn(4, 1, 100, 100, generator=g), "ddpm",
                           generator=g)
@@ -251,11 +251,11 @@ class OracleEps(torch.nn.Module):
 @pytest.mark.parametrize("sampler,steps", [("ddpm", 1000), ("ddpm", 100), ("ddim", 50), ("dpm++", 20)])
 def test_perfect_oracle_returns_the_data_point(sampler, steps):
     betas = ddpm.get_betas("linear", T)
-    d = ddpm.GaussianDiffusion(betas, clip_x0=False)
+    d = ddpm.GaussianDiffusion(betas=betas, clip_x0=False)
     x_star = torch.rand(1, 3, 4, 4, dtype=torch.float64) * 2 - 1
     pred = []
     x0 = ddpm.sample_loop(OracleEps(x_star, betas), d, torch.randn(2, 3, 4, 4, dtype=torch.float64),
-                          sampler=sampler, steps=steps,
+                          sampler=sampler, num_steps=steps,
                           callback=lambda k, t, x, p: pred.append((p - x_star).abs().max().item()))
     err = (x0 - x_star).abs().max().item()
     print(f"{sampler} {steps} steps: final error {err:.2e}, worst pred_x0 error {max(pred):.2e}")
@@ -271,10 +271,10 @@ def test_sampler_feeds_the_original_t_in_order():
             return torch.zeros_like(x)
 
     d = diffusion("linear")
-    ddpm.sample_loop(Recorder(), d, torch.zeros(2, 1, 1, 1), "ddim", steps=4)
+    ddpm.sample_loop(Recorder(), d, torch.zeros(2, 1, 1, 1), "ddim", num_steps=4)
     assert seen == [[750, 750], [500, 500], [250, 250], [0, 0]]
     seen.clear()
-    ddpm.sample_loop(Recorder(), ddpm.GaussianDiffusion(ddpm.get_betas("cosine", 5)), torch.zeros(1, 1, 1, 1))
+    ddpm.sample_loop(Recorder(), ddpm.GaussianDiffusion(betas=ddpm.get_betas("cosine", 5)), torch.zeros(1, 1, 1, 1))
     assert seen == [[4], [3], [2], [1], [0]]
 
 
@@ -284,11 +284,11 @@ def ode_error(sampler, steps, spacing="trailing"):
     deviations: x_0 = MU + (x_T - sqrt(abar_T) MU) S / sqrt(abar_T S^2 + 1 - abar_T), with T here
     the chain's first t (float64, unclipped, the Gaussian oracle's eps)."""
     betas = ddpm.get_betas("linear", T)
-    d = ddpm.GaussianDiffusion(betas, clip_x0=False)
+    d = ddpm.GaussianDiffusion(betas=betas, clip_x0=False)
     x_T = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 1.5
     abar_T = d.alphas_cumprod[core.ddim_timesteps(T, steps, spacing)[-1]]
     exact = MU + (x_T - math.sqrt(abar_T) * MU) * S / math.sqrt(abar_T * S * S + 1 - abar_T)
-    return (ddpm.sample_loop(GaussianOracle(betas), d, x_T, sampler, steps=steps, spacing=spacing)
+    return (ddpm.sample_loop(GaussianOracle(betas), d, x_T, sampler, num_steps=steps, spacing=spacing)
             - exact).abs().max().item()
 
 
@@ -313,24 +313,24 @@ def test_dpm_solver_keeps_trailing_t_unless_told():
             return torch.zeros_like(x)
 
     d = diffusion("linear")
-    ddpm.sample_loop(Recorder(), d, torch.zeros(1, 1, 1, 1), "dpm++", steps=4)
-    ddpm.sample_loop(Recorder(), d, torch.zeros(1, 1, 1, 1), "dpm++", steps=4, spacing="leading")
-    ddpm.sample_loop(Recorder(), d, torch.zeros(1, 1, 1, 1), "ddim", steps=4)
+    ddpm.sample_loop(Recorder(), d, torch.zeros(1, 1, 1, 1), "dpm++", num_steps=4)
+    ddpm.sample_loop(Recorder(), d, torch.zeros(1, 1, 1, 1), "dpm++", num_steps=4, spacing="leading")
+    ddpm.sample_loop(Recorder(), d, torch.zeros(1, 1, 1, 1), "ddim", num_steps=4)
     assert seen == [999, 749, 499, 249] + [750, 500, 250, 0] * 2
 
 
 def test_ddim_eta0_is_deterministic_given_x_T():
     model = ddpm.UNet(ddpm.make_config("tiny", image_size=16)).eval()
-    d = ddpm.GaussianDiffusion(ddpm.get_betas("linear", T))
+    d = ddpm.GaussianDiffusion(betas=ddpm.get_betas("linear", T))
     x_T = torch.randn(2, 3, 16, 16)
-    a = ddpm.sample_loop(model, d, x_T, "ddim", steps=10, eta=0.0, generator=torch.Generator().manual_seed(1))
-    b = ddpm.sample_loop(model, d, x_T, "ddim", steps=10, eta=0.0, generator=torch.Generator().manual_seed(2))
+    a = ddpm.sample_loop(model, d, x_T, "ddim", num_steps=10, eta=0.0, generator=torch.Generator().manual_seed(1))
+    b = ddpm.sample_loop(model, d, x_T, "ddim", num_steps=10, eta=0.0, generator=torch.Generator().manual_seed(2))
     assert torch.equal(a, b)
-    c = ddpm.sample_loop(model, d, x_T, "ddim", steps=10, eta=1.0, generator=torch.Generator().manual_seed(2))
+    c = ddpm.sample_loop(model, d, x_T, "ddim", num_steps=10, eta=1.0, generator=torch.Generator().manual_seed(2))
     assert not torch.equal(a, c)  # eta=1 does use the noise
 
 
-@pytest.mark.parametrize("kw,fragment", [(dict(steps=0), "--steps"), (dict(steps=1001), "--steps"),
+@pytest.mark.parametrize("kw,fragment", [(dict(num_steps=0), "--steps"), (dict(num_steps=1001), "--steps"),
                                          (dict(sampler="ddim", eta=2.0), "--eta"),
                                          (dict(sampler="ddim", eta=float("nan")), "--eta"),
                                          (dict(sampler="ddim", eta=-0.5), "--eta"),
@@ -364,11 +364,11 @@ def test_every_prediction_target_converts_back_to_the_true_eps(prediction):
         def forward(self, x, tt):
             return target
 
-    d = ddpm.GaussianDiffusion(betas, prediction=prediction)
-    err_model = (d.model_eps(Exact(), x_t, torch.tensor(t)) - eps).abs().max().item()
+    d = ddpm.GaussianDiffusion(betas=betas, prediction=prediction)
+    err_model = (d.model_output(Exact(), x_t, torch.tensor(t))[0] - eps).abs().max().item()
     loss = d.training_loss(Exact(), x0, torch.tensor(t), eps).item()
     print(f"{prediction}: eps from the exact target, max abs error {err:.1e} ({err_model:.1e} via "
-          f"model_eps); L on the exact target {loss:.1e}")
+          f"model_output); L on the exact target {loss:.1e}")
     assert err < 1e-10 and err_model < 1e-10 and loss < 1e-12  # the loss is taken in float32
 
 
@@ -387,7 +387,7 @@ def test_min_snr_weights_are_hang_et_al(prediction, weight):
 
     x0 = torch.full((5, 1, 2, 2), 0.5, dtype=torch.float64)
     eps = torch.full((5, 1, 2, 2), -0.25, dtype=torch.float64)
-    d = ddpm.GaussianDiffusion(betas, prediction=prediction, min_snr=5.0)
+    d = ddpm.GaussianDiffusion(betas=betas, prediction=prediction, min_snr=5.0)
     a = torch.from_numpy(abar[t]).view(-1, 1, 1, 1)
     target = {"eps": eps, "v": a.sqrt() * eps - (1 - a).sqrt() * x0, "x0": x0}[prediction]
     expected = (weight(snr) * (target ** 2).mean(dim=(1, 2, 3)).numpy()).mean()
@@ -409,10 +409,10 @@ def test_timestep_spacings_are_lin_et_al():
             seen.append(int(t[0]))
             return torch.zeros_like(x)
 
-    ddpm.sample_loop(Recorder(), diffusion("linear"), torch.zeros(1, 1, 1, 1), "ddim", steps=4, spacing="trailing")
+    ddpm.sample_loop(Recorder(), diffusion("linear"), torch.zeros(1, 1, 1, 1), "ddim", num_steps=4, spacing="trailing")
     assert seen == [999, 749, 499, 249]
     with pytest.raises(ValueError, match="--spacing"):
-        ddpm.sample_loop(Recorder(), diffusion("linear"), torch.zeros(1, 1, 1, 1), "ddim", steps=4, spacing="middle")
+        ddpm.sample_loop(Recorder(), diffusion("linear"), torch.zeros(1, 1, 1, 1), "ddim", num_steps=4, spacing="middle")
 
 
 # -- training pieces ----------------------------------------------------------------------------
@@ -430,7 +430,7 @@ def test_training_loss_is_eq14_with_the_original_t():
     x0 = torch.rand(3, 3, 4, 4, dtype=torch.float64) * 2 - 1
     noise = torch.randn(3, 3, 4, 4, dtype=torch.float64)
     i = torch.tensor([0, 400, 999])
-    loss = ddpm.GaussianDiffusion(betas).training_loss(Recorder(), x0, i, noise)
+    loss = ddpm.GaussianDiffusion(betas=betas).training_loss(Recorder(), x0, i, noise)
     x_t, t = calls[0]
     s = torch.from_numpy(abar[[0, 400, 999]]).view(-1, 1, 1, 1)
     assert t.tolist() == [0, 400, 999]

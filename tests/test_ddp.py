@@ -225,13 +225,11 @@ def test_largest_batch_finds_the_edge_and_auto_splits_the_batch():
     assert len(tried) <= 16  # doubling to 128, then bisecting
     assert distributed.largest_batch(lambda b: b <= 100, limit=40) == 40  # no more than the data
     assert distributed.largest_batch(lambda b: False, limit=40) == 0
-    cfg = ddpm.make_config("tiny", batch_size=0, grad_accum=2)
-    assert distributed.split_batch(cfg, 24, world=2) == (96, 2)  # 24 per micro-batch, 2 x 2 of them
-    cfg = ddpm.make_config("tiny", batch_size=512, grad_accum=0)
-    assert distributed.split_batch(cfg, 100, world=2) == (512, 4)  # 256 per process: 4 x 64
-    assert distributed.split_batch(cfg, 256, world=2) == (512, 1)
+    assert distributed.split_batch(0, 2, 24, world=2) == (96, 2)  # 24 per micro-batch, 2 x 2 of them
+    assert distributed.split_batch(512, 0, 100, world=2) == (512, 4)  # 256 per process: 4 x 64
+    assert distributed.split_batch(512, 0, 256, world=2) == (512, 1)
     with pytest.raises(ValueError, match="not even one image"):
-        distributed.split_batch(cfg, 0, world=1)
+        distributed.split_batch(512, 0, 0, world=1)
 
 
 @pytest.mark.parametrize("argv, fragment", [

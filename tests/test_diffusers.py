@@ -192,7 +192,7 @@ def in_float64(sched):
 @pytest.mark.parametrize("variance_type", ["fixed_large", "fixed_small"])
 @pytest.mark.parametrize("clip", [True, False])
 def test_one_ancestral_step_equals_ddpm_scheduler(variance_type, clip):
-    d = ddpm.GaussianDiffusion(ddpm.get_betas("linear", 1000), var_type=variance_type, clip_x0=clip)
+    d = ddpm.GaussianDiffusion(betas=ddpm.get_betas("linear", 1000), var_type=variance_type, clip_x0=clip)
     for precision, dtype, tol in (("float64", torch.float64, F64_TOL), ("float32", torch.float32, F32_TOL)):
         sched = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear",
                                         variance_type=variance_type, clip_sample=clip)
@@ -217,7 +217,7 @@ def test_learned_range_ancestral_step_equals_ddpm_scheduler(steps):
     """Learned variances (Nichol & Dhariwal eq. 15): diffusers' DDPMScheduler with variance_type
     learned_range takes the same 2C-channel output (eps, v); full and respaced chains."""
     betas = ddpm.get_betas("cosine", 1000)
-    d = ddpm.GaussianDiffusion(betas, var_type="learned_range", clip_x0=True)
+    d = ddpm.GaussianDiffusion(betas=betas, var_type="learned_range", clip_x0=True)
     sched = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
                                     variance_type="learned_range", clip_sample=True)
     sched.betas = torch.tensor(betas)  # float64 tables, diffusers' formulas (see in_float64)
@@ -245,7 +245,7 @@ def test_learned_range_ancestral_step_equals_ddpm_scheduler(steps):
 
 
 def test_q_sample_equals_add_noise():
-    d = ddpm.GaussianDiffusion(ddpm.get_betas("linear", 1000))
+    d = ddpm.GaussianDiffusion(betas=ddpm.get_betas("linear", 1000))
     t = torch.tensor([0, 1, 100, 500, 900, 999])
     for precision, dtype, tol in (("float64", torch.float64, F64_TOL), ("float32", torch.float32, 1e-5)):
         sched = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
@@ -290,9 +290,9 @@ def test_ddim_50_steps_equals_ddim_scheduler(eta, clip):
             x = sched.step(model(x, t.view(1).repeat(2)), t, x, eta=eta, use_clipped_model_output=True,
                            generator=g).prev_sample
         g = torch.Generator().manual_seed(5)  # the same noise stream, drawn in the same order
-        d = ddpm.GaussianDiffusion(ddpm.get_betas("linear", 1000), clip_x0=clip)
+        d = ddpm.GaussianDiffusion(betas=ddpm.get_betas("linear", 1000), clip_x0=clip)
         noise_fn = (lambda k, shape: torch.randn(shape, generator=g, dtype=dtype)) if eta > 0 else None
-        ours = ddpm.sample_loop(model, d, x_T, "ddim", steps=50, eta=eta, noise_fn=noise_fn)
+        ours = ddpm.sample_loop(model, d, x_T, "ddim", num_steps=50, eta=eta, noise_fn=noise_fn)
         err = (ours - x).abs().max().item()
         print(f"DDIM 50 steps, eta={eta}, clip={clip}, diffusers tables in {precision}: "
               f"max abs error {err:.2e} (tolerance {tol:.0e})")
@@ -310,8 +310,8 @@ def test_end_to_end_20_ddim_steps_with_the_converted_unet(google_like):
     with torch.no_grad():
         for t in sched.timesteps:
             x = sched.step(unet(x, t).sample, t, x, eta=0.0).prev_sample
-    diffusion = ddpm.GaussianDiffusion(ddpm.get_betas("linear", 1000), clip_x0=False)
-    ours = ddpm.sample_loop(model, diffusion, x_T, "ddim", steps=20)
+    diffusion = ddpm.GaussianDiffusion(betas=ddpm.get_betas("linear", 1000), clip_x0=False)
+    ours = ddpm.sample_loop(model, diffusion, x_T, "ddim", num_steps=20)
     err = (ours - x).abs().max().item()
     print(f"20 DDIM steps, diffusers pipeline pieces vs ours: max abs error {err:.2e} "
           f"(images span {x.min().item():.2f}..{x.max().item():.2f})")
@@ -393,7 +393,7 @@ def test_dpm_solver_steps_equal_dpm_solver_multistep_scheduler(spacing, clip):
     model = GaussianDataEps()
     sched = dpm_scheduler(spacing, clip, 20)
     ts = sched.timesteps.numpy()
-    chain = ddpm.GaussianDiffusion(ddpm.get_betas("linear", 1000), clip_x0=clip).respace(ts)
+    chain = ddpm.GaussianDiffusion(betas=ddpm.get_betas("linear", 1000), clip_x0=clip).respace(ts)
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2
     ours, prev_x0, worst = x.clone(), torch.zeros_like(x), 0.0
     for k, t in enumerate(sched.timesteps):
@@ -423,8 +423,8 @@ def test_dpm_solver_20_steps_equals_scheduler_step(clip):
     x = x_T
     for t in sched.timesteps:
         x = sched.step(model(x, t.view(1).repeat(2)), t, x).prev_sample
-    d = ddpm.GaussianDiffusion(ddpm.get_betas("linear", 1000), clip_x0=clip)
-    ours = ddpm.sample_loop(model, d, x_T, "dpm++", steps=20, spacing="trailing")
+    d = ddpm.GaussianDiffusion(betas=ddpm.get_betas("linear", 1000), clip_x0=clip)
+    ours = ddpm.sample_loop(model, d, x_T, "dpm++", num_steps=20, spacing="trailing")
     err = (ours - x).abs().max().item()
     print(f"DPM-Solver++ 20 trailing steps, clip={clip}: sample_loop vs scheduler.step, max abs error "
           f"{err:.2e} on values up to {x.abs().max().item():.2f} (tolerance {F32_TOL:.0e})")

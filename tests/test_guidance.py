@@ -106,7 +106,7 @@ class LinearClassifier(torch.nn.Module):
 
 def test_classifier_guidance_shifts_eps_by_the_closed_form_gradient():
     betas = ddpm.get_betas("linear", 100)
-    d = ddpm.GaussianDiffusion(betas)
+    d = ddpm.GaussianDiffusion(betas=betas)
     clf = LinearClassifier(3 * 4 * 4, 5)
     x = torch.randn(4, 3, 4, 4, dtype=torch.float64)
     i, y, s = torch.tensor([0, 10, 50, 99]), torch.tensor([0, 4, 2, 2]), 2.5
@@ -131,13 +131,13 @@ def test_classifier_guidance_moves_samples_towards_the_class():
             m = x.flatten(1).mean(1, keepdim=True)
             return torch.cat([-4 * m, 4 * m], dim=1)
 
-    d = ddpm.GaussianDiffusion(ddpm.get_betas("linear", 100))
+    d = ddpm.GaussianDiffusion(betas=ddpm.get_betas("linear", 100))
     zero = lambda x_t, t: torch.zeros_like(x_t)  # noqa: E731
     x_T = torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     means = {}
     for s in (1.0, 4.0):
         for label in (0, 1):
-            x0 = ddpm.sample_loop(zero, d, x_T, "ddim", steps=20, y=torch.full((8,), label),
+            x0 = ddpm.sample_loop(zero, d, x_T, "ddim", num_steps=20, y=torch.full((8,), label),
                                   classifier=Brightness(), classifier_scale=s)
             means[s, label] = x0.mean().item()
     print({f"s={s} y={label}": round(v, 3) for (s, label), v in means.items()})
@@ -165,7 +165,7 @@ def dataclass_replace(cfg, **changes):
 # -- training ----------------------------------------------------------------------------------------
 
 def tiny_run(tmp_path, name, **overrides):
-    settings = dict(image_size=16, data="shapes", steps=2, batch_size=64, warmup=1, out=str(tmp_path / name),
+    settings = dict(image_size=16, data="shapes", steps=2, batch_size=64, warmup=1, run_dir=str(tmp_path / name),
                     ckpt=str(tmp_path / f"{name}.pt"), num_workers=0, sample_every=0, log_every=1, save_every=0)
     return ddpm.make_config("tiny", **{**settings, **overrides})
 
@@ -210,8 +210,8 @@ def test_folder_class_names_come_from_sub_folders(tmp_path):
         (tmp_path / name).mkdir()
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / name / "a.png")
     cfg = ddpm.make_config("tiny", image_size=8, ch_mult=(1,), attn_resolutions=(), data=str(tmp_path))
-    data = data.load_dataset(cfg, labelled=True)
-    assert data.class_names(data, cfg.data) == ("cat", "dog") and [data[k][1] for k in range(2)] == [0, 1]
+    dataset = data.load_dataset(cfg, labelled=True)
+    assert data.class_names(dataset, cfg.data) == ("cat", "dog") and [dataset[k][1] for k in range(2)] == [0, 1]
 
 
 def test_train_classifier_resumes_exactly(tmp_path):
@@ -281,7 +281,7 @@ def test_guided_trajectories_pytorch_vs_onnx_runtime(conditional_models, var_typ
 
     def torch_run(labels, scale):
         return ddpm.sample_loop(model, diffusion, torch.from_numpy(x_T), sampler, steps, y=labels,
-                                guidance=scale, noise_fn=lambda k, shape: torch.from_numpy(noise[k])).numpy()
+                                guidance_scale=scale, noise_fn=lambda k, shape: torch.from_numpy(noise[k])).numpy()
     ref = torch_run(torch.from_numpy(y), s)
     err = np.abs(got - ref).max()
     moved = np.abs(ref - torch_run(None, 1.0)).max()  # against the unconditional model
@@ -291,6 +291,28 @@ def test_guided_trajectories_pytorch_vs_onnx_runtime(conditional_models, var_typ
     assert (moved == 0) if s == 0 else (moved > 0.05)
 
 
+def test_process_pictures_pytorch_vs_onnx_runtime(conditional_onnx):
+    """The predicted x_0 of every step, which the update graph outputs (format 2), equals the one
+    ddpm.sample_loop hands its callback, guided, to the 8-bit picture."""
+    d, cfg, model = conditional_onnx
+    steps, y = 10, np.array([2, 7, 0])
+    x_T = np.random.default_rng(4).standard_normal((3, 3, 16, 16)).astype(np.float32)
+    frames_ort, frames_torch = core.ProcessFrames(["a.gif"], steps), core.ProcessFrames(["b.gif"], steps)
+    denoiser, step, meta, device = sample_ort.open_sessions(str(d / "cond.onnx"), "cpu", guided=True)
+    assert meta["format"] == 2
+    runner = sample_ort.Sampler(denoiser, step, x_T.shape, device, K, 3.0)
+    runner.set_labels(y)
+    ts, coefs = sample_ort.step_table(meta["betas"], "ddim", steps, 0.0, meta["var_type"])
+    runner.run(x_T, ts, coefs, lambda k, shape: np.zeros(shape, np.float32), process=frames_ort)
+    ddpm.sample_loop(model, ddpm.GaussianDiffusion.from_config(cfg), torch.from_numpy(x_T), "ddim", steps,
+                     y=torch.from_numpy(y), guidance_scale=3.0, callback=frames_torch)
+    assert sorted(frames_ort.frames) == sorted(frames_torch.frames) == list(range(steps))
+    worst = max(np.abs(frames_ort.frames[k][j].astype(int) - frames_torch.frames[k][j]).max()
+                for k in range(steps) for j in (1, 2))
+    print(f"process frames, ORT vs PyTorch: max difference {worst} levels of 255")
+    assert worst <= 1 and all(frames_ort.frames[k][0] == frames_torch.frames[k][0] for k in range(steps))
+
+
 def test_export_contract_of_a_conditional_model(conditional_onnx):
     d, cfg, _ = conditional_onnx
     import onnxruntime as ort
@@ -298,7 +320,7 @@ def test_export_contract_of_a_conditional_model(conditional_onnx):
     inputs = {i.name: i.type for i in session.get_inputs()}
     assert inputs == {"x_t": "tensor(float)", "t": "tensor(int64)", "y": "tensor(int64)"}
     meta = session.get_modelmeta().custom_metadata_map
-    assert meta["ddpm.num_classes"] == str(K) and json.loads(meta["data.class_names"]) == list(data.SHAPE_CLASSES)
+    assert meta["ddpm.num_classes"] == str(K) and json.loads(meta["ddpm.class_names"]) == list(data.SHAPE_CLASSES)
     assert "ddpm.guided_step_graph" in meta
 
 

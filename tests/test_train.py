@@ -20,6 +20,7 @@ from PIL import Image
 import checkpoints
 import core
 import data
+import distributed
 import ddpm
 from conftest import ROOT, max_difference, refusal, run_script
 
@@ -27,7 +28,7 @@ from conftest import ROOT, max_difference, refusal, run_script
 def tiny_cfg(tmp_path, name, **kw):
     base = dict(data="shapes", image_size=16, dropout=0.1, batch_size=8, steps=6, warmup=2,
                 ema_decay=0.9, save_every=1000, sample_every=0, log_every=1,
-                out=str(tmp_path / name), ckpt=str(tmp_path / f"{name}.pt"), num_workers=0)
+                run_dir=str(tmp_path / name), ckpt=str(tmp_path / f"{name}.pt"), num_workers=0)
     base.update(kw)
     return ddpm.make_config("tiny", **base)
 
@@ -386,18 +387,18 @@ def corrupt_png(path, size=(16, 16)):
 
 
 def test_an_image_that_fails_to_decode_is_named_and_skipped(tmp_path, capsys):
-    data = tmp_path / "data"
-    data.mkdir()
+    folder = tmp_path / "data"
+    folder.mkdir()
     for k in range(8):
-        write_png(data / f"{k}.png", size=(16, 16), colour=(10 * k, 0, 0))
-    corrupt_png(data / "3b.png")
-    ds = data.ImageFolderDataset(str(data), 16)
+        write_png(folder / f"{k}.png", size=(16, 16), colour=(10 * k, 0, 0))
+    corrupt_png(folder / "3b.png")
+    ds = data.ImageFolderDataset(str(folder), 16)
     assert len(ds) == 9  # its header is fine: only decoding shows the damage
     names = [os.path.basename(p) for p, _ in ds.items]
     x, _ = ds[names.index("3b.png")]
     assert "3b.png" in capsys.readouterr().err
     assert x[0].mean().item() == pytest.approx(40 / 127.5 - 1, abs=0.01)  # the next image, 4.png
-    cfg = tiny_cfg(tmp_path, "run", data=str(data), steps=2, batch_size=9, flip=False)
+    cfg = tiny_cfg(tmp_path, "run", data=str(folder), steps=2, batch_size=9, flip=False)
     ddpm.train(cfg)  # every image is drawn in step 1: training goes on
     assert load(cfg.ckpt)["step"] == 2
 
@@ -423,7 +424,7 @@ def test_grayscale_trains_samples_and_reads_folders(tmp_path, monkeypatch):
     ddpm.train(cfg)
     with Image.open(tmp_path / "gray" / "samples_0000002.png") as grid:
         assert grid.mode == "L"
-    ddpm.sample(cfg.ckpt, n=2, steps=3, sampler="ddim", out=str(tmp_path / "s.png"), outdir=str(tmp_path / "one"))
+    ddpm.sample(cfg.ckpt, n=2, num_steps=3, sampler="ddim", out=str(tmp_path / "s.png"), outdir=str(tmp_path / "one"))
     with Image.open(tmp_path / "one" / "00001.png") as one:
         assert one.mode == "L" and one.size == (16, 16)
 
@@ -603,7 +604,7 @@ def test_sample_amp_bf16_where_native(small_ckpt, tmp_path, monkeypatch):
     """--amp auto is bf16 autocast where the CPU multiplies bf16 natively (here made to say so),
     fp32 elsewhere; the images move by bf16's rounding, not more. fp16 needs CUDA."""
     def images(folder, **kw):
-        ddpm.sample(small_ckpt, n=4, steps=5, sampler="ddim", out=str(tmp_path / f"{folder}.png"),
+        ddpm.sample(small_ckpt, n=4, num_steps=5, sampler="ddim", out=str(tmp_path / f"{folder}.png"),
                     outdir=str(tmp_path / folder), device="cpu", **kw)
         return np.stack([np.asarray(Image.open(tmp_path / folder / f"{k:05d}.png")) for k in range(4)]).astype(int)
     fp32 = images("fp32")
