@@ -139,7 +139,7 @@ PRESETS = {
 PRESET_BY_SIZE = {32: "cifar10", 64: "res64", 96: "stl10"}
 MODEL_FIELDS = ("image_size", "in_channels", "ch", "ch_mult", "num_res_blocks",
                 "attn_resolutions", "dropout", "norm_groups", "num_classes")
-RENAMED_FIELDS = {"model": "preset", "out": "run_dir"}  # the names in checkpoints before format 1.1
+RENAMED_FIELDS = {"model": "preset", "out": "run_dir"}  # their names in checkpoints before 2026-12-02
 
 
 def make_config(preset="cifar10", **overrides):

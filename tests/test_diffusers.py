@@ -2,7 +2,6 @@
 converted weight for weight both ways (convert.py), and the DDPM / DDIM schedulers step for step.
 No network: the reference model is built here and saved with save_pretrained. Every test here
 carries the `diffusers` marker; diffusers is a dev requirement, so its absence is a failure."""
-import os
 
 import diffusers
 import numpy as np

@@ -2,7 +2,6 @@
 setting, the ONNX Runtime sampler against the Gaussian closed form, ONNX Runtime against
 PyTorch per call and over whole trajectories fed identical noise, metadata (and tampered
 metadata), bad input, and running without torch."""
-import json
 import os
 import subprocess
 import sys
