@@ -3,7 +3,7 @@ PY := .venv/bin/python
 DEMO := runs/demo
 DEMO_STEPS := 1000
 
-.PHONY: install test test-fast mutants demo bench bench-gpu bench-ddp bench-solver clean
+.PHONY: install test test-fast mutants demo bench bench-gpu bench-ddp bench-solver gpu-check clean
 
 install: .venv/.installed
 
@@ -52,6 +52,12 @@ bench: install
 
 bench-gpu: install
 	$(PY) bench/bench.py --device cuda
+
+# GPU readiness (bench/gpu_check.py): every CUDA path run and measured in one go, at most 8 minutes on
+# one H100/H200-class GPU; writes bench/results/gpu-check-<GPU>.json and prints the README's table.
+# REHEARSE=1 runs the same script on the CPU with tiny sizes (about a minute; make test-fast runs it).
+gpu-check: install
+	$(PY) bench/gpu_check.py $(if $(REHEARSE),--rehearse)
 
 # Solver error: each sampler's distance to the probability-flow ODE's solution from the same x_T
 # (bench/solver_error.py), for a trained checkpoint: make bench-solver CKPT=runs/demo/ckpt.pt
