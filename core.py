@@ -223,12 +223,17 @@ PICTURE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 PROGRESS_EXTENSIONS = (".png", ".gif", ".webp")
 
 
-def to_uint8(x):
+def to_uint8(x, source=None):
     """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8, clipping what the sampler overshoots. x: a
-    numpy array, or a torch tensor (on any device, of any float dtype)."""
+    numpy array, or a torch tensor (on any device, of any float dtype). source: the model file the
+    samples came from; then samples that are not finite are a ValueError, not black pictures."""
     if hasattr(x, "detach"):
         x = x.detach().float().cpu().numpy()
-    x = np.clip(np.asarray(x, dtype=np.float32), -1, 1)
+    x = np.asarray(x, dtype=np.float32)
+    if source is not None and not np.isfinite(x).all():
+        raise ValueError(f"the samples of '{source}' are not finite (NaN or inf): its weights are, or a "
+                         "setting (--amp fp16?) overflowed; nothing was written")
+    x = np.clip(x, -1, 1)
     return np.round((x + 1) * 127.5).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
@@ -517,18 +522,23 @@ def add_sampling_flags(parser):
                              "1 plain conditional, > 1 follows the class more strictly (default: 3)")
 
 
-def check_sampling_request(n, batch, guidance, out, progress, outdir, inputs):
-    """The checks both sampling scripts make before any work: sizes, the guidance scale, and
-    that every output can be written without destroying an input. Returns the progress paths."""
+def check_sampling_request(n, batch, guidance, out, progress, outdir, inputs, seed=0):
+    """The checks both sampling scripts make before any work: sizes, the seed, the guidance scale,
+    and that every output can be written without destroying an input or another output. Returns
+    the progress paths."""
     if n < 1:
         raise ValueError(f"--n {n}: sample at least 1 image")
+    if not 0 <= seed < 2 ** 63:
+        raise ValueError(f"--seed {seed}: use a whole number from 0 to 2^63 - 1")
     if batch is not None and batch < 1:
         raise ValueError(f"--batch {batch}: use at least 1 image per batch")
     if not (math.isfinite(guidance) and guidance >= 0):
         raise ValueError(f"--guidance {guidance}: use a number >= 0 (0: unconditional, 1: conditional)")
     check_output_path(out, PICTURE_EXTENSIONS, "--out", inputs=inputs)
     progress = [progress] if isinstance(progress, str) else list(progress or ())
-    for path in progress:
+    for k, path in enumerate(progress):
+        if os.path.abspath(path) in map(os.path.abspath, [out, *progress[:k]]):
+            raise ValueError(f"--progress '{path}' is named twice (also as --out or another --progress)")
         check_output_path(path, PROGRESS_EXTENSIONS, "--progress", inputs=(*inputs, out))
     if outdir:
         check_writable_folder(outdir, "--outdir")

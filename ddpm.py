@@ -139,6 +139,7 @@ PRESETS = {
 PRESET_BY_SIZE = {32: "cifar10", 64: "res64", 96: "stl10"}
 MODEL_FIELDS = ("image_size", "in_channels", "ch", "ch_mult", "num_res_blocks",
                 "attn_resolutions", "dropout", "norm_groups", "num_classes")
+INFO_FIELDS = ("preset",) + MODEL_FIELDS + ("T", "schedule", "var_type", "clip_x0", "prediction")  # info of a preset
 RENAMED_FIELDS = {"model": "preset", "out": "run_dir"}  # their names in checkpoints before 2026-12-02
 
 
@@ -940,7 +941,7 @@ def sample_grid(ema, diffusion, cfg, step, log):
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     x_T = torch.randn(64, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g, device=device)
     y = torch.arange(64) % cfg.num_classes if cfg.num_classes else None
-    x0 = sample_loop(ema, diffusion, x_T, sampler="ddim", num_steps=min(50, cfg.T), generator=g, y=y)
+    x0 = sample_loop(ema, diffusion, x_T, sampler="ddim", num_steps=min(50, cfg.T), generator=g, y=y, progress=True)
     images = core.to_uint8(x0)
     log.image(step, core.grid_of(images))
     try:
@@ -1063,8 +1064,8 @@ def train(cfg, *, resume=None, overwrite=False):
             log.close()
     if world > 1:  # rank 0 finishes its last grid before the job ends
         dist.barrier()
-    core.say(f"done: steps {first_step}..{step}; checkpoint '{cfg.ckpt}', samples and loss curve "
-             f"in {cfg.run_dir}")
+    written = [f for f in ("metrics.jsonl", "loss.png", f"samples_{step:07d}.png") if os.path.exists(os.path.join(cfg.run_dir, f))]
+    core.say(f"done: steps {first_step}..{step}; checkpoint '{cfg.ckpt}'; {', '.join(written)} in {cfg.run_dir}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1093,7 +1094,7 @@ def sample(ckpt, *, n=64, num_steps=None, sampler="ddpm", eta=0.0, seed=0, out="
     classes: --class's text (names or indices, a comma list, or all: a grid row per class),
     sampled with classifier-free guidance of scale `guidance_scale` if the model is conditional,
     and guided by the noisy classifier at path `classifier` with scale `classifier_scale`."""
-    progress = core.check_sampling_request(n, batch, guidance_scale, out, progress, outdir, inputs=(ckpt,))
+    progress = core.check_sampling_request(n, batch, guidance_scale, out, progress, outdir, (ckpt,), seed)
     if not math.isfinite(classifier_scale):
         raise ValueError(f"--classifier-scale {classifier_scale}: use a finite number")
     device = pick_device(device)
@@ -1131,7 +1132,7 @@ def sample(ckpt, *, n=64, num_steps=None, sampler="ddpm", eta=0.0, seed=0, out="
                              generator=g, callback=process, progress=True, spacing=spacing, y=y,
                              guidance_scale=guidance_scale, classifier=clf, classifier_scale=classifier_scale)
         process.done = True  # the pictures show the first batch
-        images.append(core.to_uint8(x0))
+        images.append(core.to_uint8(x0, source=ckpt))
     elapsed = time.time() - t0
     written = core.write_samples(np.concatenate(images), out, nrow, outdir, process, min(batch, n))
     guided = ""
@@ -1219,7 +1220,8 @@ def main(argv=None):
             else:
                 cfg = make_config(args.preset or "cifar10", image_size=args.image_size)
                 model = UNet(cfg)
-            for name, value in asdict(cfg).items():
+            shown = asdict(cfg) if args.ckpt else {k: v for k, v in asdict(cfg).items() if k in INFO_FIELDS}
+            for name, value in shown.items():
                 print(f"{name:>17}: {value}")
             print(f"{'parameters':>17}: {count_params(model):,}")
             print(f"{'forward FLOPs':>17}: {count_flops(model, cfg) / 1e9:.2f} G at batch 1, "

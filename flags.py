@@ -193,9 +193,12 @@ def count_or_auto(text):
     if text == "auto":
         return 0
     try:
-        return int(text)
+        number = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is neither a whole number nor auto") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"'{text}': give a positive number, or auto")
+    return number
 
 
 def int_tuple(text):

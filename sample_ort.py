@@ -204,7 +204,28 @@ def open_sessions(path, provider="auto", cuda_graph=False, batch=None, guided=Fa
     if names != (inputs, outputs):
         raise ValueError(f"'{path}' has a ddpm.{key} with inputs {sorted(names[0])} and outputs "
                          f"{names[1]}, not the update export.py writes; export it again")
+    if not cuda_graph and not update_moves(step):  # (a captured graph must not see other buffers)
+        raise ValueError(f"'{path}' has a ddpm.{key} that does not compute the update (a probe step "
+                         "did not give c1 x_0 + c2 x_t); export it again with export.py")
     return denoiser, step, meta, "cuda" if on_cuda else "cpu"
+
+
+def update_moves(step):
+    """One probe step of an update graph: x_t = 1, eps = 0, no noise, no previous x_0, and coef
+    a = b = 1, c1 = 0.5, c2 = 0.25, the rest 0, so x_0 = 1 and x_prev = c1 x_0 + c2 x_t = 0.75.
+    A graph with the right names that does not update (x_prev = x_t) gives 1."""
+    inputs = {i.name: i for i in step.get_inputs()}
+    guided = "guidance" in inputs
+    n_coef = inputs["coef"].shape[0]
+    feeds = {"coef": np.array([1.0, 1.0, 0.5, 0.25] + [0.0] * (n_coef - 4), np.float32)}
+    for name in inputs:
+        if name in ("x_t", "eps", "var_values", "noise", "prev_x0"):
+            rows = 2 if guided and name != "noise" and name != "prev_x0" else 1
+            feeds[name] = np.full((rows, 1, 1, 1), 1.0 if name == "x_t" else 0.0, np.float32)
+    if guided:
+        feeds["guidance"] = np.array([2.0], np.float32)
+    x_prev = step.run(["x_prev"], feeds)[0]
+    return bool(np.allclose(x_prev, 0.75, atol=1e-6))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,12 +393,16 @@ def sample(model, *, n=64, num_steps=None, sampler="ddpm", eta=0.0, seed=0, batc
     conditional model, sampled with classifier-free guidance of scale `guidance_scale`.
     host_noise: each step's noise from numpy and uploaded (as before device noise; also with
     --cuda-graph, whose replays would repeat one draw), else drawn on the device."""
-    progress = core.check_sampling_request(n, batch, guidance_scale, out, progress, outdir, inputs=(model,))
+    progress = core.check_sampling_request(n, batch, guidance_scale, out, progress, outdir, (model,), seed)
+    if cuda_graph and provider == "cpu":
+        raise ValueError("--cuda-graph captures CUDA work; it needs --provider cuda (or auto on a GPU)")
     guided = classes is not None and guidance_scale not in (0, 1)  # else one branch is enough
     graph_batch = min(batch or n, n)  # a CUDA graph's fixed batch; later batches are padded to it
     core.check_sampler(sampler, None, eta, 1, spacing)  # a sentence before any file is opened
     denoiser, step, meta, device = open_sessions(model, provider, cuda_graph, graph_batch, guided,
                                                  multistep=sampler == "dpm++")
+    if cuda_graph and device != "cuda":
+        core.warn("--cuda-graph: CUDA is not usable here, so the steps run without CUDA graphs")
     labels, nrow = None, None
     if classes is not None:
         if not meta["num_classes"]:
@@ -405,7 +430,7 @@ def sample(model, *, n=64, num_steps=None, sampler="ddpm", eta=0.0, seed=0, batc
         x0 = runner.run(x_T, timesteps, coefs, HostNoise(rng), core.progress_bar(len(timesteps), label),
                         process if progress else None)
         process.done = True  # the pictures show the first batch
-        images.append(core.to_uint8(x0)[:n - first])
+        images.append(core.to_uint8(x0, source=model)[:n - first])
     elapsed = time.time() - start
     images = np.concatenate(images)
     core.say(core.write_samples(images, out, nrow, outdir, process, batch))

@@ -498,6 +498,35 @@ def test_step_graph_with_other_inputs_is_a_sentence(oracle_onnx, tmp_path):
     refusal(sample_ort.main, ["--model", out, "--n", 1, "--out", tmp_path / "s.png"], "not the update export.py writes")
 
 
+def test_an_update_graph_that_does_not_update_is_a_sentence(oracle_onnx, tmp_path):
+    """The right names and outputs, but x_prev = x_t: it would "sample" its x_T without a word."""
+    path, _ = oracle_onnx
+    import base64
+    h = onnx.helper
+    names = ("x_t", "eps", "noise")
+    fake = h.make_model(h.make_graph(
+        [h.make_node("Identity", ["x_t"], ["x_prev"]), h.make_node("Identity", ["eps"], ["pred_x0"])], "g",
+        [h.make_tensor_value_info(n, onnx.TensorProto.FLOAT, ["B", "C", "H", "W"]) for n in names]
+        + [h.make_tensor_value_info("coef", onnx.TensorProto.FLOAT, [6])],
+        [h.make_tensor_value_info(n, onnx.TensorProto.FLOAT, ["B", "C", "H", "W"]) for n in ("x_prev", "pred_x0")]),
+        opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+    out = tampered(path, tmp_path, set_key("ddpm.step_graph", base64.b64encode(fake.SerializeToString()).decode()))
+    refusal(sample_ort.main, ["--model", out, "--n", 1, "--out", tmp_path / "s.png"], "does not compute the update")
+
+
+def test_sampling_mistakes_of_both_scripts_are_sentences(exported, tmp_path):
+    """A negative or too large seed, one file named as --out and --progress, --cuda-graph on the CPU."""
+    d, _, _ = exported
+    model, ckpt = ["--model", d / "ddpm.onnx"], ["--ckpt", d / "ckpt.pt"]
+    for main, source in ((sample_ort.main, model), (ddpm.main, ["sample", *ckpt])):
+        refusal(main, [*source, "--n", 1, "--seed", -1, "--out", tmp_path / "s.png"], "--seed -1")
+        refusal(main, [*source, "--n", 1, "--seed", 2 ** 64, "--out", tmp_path / "s.png"], "2^63")
+        refusal(main, [*source, "--n", 1, "--out", tmp_path / "s.png", "--progress", tmp_path / "s.png"], "named twice")
+    refusal(sample_ort.main, [*model, "--n", 1, "--cuda-graph", "--provider", "cpu", "--out", tmp_path / "s.png"],
+            "needs --provider cuda")
+    assert not os.path.exists(tmp_path / "s.png")
+
+
 def test_help_gives_every_flag_a_default():
     for main in (export.main, sample_ort.main):
         import contextlib

@@ -495,6 +495,8 @@ def small_ckpt(tmp_path_factory):
 
 
 TRAIN_MISTAKES = [
+    (["--batch-size", "0"], "give a positive number, or auto"),
+    (["--grad-accum", "-2"], "give a positive number, or auto"),
     (["--data", "cifar100"], "neither a built-in dataset"),
     (["--model", "cifar10", "--image-size", "36"], "does not fit preset"),
     (["--bogus-flag", "1"], "unrecognized"),
@@ -620,3 +622,19 @@ def test_sample_amp_bf16_where_native(small_ckpt, tmp_path, monkeypatch):
     assert 0 < diff.mean() < 4
     refusal(ddpm.main, ["sample", "--ckpt", small_ckpt, "--amp", "fp16", "--device", "cpu",
                         "--out", tmp_path / "x.png"], "needs CUDA")
+
+
+def test_a_checkpoint_with_nan_weights_samples_a_sentence_not_black_pictures(small_ckpt, tmp_path):
+    state = torch.load(small_ckpt, weights_only=True)
+    state["ema"]["conv_out.bias"][0] = float("nan")  # written around save_checkpoint, which refuses it
+    torch.save(state, tmp_path / "nan.pt")
+    refusal(ddpm.main, ["sample", "--ckpt", tmp_path / "nan.pt", "--n", 2, "--steps", 3, "--sampler", "ddim",
+                        "--out", tmp_path / "s.png"], "not finite", "nothing was written")
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_info_of_a_preset_shows_the_model_not_training_settings(capsys):
+    ddpm.main(["info", "--model", "cifar10"])
+    out = capsys.readouterr().out
+    assert "preset: cifar10" in out and "ch_mult: (1, 2, 2, 2)" in out and "parameters: 35,746,307" in out
+    assert "data:" not in out and "batch_size" not in out  # a preset has no data or training run
