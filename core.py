@@ -421,6 +421,17 @@ def write_atomically(path, write):
             os.remove(tmp)
 
 
+def write_text(path, text):
+    """A text file written atomically, its write errors raised before the rename (a full disk
+    leaves the old file, not an empty one)."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    write_atomically(path, write)
+
+
 def process_alive(pid):
     try:
         os.kill(pid, 0)

@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 
 import numpy as np
 import torch
@@ -71,9 +72,19 @@ class Inception:
                     f"the Inception weights are not at '{path}' and could not be downloaded "
                     f"({type(e).__name__}). Download {INCEPTION_URL} (91 MB) and put it there, or "
                     "pass --inception-weights PATH") from None
+        try:  # weights only: torch-fidelity itself unpickles the file, which could run its code
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if not (isinstance(state, dict) and state and all(torch.is_tensor(v) for v in state.values())):
+                raise ValueError("not a dict of tensors")
+        except Exception as e:
+            raise ValueError(f"'{path}' cannot be read as weights alone ({type(e).__name__}); it is not "
+                             "torch-fidelity's Inception-v3 weights, or it holds code, which is never run") from None
         try:
-            self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                                   feature_extractor_weights_path=path).to(device)
+            with tempfile.TemporaryDirectory() as folder:  # tensors only, re-saved: safe to unpickle
+                torch.save(state, os.path.join(folder, "inception.pth"))
+                self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                                       feature_extractor_weights_path=os.path.join(folder, "inception.pth"))
+            self.net = self.net.to(device)
         except Exception as e:
             raise ValueError(f"'{path}' is not torch-fidelity's Inception-v3 weights "
                              f"({type(e).__name__}: {str(e)[:150]})") from None
@@ -195,9 +206,28 @@ def reference_statistics(ref, inception, stats_dir, data_dir):
     core.say(f"reference: {ref}, {len(images)} images; computing its Inception statistics once")
     stats = statistics(inception(images)[0])
     core.check_writable_folder(stats_dir, "--stats-dir")
-    core.write_atomically(cache, lambda tmp: np.savez(open(tmp, "wb"), **stats))
+    save_npz(cache, stats)
     core.say(f"reference statistics cached in {cache}")
     return stats
+
+
+def save_npz(path, stats):
+    """The statistics as a .npz, written atomically (errors raised before the rename)."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **stats)
+    core.write_atomically(path, write)
+
+
+def json_text(result):
+    """JSON of a result with the numbers that are not finite as null (JSON has no NaN)."""
+    def clean(v):
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+    return json.dumps(clean(result), indent=1, allow_nan=False)
 
 
 def load_statistics(path):
@@ -442,7 +472,7 @@ def nll_command(args):
     print(f"  prior L_T {r['prior']:.6f}   decoder L_0 {r['decoder']:.4f}   "
           f"sum of L_1..L_T-1 {r['terms']:.4f}")
     if args.json:
-        core.write_atomically(args.json, lambda tmp: open(tmp, "w").write(json.dumps(r, indent=1)))
+        core.write_text(args.json, json_text(r))
     return r
 
 
@@ -467,19 +497,19 @@ def fid_command(args):
         raise ValueError(f"--batch {args.batch}: use at least 1 image per batch")
     if args.json:
         core.check_output_path(args.json, (".json",), "--json")
+    result, make_batch = {}, None
+    if args.ckpt:  # the model is read first: a sentence about it comes before any download
+        make_batch = torch_batches(args.ckpt, args.sampler, args.steps, args.eta, args.seed, args.device,
+                                   args.spacing)
+    elif args.onnx:
+        make_batch = onnx_batches(args.onnx, args.sampler, args.steps, args.eta, args.seed,
+                                  args.provider, args.batch, args.spacing)
     inception = Inception(args.inception_weights, distributed.pick_device(args.device))
-    result = {}
     if sampling:
         name = os.path.splitext(os.path.basename(args.ckpt or args.onnx))[0]
         spacing = args.spacing or core.default_spacing(args.sampler)
         spaced = "" if spacing == "leading" else f"-{spacing}"
         folder = args.samples or os.path.join("runs", "eval", f"{name}-{args.sampler}-{args.steps or 'T'}{spaced}")
-        if args.ckpt:
-            make_batch = torch_batches(args.ckpt, args.sampler, args.steps, args.eta, args.seed, args.device,
-                                       args.spacing)
-        else:
-            make_batch = onnx_batches(args.onnx, args.sampler, args.steps, args.eta, args.seed,
-                                      args.provider, args.batch, args.spacing)
         files = sample_to_folder(folder, args.n, args.batch, make_batch)
         result["samples"] = folder
     else:
@@ -503,7 +533,7 @@ def fid_command(args):
               "CIFAR-10 numbers use 50,000 and the training set's 50,000. FID falls as n grows, so "
               "numbers from other n are not comparable")
     if args.json:
-        core.write_atomically(args.json, lambda tmp: open(tmp, "w").write(json.dumps(result, indent=1)))
+        core.write_text(args.json, json_text(result))
     return result
 
 
@@ -535,7 +565,7 @@ def shapes_command(args):
     if args.json:
         summary = {name: float(ok.mean()) for name, ok in verdict.items() if name != "class"}
         summary.update(n_images=len(images), classifier_accuracy=accuracy)
-        core.write_atomically(args.json, lambda tmp: open(tmp, "w").write(json.dumps(summary, indent=1)))
+        core.write_text(args.json, json_text(summary))
     return verdict
 
 

@@ -30,7 +30,7 @@ class RunLog:
                             self.rows.append(row)
         text = "".join(json.dumps(r) + "\n" for r in self.rows)
         try:
-            core.write_atomically(self.path, lambda tmp: open(tmp, "w").write(text))
+            core.write_text(self.path, text)
             self.file = open(self.path, "a")
         except OSError as e:
             self.warn(e)
