@@ -6,6 +6,7 @@ import os
 import pickle
 
 import pytest
+import torch
 
 import convert
 import ddpm
@@ -25,9 +26,10 @@ class Payload:
 @pytest.fixture
 def planted(tmp_path):
     marker = tmp_path / "PAYLOAD_RAN"
-    for name in ("evil.pt", "evil.pth", "evil.ckpt", "evil.bin"):
-        with open(tmp_path / name, "wb") as f:
-            pickle.dump({"config": Payload(marker), "model": Payload(marker)}, f)
+    for name in ("evil.pt", "evil.pth", "evil.ckpt"):  # torch's zip format: torch.load(weights_only=False) runs it
+        torch.save({"config": Payload(marker), "model": Payload(marker)}, tmp_path / name)
+    with open(tmp_path / "evil.bin", "wb") as f:  # a bare pickle: pickle.load runs it
+        pickle.dump({"config": Payload(marker), "model": Payload(marker)}, f)
     (tmp_path / "unet").mkdir()
     os.replace(tmp_path / "evil.bin", tmp_path / "unet" / "diffusion_pytorch_model.bin")
     unet = {"_class_name": "UNet2DModel", **convert.unet2d_config(ddpm.make_config("tiny"))}
