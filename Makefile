@@ -31,7 +31,7 @@ mutants: install
 # sample again through ONNX Runtime, all under runs/demo/. About 7 to 9 minutes on 2 cores with bf16
 # units (AVX512-BF16 or AMX; elsewhere it trains in fp32, about 1.5x longer).
 # The recipe departs from Ho et al. where it measurably draws cleaner shapes in this budget
-# (README, "The main job"): class labels with guidance, v-prediction, cosine betas, min-SNR-5,
+# (docs/demo.md): class labels with guidance, v-prediction, cosine betas, min-SNR-5,
 # cosine learning rate, bf16. DEMO_GUIDANCE=0 draws from the same model unconditionally.
 DEMO_GUIDANCE := 3
 demo: install

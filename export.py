@@ -97,7 +97,7 @@ class Denoiser(nn.Module):
 
 
 def half_precision(unet):
-    """A float16 copy of the U-Net with every GroupNorm kept in float32 (measured: see README)."""
+    """A float16 copy of the U-Net with every GroupNorm kept in float32 (measured: see docs/onnx.md)."""
     unet = unet.half()
     for module in list(unet.modules()):
         for name, child in module.named_children():

@@ -1,6 +1,6 @@
 """Solver error, not speed: how far each sampler's x_0 lands from the probability-flow ODE's.
 
-  python bench/solver_error.py --ckpt runs/demo/ckpt.pt            # the table for the README
+  python bench/solver_error.py --ckpt runs/demo/ckpt.pt            # the table in docs/performance.md
   python bench/solver_error.py --ckpt ckpt.pt --onnx ddpm_int8.onnx  # also an exported model's cost
 
 From the same x_T, a trained model's probability-flow ODE solution is approximated by DDIM with

@@ -17,7 +17,7 @@ from PIL import Image
 import evaluate
 from conftest import ROOT, run_script
 
-# Measured on the Makefile's recipe (README, "The main job" and "Conditional generation"): clean
+# Measured on the Makefile's recipe (docs/demo.md and docs/guidance.md): clean
 # shapes 100% / 100% of 40 cells at guidance 3, class accuracy 100% (PyTorch / ONNX Runtime);
 # class accuracy 15% / 12% at guidance 0, and 82% with classifier guidance of scale 10.
 DEMO_FLOOR = 0.8  # clean shapes, each grid
