@@ -14,6 +14,7 @@ it imports nothing of this project. Each number is computed here once:
 Time convention, as in ddpm.py: t is 0-indexed, t = 0 .. T-1; the code's t=0 is the paper's t=1.
 """
 
+import contextlib
 import math
 import os
 import sys
@@ -462,12 +463,20 @@ def check_writable_folder(folder, flag):
     """Create the folder and a file in it, as the real write will; a sentence if that fails."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ValueError(f"{flag}: cannot write in '{folder}', which is a file, not a folder")
+    created, parent = [], os.path.abspath(folder)  # made for the test, removed after it: a run
+    while not os.path.exists(parent):             # that fails later leaves no empty folders
+        created.append(parent)
+        parent = os.path.dirname(parent)
     try:
         os.makedirs(folder, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
             pass
     except OSError as e:
         raise ValueError(f"{flag}: cannot write in '{folder}' ({e.strerror or e})") from None
+    finally:
+        for made in created:
+            with contextlib.suppress(OSError):
+                os.rmdir(made)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -205,6 +205,10 @@ def load_dataset(cfg, split="train", labelled=False):
     if cfg.data in DOWNLOADS:
         import torchvision
         url, filename = DOWNLOADS[cfg.data]
+        created, folder = [], os.path.abspath(cfg.data_dir)  # the folders a download would create
+        while not os.path.exists(folder):
+            created.append(folder)
+            folder = os.path.dirname(folder)
         try:
             with contextlib.redirect_stdout(sys.stderr):
                 if cfg.data == "cifar10":
@@ -216,6 +220,9 @@ def load_dataset(cfg, split="train", labelled=False):
                         "train" if labelled else "train+unlabeled",
                         download=True)
         except Exception as e:
+            for folder in created:  # a failed download leaves no empty folders behind
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)  # only if empty
             raise ValueError(
                 f"{cfg.data} is not in '{cfg.data_dir}' and could not be downloaded "
                 f"({type(e).__name__}: {str(e)[:120]}). Download {url} and put the file at "

@@ -407,6 +407,25 @@ def train_shapes_classifier(n=20_000, steps=600, seed=1):
     return model, float(accuracy)
 
 
+def shapes_judge(cache_dir, n=20_000, steps=600, seed=1):
+    """The judge's classifier, trained once and kept in cache_dir (weights only, keyed by how it
+    was trained); a cache that is missing, unreadable or of other settings is trained again."""
+    path = os.path.join(cache_dir, f"shapes_judge-{n}-{steps}-{seed}.pt")
+    model = ShapesClassifier()
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.net.load_state_dict(state["weights"])
+        return model, float(state["accuracy"])
+    except Exception:  # no cache yet, or one that cannot serve: train (about 30 s)
+        pass
+    model, accuracy = train_shapes_classifier(n, steps, seed)
+    try:
+        core.write_atomically(path, lambda tmp: torch.save({"weights": model.net.state_dict(), "accuracy": accuracy}, tmp))
+    except OSError as e:
+        core.warn(f"cannot keep the judge in '{cache_dir}' ({e.strerror or e}); it is trained again next time")
+    return model, accuracy
+
+
 def split_grid(path, cell, pad=2):
     """The cells of a grid written by save_grid, as (N, cell, cell, C) uint8."""
     with Image.open(path) as img:
@@ -546,7 +565,7 @@ def shapes_command(args):
         raise ValueError(f"'{args.images}' is neither a grid picture nor a folder of images")
     if args.json:  # before the half minute of training
         core.check_output_path(args.json, (".json",), "--json")
-    classifier, accuracy = train_shapes_classifier()
+    classifier, accuracy = shapes_judge(args.cache_dir)
     verdict = judge_shapes(images, classifier)
     print(f"judge: classifier accuracy on fresh shapes {accuracy:.3f}")
     for name, ok in verdict.items():
@@ -619,6 +638,8 @@ def main(argv=None):
     s = sub.add_parser("shapes", help="judge samples of the built-in shapes: one clean shape per image?")
     s.add_argument("images", help="a grid picture (as sample writes) or a folder of images")
     s.add_argument("--cell", type=int, default=32, help="image size inside a grid (default: 32)")
+    s.add_argument("--cache-dir", default=os.path.join("data", "judge"),
+                   help="where the judge's classifier is kept after its first training (default: data/judge)")
     s.add_argument("--json", default=None, help="also write the scores here (default: none)")
     s.add_argument("--class", dest="classes", default=None, metavar="K",
                    help="the classes the images were sampled for, as sample's --class (all: a grid row "

@@ -200,3 +200,20 @@ def test_grid_cells_are_read_back(tmp_path):
     cells = evaluate.split_grid(str(tmp_path / "g.png"), 32)
     assert np.array_equal(cells, images)  # 7 of a 3x3 grid: the empty cells are left out
     refusal(evaluate.main, ["shapes", tmp_path / "g.png", "--cell", 30], "not a grid of 30x30")
+
+
+def test_the_judge_is_trained_once_and_kept(tmp_path, monkeypatch):
+    """evaluate.py shapes keeps the judge's classifier (weights only) and reuses it; a broken cache
+    is trained again. Small settings here, so the training is quick."""
+    import evaluate
+    calls = []
+    real = evaluate.train_shapes_classifier
+    monkeypatch.setattr(evaluate, "train_shapes_classifier", lambda *a: calls.append(a) or real(*a))
+    first, acc1 = evaluate.shapes_judge(str(tmp_path), n=512, steps=20, seed=3)
+    second, acc2 = evaluate.shapes_judge(str(tmp_path), n=512, steps=20, seed=3)
+    assert len(calls) == 1 and acc1 == acc2
+    x = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    assert np.array_equal(first(x), second(x))  # the same classifier, read back
+    (tmp_path / "shapes_judge-512-20-3.pt").write_bytes(b"not a checkpoint")
+    evaluate.shapes_judge(str(tmp_path), n=512, steps=20, seed=3)
+    assert len(calls) == 2  # trained again

@@ -258,7 +258,7 @@ def test_outputs_that_cannot_be_written_fail_before_any_work(tmp_path, monkeypat
     refusal(ddpm.main, flags + ["--ckpt", tmp_path], "is a folder")
     monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda path: type("U", (), {"free": 10 << 20})())
     refusal(ddpm.main, flags + ["--ckpt", tmp_path / "c.pt", "--out", tmp_path / "run"], "only 10 MB free")
-    assert sorted(os.listdir(tmp_path)) == ["a_file", "run"]
+    assert sorted(os.listdir(tmp_path)) == ["a_file"]  # a refused run leaves no folder behind
 
 
 def test_grad_clip_zero_means_no_clipping(tmp_path):
@@ -555,8 +555,9 @@ def test_cifar10_not_downloadable_says_where_to_put_it(tmp_path, monkeypatch):
         monkeypatch.setenv(name, "http://127.0.0.1:9")
     monkeypatch.chdir(tmp_path)
     with contextlib.redirect_stdout(io.StringIO()):
-        refusal(ddpm.main, ["train", "--data", "cifar10", "--data-dir", "dl"], "could not be downloaded",
-                "cifar-10-python.tar.gz", os.path.join("dl", "cifar-10-python.tar.gz"))
+        refusal(ddpm.main, ["train", "--data", "cifar10", "--data-dir", "dl/nested"], "could not be downloaded",
+                "cifar-10-python.tar.gz", os.path.join("dl", "nested", "cifar-10-python.tar.gz"))
+    assert not (tmp_path / "dl").exists() and not (tmp_path / "runs").exists()  # no empty folders left behind
 
 
 def test_steps_inside_the_warmup_warn(tmp_path, capsys):
