@@ -196,8 +196,10 @@ def reference_statistics(ref, inception, stats_dir, data_dir):
         return load_statistics(ref)
     if ref in REFERENCES:
         key = ref
-    else:  # a folder, named by its path
-        key = f"{os.path.basename(os.path.normpath(ref))}-{hashlib.sha1(os.path.abspath(ref).encode()).hexdigest()[:8]}"
+    else:  # a folder, keyed by its path and its files (names, sizes, times): a changed folder is new
+        listing = "".join(f"{f}:{os.path.getsize(f)}:{os.path.getmtime(f)};" for f in image_files(ref))
+        key = (f"{os.path.basename(os.path.normpath(ref))}-"
+               f"{hashlib.sha1((os.path.abspath(ref) + listing).encode()).hexdigest()[:12]}")
     cache = os.path.join(stats_dir, f"{key}-inception.npz")
     if os.path.isfile(cache):
         core.say(f"reference: {ref}, statistics cached in {cache}")
@@ -241,12 +243,36 @@ def load_statistics(path):
     return stats
 
 
-def sample_to_folder(folder, n, batch, make_batch):
+def file_digest(path):
+    """sha256 of a file's bytes: what a set of samples was made from."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sample_to_folder(folder, n, batch, make_batch, made_from=None):
     """n samples as numbered PNGs in folder, made batch by batch by make_batch(start, size) ->
     (size, H, W, C) uint8, which must depend on start alone (a fixed seed per batch): an
-    interrupted run finds the PNGs already there and continues, with the same images."""
+    interrupted run finds the PNGs already there and continues, with the same images. made_from
+    (the model's digest and the settings) is kept in the folder's source.json: samples made
+    from anything else are never reused."""
     from tqdm import tqdm
     core.check_writable_folder(folder, "--samples")
+    source = os.path.join(folder, "source.json")
+    existing = os.path.isdir(folder) and any(f.lower().endswith(IMAGE_FILES) for f in os.listdir(folder))
+    if made_from is not None and existing:
+        try:
+            with open(source) as f:
+                recorded = json.load(f)
+        except (OSError, ValueError):
+            recorded = None
+        if recorded != made_from:
+            raise ValueError(f"'{folder}' holds samples of another model or other settings (its source.json "
+                             "says what they were made from); pass another --samples folder, or empty it")
+    if made_from is not None:
+        core.write_text(source, json.dumps(made_from, indent=1))
     done = 0
     while done < n and os.path.isfile(os.path.join(folder, f"{done:05d}.png")):
         done += 1
@@ -265,38 +291,61 @@ def sample_to_folder(folder, n, batch, make_batch):
     return [os.path.join(folder, f"{k:05d}.png") for k in range(n)]
 
 
-def torch_batches(ckpt, sampler, steps, eta, seed, device, spacing=None):
-    """make_batch for sample_to_folder from a checkpoint (EMA weights), on `device`."""
+def sample_labels(classes, names, source):
+    """The classes of a conditional model's samples, cycled through (class-balanced, as papers
+    sample), from --class's text; None (unconditional) without --class."""
+    if classes is None:
+        if names:
+            core.warn(f"'{source}' is class-conditional and no --class was given: sampled unconditionally "
+                      "(the 'no label' model); --class all samples every class in turn", "note")
+        return None
+    if not names:
+        raise ValueError(f"--class: '{source}' is an unconditional model (trained without --cond)")
+    return core.parse_classes(classes, names)
+
+
+def torch_batches(ckpt, sampler, steps, eta, seed, device, spacing=None, classes=None, guidance=3.0):
+    """make_batch for sample_to_folder from a checkpoint (EMA weights), on `device`; with
+    classes, image i is of class classes[i % len(classes)], guided with scale `guidance`."""
     device = distributed.pick_device(device)
     model, cfg = ddpm.load_checkpoint(ckpt)
     model.to(device)
     core.check_sampler(sampler, steps, eta, cfg.T, spacing or core.default_spacing(sampler))
     diffusion = ddpm.GaussianDiffusion.from_config(cfg)
+    labels = sample_labels(classes, cfg.class_names, ckpt)
 
     def make_batch(start, size):
         g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + start)
         x_T = torch.randn(size, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g, device=device)
+        y = None if labels is None else torch.tensor([labels[(start + k) % len(labels)] for k in range(size)])
         x0 = ddpm.sample_loop(model, diffusion, x_T, sampler=sampler, num_steps=steps, eta=eta, generator=g,
-                             spacing=spacing)
-        return core.to_uint8(x0)
+                             spacing=spacing, y=y, guidance_scale=guidance)
+        return core.to_uint8(x0, source=ckpt)
     return make_batch
 
 
-def onnx_batches(path, sampler, steps, eta, seed, provider, batch, spacing=None):
+def onnx_batches(path, sampler, steps, eta, seed, provider, batch, spacing=None, classes=None, guidance=3.0):
     """make_batch for sample_to_folder from an exported model, through ONNX Runtime (each step's
-    noise from numpy, seeded per batch as torch_batches seeds x_T)."""
+    noise from numpy, seeded per batch as torch_batches seeds x_T); classes as torch_batches."""
     import sample_ort
     denoiser, step, meta, device = sample_ort.open_sessions(path, provider, multistep=sampler == "dpm++")
+    labels = sample_labels(classes, meta["class_names"], path)
+    guided = labels is not None and guidance not in (0, 1)  # else one branch is enough
+    if guided:
+        step = sample_ort.open_sessions(path, provider, guided=True, multistep=sampler == "dpm++")[1]
     timesteps, coefs = sample_ort.step_table(meta["betas"], sampler, steps, eta, meta["var_type"], spacing)
     C, S = meta["in_channels"], meta["image_size"]
     runners = {}
 
     def make_batch(start, size):
         rng = np.random.default_rng([seed, start])
-        runner = runners.setdefault(size, sample_ort.Sampler(denoiser, step, (size, C, S, S), device))
+        runner = runners.setdefault(size, sample_ort.Sampler(denoiser, step, (size, C, S, S), device, meta["num_classes"],
+                                                             guidance if guided else None, clip_x0=meta["clip_x0"]))
+        if labels is not None and guidance != 0:  # guidance 0: the unconditional model
+            runner.set_labels([labels[(start + k) % len(labels)] for k in range(size)])
         x_T = rng.standard_normal((size, C, S, S), dtype=np.float32)
         x0 = runner.run(x_T, timesteps, coefs, lambda k, shape: rng.standard_normal(shape, dtype=np.float32))
-        return core.to_uint8(x0)
+        return core.to_uint8(x0, source=path)
     return make_batch
 
 
@@ -517,19 +566,24 @@ def fid_command(args):
     if args.json:
         core.check_output_path(args.json, (".json",), "--json")
     result, make_batch = {}, None
+    if not (math.isfinite(args.guidance) and args.guidance >= 0):
+        raise ValueError(f"--guidance {args.guidance}: use a number >= 0 (0: unconditional, 1: conditional)")
     if args.ckpt:  # the model is read first: a sentence about it comes before any download
         make_batch = torch_batches(args.ckpt, args.sampler, args.steps, args.eta, args.seed, args.device,
-                                   args.spacing)
+                                   args.spacing, args.classes, args.guidance)
     elif args.onnx:
         make_batch = onnx_batches(args.onnx, args.sampler, args.steps, args.eta, args.seed,
-                                  args.provider, args.batch, args.spacing)
+                                  args.provider, args.batch, args.spacing, args.classes, args.guidance)
     inception = Inception(args.inception_weights, distributed.pick_device(args.device))
     if sampling:
         name = os.path.splitext(os.path.basename(args.ckpt or args.onnx))[0]
         spacing = args.spacing or core.default_spacing(args.sampler)
         spaced = "" if spacing == "leading" else f"-{spacing}"
         folder = args.samples or os.path.join("runs", "eval", f"{name}-{args.sampler}-{args.steps or 'T'}{spaced}")
-        files = sample_to_folder(folder, args.n, args.batch, make_batch)
+        made_from = {"model": file_digest(args.ckpt or args.onnx), "sampler": args.sampler, "steps": args.steps,
+                     "eta": args.eta, "spacing": spacing, "seed": args.seed, "class": args.classes,
+                     "guidance": args.guidance if args.classes else None}
+        files = sample_to_folder(folder, args.n, args.batch, make_batch, made_from)
         result["samples"] = folder
     else:
         files = image_files(sets[0])
@@ -608,6 +662,11 @@ def main(argv=None):
                    help="the t's of a respaced chain, as for sampling (default: trailing for dpm++, "
                         "leading otherwise)")
     p.add_argument("--seed", type=int, default=0, help="seed of the samples (default: 0)")
+    p.add_argument("--class", dest="classes", default=None, metavar="K",
+                   help="a conditional model's classes, sampled in turn: all, names or indices (default: "
+                        "none, unconditional)")
+    p.add_argument("--guidance", type=float, default=3.0,
+                   help="classifier-free guidance scale with --class (default: 3)")
     p.add_argument("--samples", default=None,
                    help="folder for the samples, resumable (default: runs/eval/<model>-<sampler>-<steps>)")
     p.add_argument("--stats-dir", default=os.path.join("data", "fid_stats"),

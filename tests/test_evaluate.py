@@ -217,3 +217,43 @@ def test_the_judge_is_trained_once_and_kept(tmp_path, monkeypatch):
     (tmp_path / "shapes_judge-512-20-3.pt").write_bytes(b"not a checkpoint")
     evaluate.shapes_judge(str(tmp_path), n=512, steps=20, seed=3)
     assert len(calls) == 2  # trained again
+
+
+def test_fid_of_a_conditional_model_samples_the_classes_asked_for(setup, tmp_path, capsys):
+    """--class and --guidance as sampling takes them, through PyTorch and ONNX Runtime; without
+    --class a note says the samples are unconditional."""
+    d = setup
+    cfg = ddpm.make_config("tiny", image_size=16, cond=True, num_classes=len(data.SHAPE_CLASSES),
+                           class_names=data.SHAPE_CLASSES)
+    torch.manual_seed(1)
+    checkpoints.save_checkpoint(tmp_path / "cond.pt", checkpoints.checkpoint_state(cfg, ddpm.UNet(cfg)))
+    export.export(str(tmp_path / "cond.pt"), str(tmp_path / "cond.onnx"))
+    common = ["--n", 4, "--batch", 2, "--sampler", "ddim", "--steps", 2, "--ref", d / "ref", "--device", "cpu",
+              "--provider", "cpu"]
+    results = {}
+    for name, source, extra in (("ckpt", ["--ckpt", tmp_path / "cond.pt"], ["--class", "all", "--guidance", 3]),
+                                ("onnx", ["--onnx", tmp_path / "cond.onnx"], ["--class", "circle,star"]),
+                                ("none", ["--ckpt", tmp_path / "cond.pt"], [])):
+        evaluate.main([str(a) for a in fid_args(d, *source, *common, *extra, "--samples", tmp_path / name,
+                                                 "--json", tmp_path / f"{name}.json")])
+        results[name] = json.load(open(tmp_path / f"{name}.json"))["fid"]
+        assert json.load(open(tmp_path / name / "source.json"))["class"] == (extra[1] if extra else None)
+    assert "sampled unconditionally" in capsys.readouterr().err
+    print(f"FID of 4 samples: --class all {results['ckpt']:.1f}, ONNX circle,star {results['onnx']:.1f}, "
+          f"unconditional {results['none']:.1f}")
+    assert len(set(results.values())) == 3  # three different sets of samples
+
+
+def test_samples_and_statistics_of_something_else_are_never_reused(setup, tmp_path):
+    d = setup
+    common = ["--ckpt", d / "ckpt.pt", "--n", 4, "--batch", 2, "--sampler", "ddim", "--steps", 2,
+              "--samples", tmp_path / "s", "--device", "cpu", "--stats-dir", tmp_path / "stats"]
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    for f in sorted(os.listdir(d / "ref"))[:6]:
+        (ref / f).write_bytes((d / "ref" / f).read_bytes())
+    evaluate.main([str(a) for a in fid_args(d, *common, "--ref", ref)])
+    refusal(evaluate.main, fid_args(d, *common, "--ref", ref, "--seed", 1), "holds samples of another model")
+    (ref / "extra.png").write_bytes((d / "ref" / sorted(os.listdir(d / "ref"))[7]).read_bytes())
+    evaluate.main([str(a) for a in fid_args(d, *common, "--ref", ref)])
+    assert len(os.listdir(tmp_path / "stats")) == 2  # the changed folder's statistics, computed anew
