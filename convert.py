@@ -79,11 +79,14 @@ def model_config(d, path="config.json", class_names=None):
     al.'s; and whether it outputs 2C channels (learned variances). A class-conditional model's
     classes are named by class_names (default: their indices)."""
     try:
-        channels, size = list(d["block_out_channels"]), int(d["sample_size"])
-        down, up = list(d["down_block_types"]), list(d["up_block_types"])
-        layers = int(d["layers_per_block"])
-    except (KeyError, TypeError, ValueError) as e:
+        channels, down, up = list(d["block_out_channels"]), list(d["down_block_types"]), list(d["up_block_types"])
+        size, layers = typed(d, "sample_size", int, None, path), typed(d, "layers_per_block", int, None, path)
+    except (KeyError, TypeError) as e:
         raise ValueError(f"'{path}' is not a UNet2DModel config ({type(e).__name__}: {e})") from None
+    if not channels or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in channels):
+        raise ValueError(f"'{path}': block_out_channels {channels} must be a list of positive whole numbers")
+    if not 1 <= size <= 4096 or not 1 <= layers <= 64:
+        raise ValueError(f"'{path}': sample_size {size} (1 to 4096) or layers_per_block {layers} (1 to 64) is out of range")
     wrong = [f"{k}={d.get(k)!r} (Ho et al.: {v!r})" for k, v in HO_LAYOUT.items() if d.get(k, v) != v]
     ch = channels[0]
     attn = tuple(size // 2 ** k for k, kind in enumerate(down) if kind == "AttnDownBlock2D")
@@ -107,18 +110,33 @@ def model_config(d, path="config.json", class_names=None):
         raise ValueError("this UNet2DModel is not Ho et al.'s layout: " + "; ".join(wrong))
     return dict(image_size=size, in_channels=in_channels, ch=ch,
                 ch_mult=tuple(c // ch for c in channels), num_res_blocks=layers,
-                attn_resolutions=attn, dropout=d.get("dropout", 0.1) or 0.1,
-                norm_groups=int(d.get("norm_num_groups", 32)), num_classes=num_classes,
+                attn_resolutions=attn, dropout=typed(d, "dropout", float, 0.1, path),
+                norm_groups=typed(d, "norm_num_groups", int, 32, path), num_classes=num_classes,
                 class_names=names if num_classes else (), cond=num_classes > 0), \
         d.get("out_channels", 3) == 2 * in_channels
 
 
+def typed(d, key, kind, default, path):
+    """d[key] (or the default) if it has the JSON type kind (int, float, bool, str), else a ValueError:
+    a string where a number or a boolean belongs is never read as one ("false" would be true)."""
+    value = d.get(key, default)
+    ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if not ok:
+        what = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}[kind]
+        raise ValueError(f"'{path}': {key} is {value!r}, not {what}")
+    return value
+
+
 def schedule_config(sched, path):
     """Our diffusion settings from a scheduler_config.json; ValueError if its betas are not ours."""
-    T = int(sched.get("num_train_timesteps", 1000))
+    T = typed(sched, "num_train_timesteps", int, 1000, path)
+    if not 2 <= T <= 100_000:
+        raise ValueError(f"'{path}': num_train_timesteps {T} (a diffusion needs 2 to 100,000 steps)")
     kind = {"linear": "linear", "squaredcos_cap_v2": "cosine"}.get(sched.get("beta_schedule", "linear"))
     if kind == "linear":  # ours scales 1e-4..0.02 by 1000/T; diffusers takes beta_start/end as given
-        ends = (sched.get("beta_start", 1e-4), sched.get("beta_end", 0.02))
+        ends = (typed(sched, "beta_start", float, 1e-4, path), typed(sched, "beta_end", float, 0.02, path))
         if not all(math.isclose(a, b * 1000 / T) for a, b in zip(ends, (1e-4, 0.02))):
             kind = None
     if kind is None:
@@ -131,7 +149,7 @@ def schedule_config(sched, path):
     if prediction is None:
         raise ValueError(f"scheduler '{path}': prediction_type {sched['prediction_type']} is not one of "
                          f"{', '.join(PREDICTION_TYPES.values())}")
-    return dict(var_type=var_type, clip_x0=bool(sched.get("clip_sample", True)), T=T, schedule=kind,
+    return dict(var_type=var_type, clip_x0=typed(sched, "clip_sample", bool, True, path), T=T, schedule=kind,
                 prediction=prediction)
 
 
@@ -204,7 +222,7 @@ def read_json(path, names=False):
     try:
         with open(path) as f:
             d = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ValueError(f"'{path}' cannot be read as JSON ({type(e).__name__})") from None
     if names and not (isinstance(d, list) and all(isinstance(n, str) for n in d)):
         raise ValueError(f"'{path}' must be a JSON list of class names")

@@ -117,3 +117,39 @@ def test_help_gives_every_flag_a_default():
     assert len(entries) == 5
     for entry in entries:
         assert "default" in entry, entry
+
+
+@pytest.mark.parametrize("where,change,fragment", [
+    ("unet", {"sample_size": 2 ** 30}, "sample_size"),
+    ("unet", {"sample_size": "32"}, "not a whole number"),
+    ("unet", {"block_out_channels": []}, "block_out_channels"),
+    ("unet", {"block_out_channels": [0, 0]}, "block_out_channels"),
+    ("unet", {"layers_per_block": "two"}, "layers_per_block"),
+    ("unet", {"dropout": "0.1"}, "dropout"),
+    ("scheduler", {"clip_sample": "false"}, "clip_sample"),
+    ("scheduler", {"num_train_timesteps": 0}, "num_train_timesteps"),
+    ("scheduler", {"beta_start": "1e-4"}, "beta_start"),
+])
+def test_malformed_diffusers_configs_are_sentences(tiny_ckpt, tmp_path, where, change, fragment):
+    with contextlib.redirect_stdout(io.StringIO()):
+        convert.to_diffusers(str(tiny_ckpt), str(tmp_path / "d"))
+    path = tmp_path / "d" / where / ("config.json" if where == "unet" else "scheduler_config.json")
+    path.write_text(json.dumps({**json.load(open(path)), **change}))
+    refusal(convert.main, ["--from-diffusers", tmp_path / "d", "-o", tmp_path / "x.pt"], fragment)
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_a_json_nested_deeper_than_python_recurses_is_a_sentence(tiny_ckpt, tmp_path):
+    with contextlib.redirect_stdout(io.StringIO()):
+        convert.to_diffusers(str(tiny_ckpt), str(tmp_path / "d"))
+    (tmp_path / "d" / "unet" / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    refusal(convert.main, ["--from-diffusers", tmp_path / "d", "-o", tmp_path / "x.pt"], "cannot be read as JSON")
+
+
+def test_dropout_survives_the_round_trip(tmp_path):
+    cfg = ddpm.make_config("tiny", image_size=16, dropout=0.0)
+    checkpoints.save_checkpoint(tmp_path / "m.pt", checkpoints.checkpoint_state(cfg, ddpm.UNet(cfg)))
+    with contextlib.redirect_stdout(io.StringIO()):
+        convert.to_diffusers(str(tmp_path / "m.pt"), str(tmp_path / "d"))
+        back = convert.from_diffusers(str(tmp_path / "d"), str(tmp_path / "back.pt"))
+    assert back.dropout == 0.0
