@@ -91,6 +91,13 @@ def check_run_files(cfg, resume, overwrite):
     """Before any work: the checkpoint and run directory can be written, and nothing a previous
     run left there is clobbered unless --resume continues it or --overwrite replaces it."""
     log = os.path.join(cfg.run_dir, "metrics.jsonl")
+    if cfg.run_dir.lower().endswith(CHECKPOINT_EXTENSIONS):
+        raise ValueError(f"--out '{cfg.run_dir}' names the run directory, a folder for the log and pictures; "
+                         "the checkpoint file is --ckpt")
+    run_dir, data_dir = os.path.realpath(cfg.run_dir), os.path.realpath(cfg.data)
+    if os.path.isdir(cfg.data) and os.path.commonpath([run_dir, data_dir]) == data_dir:
+        raise ValueError(f"--out '{cfg.run_dir}' is inside the data folder '{cfg.data}': the run's pictures "
+                         "would become training images. Pick a run directory outside it")
     exists = os.path.exists(cfg.ckpt) and not os.path.isdir(cfg.ckpt)
     continuing = resume is not None and exists and os.path.samefile(resume, cfg.ckpt)
     if exists and not (overwrite or continuing):

@@ -1101,12 +1101,11 @@ def sample(ckpt, *, n=64, num_steps=None, sampler="ddpm", eta=0.0, seed=0, out="
     dtype = sampling_dtype(amp, device)
     model, cfg = load_checkpoint(ckpt, ema=ema)
     core.check_sampler(sampler, num_steps, eta, cfg.T, spacing)
-    clf, names = None, cfg.class_names
+    clf, names, labels, nrow = None, cfg.class_names, None, None
     if classifier is not None:
         clf, clf_cfg = load_classifier(classifier, cfg)
         clf.to(device)
         names = clf_cfg.class_names
-    labels, nrow = None, None
     if classes is not None:
         if not names:
             raise ValueError(f"--class: '{ckpt}' is unconditional (trained without --cond); pass "
@@ -1133,8 +1132,7 @@ def sample(ckpt, *, n=64, num_steps=None, sampler="ddpm", eta=0.0, seed=0, out="
                              guidance_scale=guidance_scale, classifier=clf, classifier_scale=classifier_scale)
         process.done = True  # the pictures show the first batch
         images.append(core.to_uint8(x0, source=ckpt))
-    elapsed = time.time() - t0
-    written = core.write_samples(np.concatenate(images), out, nrow, outdir, process, min(batch, n))
+    elapsed, written = time.time() - t0, core.write_samples(np.concatenate(images), out, nrow, outdir, process, min(batch, n))
     guided = ""
     if labels is not None:
         shown_classes = ", ".join(names[c] for c in dict.fromkeys(labels.tolist()))
@@ -1179,9 +1177,8 @@ def main(argv=None):
 
     for command, text in (("train", "train a model (Algorithm 1)"),
                           ("train-classifier", "train a noisy classifier p(y | x_t, t) for classifier "
-                                               "guidance (the flags of train; --cond, --prediction and "
-                                               "the sampling flags have no effect)")):
-        flags.add_train_flags(sub.add_parser(command, help=text), Config, PRESETS)
+                                               "guidance (the flags of train that a classifier uses)")):
+        flags.add_train_flags(sub.add_parser(command, help=text), Config, PRESETS, classifier=command != "train")
     flags.add_sample_flags(sub.add_parser("sample", help="sample images from a checkpoint (Algorithm 2)"))
 
     info_parser = sub.add_parser("info", help="config, parameter count and FLOPs of a model")
@@ -1194,7 +1191,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         if args.command in ("train", "train-classifier"):
-            given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
+            given = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(Config)
                      if f.name not in DERIVED_FIELDS}
             if args.command == "train-classifier":
                 if given["run_dir"] and given["run_dir"].lower().endswith(checkpoints.CHECKPOINT_EXTENSIONS) \
@@ -1235,7 +1232,9 @@ def main(argv=None):
         raise SystemExit(e.exit_code) from None
     except KeyboardInterrupt:
         raise SystemExit("\ninterrupted") from None
-    except RuntimeError as e:
+    except (RuntimeError, MemoryError) as e:
+        if distributed.out_of_memory(e):
+            raise SystemExit(f"error: {distributed.out_of_memory(e)}") from None
         if not (dist.is_initialized() and distributed.lost_a_peer(e)):
             raise
         raise SystemExit(f"rank {dist.get_rank()}: stopped, because another process of this "

@@ -39,6 +39,16 @@ def init(device, device_flag="auto"):
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def out_of_memory(e):
+    """A sentence if e says that memory ran out (MemoryError, torch's allocator, CUDA), else None."""
+    text = str(e)
+    if isinstance(e, MemoryError) or isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in text \
+            or "not enough memory" in text:
+        return ("out of memory: the sizes asked for do not fit (a smaller --n, --batch, --batch-size "
+                f"or --image-size will) ({type(e).__name__}: {text.splitlines()[0][:120] if text else ''})")
+    return None
+
+
 def lost_a_peer(e):
     """Whether a collective failed because another process of the job stopped (NCCL raises a
     DistError; gloo a RuntimeError that says so)."""

@@ -73,8 +73,7 @@ HELP = {
            "bf16: AVX512-BF16 or AMX), fp16 (CUDA, with a loss scaler) or none",
     "compile": "torch.compile the model",
     "seed": "seed of the data order, t, eps, flips and dropout",
-    "ckpt": "checkpoint file, written every --save-every steps and on Ctrl-C (train-classifier: "
-            "clf.pt)",
+    "ckpt": "checkpoint file, written every --save-every steps and on Ctrl-C",
     "run_dir": "run directory for metrics.jsonl, loss.png and sample grids (default: runs/<data>)",
     "save_every": "save the checkpoint every N steps; 0: only at the end and on a stop",
     "sample_every": "write a 64-image DDIM grid every N steps and at the end; 0: never",
@@ -123,8 +122,10 @@ def check_config(cfg):
                          "class names")
     if cfg.kind not in KINDS:
         raise ValueError(f"unknown kind '{cfg.kind}'; use {', '.join(KINDS)}")
-    if cfg.T < 2:
-        raise ValueError(f"T={cfg.T}: the diffusion needs at least 2 steps")
+    if not 2 <= cfg.T <= 100_000:
+        raise ValueError(f"T={cfg.T}: the diffusion needs 2 to 100,000 steps (Ho et al.: 1000)")
+    if cfg.image_size > 4096:
+        raise ValueError(f"--image-size {cfg.image_size}: at most 4096 pixels a side")
     if cfg.schedule == "linear" and cfg.T <= 20:  # beta_T = 0.02 * 1000 / T must stay below 1
         raise ValueError(f"T={cfg.T}: the linear schedule needs T > 20 (its beta_T = 20 / T reaches "
                          "1 at T = 20, and alpha-bar_T 0); use --schedule cosine")
@@ -167,16 +168,18 @@ CHOICES = {"schedule": list(core.SCHEDULES), "prediction": list(PREDICTIONS),
 AUTO_FIELDS = ("batch_size", "grad_accum")  # take "auto", stored as 0 until train() finds the number
 
 
-def add_config_flags(parser, config_class, presets):
+def add_config_flags(parser, config_class, presets, classifier=False):
     """One flag per field of the config dataclass (--batch-size for batch_size), but for the
-    derived ones; default None: the preset's value or the field's default."""
+    derived ones (and with classifier, those a classifier does not use); default None: the
+    preset's value or the field's default."""
     choices = {"preset": list(presets), **CHOICES}
+    helps = {**HELP, **CLASSIFIER_HELP} if classifier else HELP
     for f in dataclasses.fields(config_class):
-        if f.name in DERIVED_FIELDS:
+        if f.name in DERIVED_FIELDS or (classifier and f.name in NOT_FOR_CLASSIFIERS):
             continue
         flag = FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
         shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
-        text = HELP[f.name] if "default:" in HELP[f.name] else f"{HELP[f.name]} (default: {shown})"
+        text = helps[f.name] if "default:" in helps[f.name] else f"{helps[f.name]} (default: {shown})"
         text = text.replace("%", "%%")
         if f.type is bool or isinstance(f.default, bool):
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
@@ -208,9 +211,18 @@ def int_tuple(text):
         raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of integers") from None
 
 
-def add_train_flags(parser, config_class, presets):
-    """The flags of `train` and `train-classifier`: one per config field, --resume, --overwrite."""
-    add_config_flags(parser, config_class, presets)
+# What a noisy classifier does not use (it predicts the class, not eps, and draws no samples),
+# and the defaults `train-classifier` has instead of train's.
+NOT_FOR_CLASSIFIERS = ("cond", "p_uncond", "prediction", "var_type", "clip_x0", "min_snr", "sample_every")
+CLASSIFIER_HELP = {"ckpt": "checkpoint file, written every --save-every steps and on Ctrl-C; a file name "
+                           "ending in .pt given as --out names it too (default: clf.pt)",
+                   "run_dir": "run directory for metrics.jsonl and loss.png (default: runs/<data>-classifier)"}
+
+
+def add_train_flags(parser, config_class, presets, classifier=False):
+    """The flags of `train` (one per config field, --resume, --overwrite), or with classifier
+    those of `train-classifier`: the fields it uses, with its own defaults."""
+    add_config_flags(parser, config_class, presets, classifier)
     parser.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                         help="continue the run saved in PATH (default PATH: the --ckpt file); "
                              "flags given change its settings (default: start a new run)")

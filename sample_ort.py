@@ -473,6 +473,11 @@ def main(argv=None):
                classes=args.classes, guidance_scale=args.guidance, host_noise=args.host_noise)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    except (MemoryError, ort.capi.onnxruntime_pybind11_state.RuntimeException) as e:
+        if not isinstance(e, MemoryError) and "alloc" not in str(e).lower():
+            raise
+        raise SystemExit(f"error: out of memory: the sizes asked for do not fit (a smaller --n or --batch will) "
+                         f"({type(e).__name__})") from None
     except KeyboardInterrupt:
         raise SystemExit("\ninterrupted") from None
 

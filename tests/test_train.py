@@ -495,6 +495,8 @@ def small_ckpt(tmp_path_factory):
 
 
 TRAIN_MISTAKES = [
+    (["--data", ".", "--out", "runs_here"], "inside the data folder"),
+    (["--out", "run.pt"], "names the run directory"),
     (["--batch-size", "0"], "give a positive number, or auto"),
     (["--grad-accum", "-2"], "give a positive number, or auto"),
     (["--data", "cifar100"], "neither a built-in dataset"),
