@@ -537,9 +537,9 @@ def add_sampling_flags(parser):
                         help="class(es) to draw: a name or an index, a comma list, or all (a grid row "
                              "per class); needs a class-conditional model (trained with --cond), or in "
                              "ddpm.py a --classifier (default: none, unconditional)")
-    parser.add_argument("--guidance", type=float, default=3.0,
-                        help="classifier-free guidance scale s of a conditional model: 0 unconditional, "
-                             "1 plain conditional, > 1 follows the class more strictly (default: 3)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance scale s of a conditional model with --class: 0 "
+                             "unconditional, 1 plain conditional, > 1 follows the class more strictly (default: 3)")
 
 
 def check_sampling_request(n, batch, guidance, out, progress, outdir, inputs, seed=0):
@@ -552,7 +552,7 @@ def check_sampling_request(n, batch, guidance, out, progress, outdir, inputs, se
         raise ValueError(f"--seed {seed}: use a whole number from 0 to 2^63 - 1")
     if batch is not None and batch < 1:
         raise ValueError(f"--batch {batch}: use at least 1 image per batch")
-    if not (math.isfinite(guidance) and guidance >= 0):
+    if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
         raise ValueError(f"--guidance {guidance}: use a number >= 0 (0: unconditional, 1: conditional)")
     check_output_path(out, PICTURE_EXTENSIONS, "--out", inputs=inputs)
     progress = [progress] if isinstance(progress, str) else list(progress or ())
@@ -563,6 +563,14 @@ def check_sampling_request(n, batch, guidance, out, progress, outdir, inputs, se
     if outdir:
         check_writable_folder(outdir, "--outdir")
     return progress
+
+
+def guidance_scale(given, conditional, classes):
+    """--guidance's value (3 where not given), with a note where a given one changes nothing."""
+    if given is not None and (not conditional or classes is None):
+        warn("--guidance has no effect: " + ("the model is unconditional (trained without --cond)" if not conditional
+                                             else "without --class the samples are unconditional"), "note")
+    return 3.0 if given is None else given
 
 
 def write_samples(images, out, nrow=None, outdir=None, process=None, first_batch=None):

@@ -1088,7 +1088,7 @@ def load_classifier(path, cfg):
 
 def sample(ckpt, *, n=64, num_steps=None, sampler="ddpm", eta=0.0, seed=0, out="samples.png",
            outdir=None, ema=True, batch=None, device="auto", progress=(), spacing=None,
-           classes=None, guidance_scale=3.0, classifier=None, classifier_scale=1.0, amp="none"):
+           classes=None, guidance_scale=None, classifier=None, classifier_scale=1.0, amp="none"):
     """n images from the checkpoint's model into one grid (and one PNG each in outdir, and the
     reverse process of the first batch as a picture or animation in each path of progress).
     classes: --class's text (names or indices, a comma list, or all: a grid row per class),
@@ -1116,6 +1116,7 @@ def sample(ckpt, *, n=64, num_steps=None, sampler="ddpm", eta=0.0, seed=0, out="
         raise ValueError("--classifier guides towards the classes given by --class")
     model.to(device)
     diffusion = GaussianDiffusion.from_config(cfg)
+    guidance_scale = core.guidance_scale(guidance_scale, cfg.num_classes > 0, classes)
     g = torch.Generator(device=device).manual_seed(seed)
     batch = batch or n
     n_steps = num_steps or cfg.T

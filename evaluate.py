@@ -161,8 +161,8 @@ def read_images(files):
     for f in files:
         try:
             with Image.open(f) as img:
-                images.append(np.asarray(img.convert("RGB")))
-        except OSError as e:
+                images.append(np.asarray(data.to_8bit(img, 3)))  # 16-bit scaled, not clipped to white
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise ValueError(f"'{f}' cannot be read as an image ({e})") from None
         if images[-1].shape != images[0].shape:
             raise ValueError(f"'{f}' is {images[-1].shape[1]}x{images[-1].shape[0]}, the others "
@@ -477,11 +477,14 @@ def shapes_judge(cache_dir, n=20_000, steps=600, seed=1):
 
 def split_grid(path, cell, pad=2):
     """The cells of a grid written by save_grid, as (N, cell, cell, C) uint8."""
-    with Image.open(path) as img:
-        grid = np.asarray(img.convert("RGB"))
+    if cell < 1:
+        raise ValueError(f"--cell {cell}: give the image size inside the grid, in pixels")
+    grid = read_images([path])[0]
     rows, cols = (grid.shape[0] - pad) // (cell + pad), (grid.shape[1] - pad) // (cell + pad)
     if rows * (cell + pad) + pad != grid.shape[0] or cols * (cell + pad) + pad != grid.shape[1]:
         raise ValueError(f"'{path}' is not a grid of {cell}x{cell} images (pass --cell)")
+    if rows * cols == 0:
+        raise ValueError(f"'{path}' is smaller than one {cell}x{cell} cell (pass --cell)")
     cells = [grid[pad + r * (cell + pad):pad + r * (cell + pad) + cell, pad + q * (cell + pad):pad + q * (cell + pad) + cell]
              for r in range(rows) for q in range(cols)]
     return np.stack([c for c in cells if not (c == 255).all()])  # empty cells at the end are white

@@ -386,7 +386,7 @@ def step_table(betas, sampler="ddpm", num_steps=None, eta=0.0, var_type="fixed_l
 
 def sample(model, *, n=64, num_steps=None, sampler="ddpm", eta=0.0, seed=0, batch=None, provider="auto",
            cuda_graph=False, out="samples.png", outdir=None, progress=(), spacing=None,
-           classes=None, guidance_scale=3.0, host_noise=False):
+           classes=None, guidance_scale=None, host_noise=False):
     """n images from the exported model into one grid (and one PNG each in outdir, and the
     reverse process of the first batch as a picture or animation in each path of progress).
     classes: --class's text (names or indices, a comma list, or all: a grid row per class) for a
@@ -396,11 +396,13 @@ def sample(model, *, n=64, num_steps=None, sampler="ddpm", eta=0.0, seed=0, batc
     progress = core.check_sampling_request(n, batch, guidance_scale, out, progress, outdir, (model,), seed)
     if cuda_graph and provider == "cpu":
         raise ValueError("--cuda-graph captures CUDA work; it needs --provider cuda (or auto on a GPU)")
+    given, guidance_scale = guidance_scale, 3.0 if guidance_scale is None else guidance_scale
     guided = classes is not None and guidance_scale not in (0, 1)  # else one branch is enough
     graph_batch = min(batch or n, n)  # a CUDA graph's fixed batch; later batches are padded to it
     core.check_sampler(sampler, None, eta, 1, spacing)  # a sentence before any file is opened
     denoiser, step, meta, device = open_sessions(model, provider, cuda_graph, graph_batch, guided,
                                                  multistep=sampler == "dpm++")
+    core.guidance_scale(given, meta["num_classes"] > 0, classes)  # a note where it changes nothing
     if cuda_graph and device != "cuda":
         core.warn("--cuda-graph: CUDA is not usable here, so the steps run without CUDA graphs")
     labels, nrow = None, None

@@ -257,3 +257,18 @@ def test_samples_and_statistics_of_something_else_are_never_reused(setup, tmp_pa
     (ref / "extra.png").write_bytes((d / "ref" / sorted(os.listdir(d / "ref"))[7]).read_bytes())
     evaluate.main([str(a) for a in fid_args(d, *common, "--ref", ref)])
     assert len(os.listdir(tmp_path / "stats")) == 2  # the changed folder's statistics, computed anew
+
+
+def test_16_bit_pngs_are_read_as_training_reads_them(tmp_path):
+    Image.fromarray(np.full((8, 8), 200 * 257, np.uint16)).save(tmp_path / "deep.png")
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(tmp_path / "flat.png")
+    images = evaluate.read_images([tmp_path / "deep.png", tmp_path / "flat.png"])
+    assert images[0].max() == images[0].min() == 200 and np.array_equal(images[0], images[1])
+
+
+def test_unreadable_images_are_sentences(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.png").write_text("not an image")
+    for name in ("empty.png", "text.png"):
+        refusal(evaluate.main, ["shapes", tmp_path / name], "cannot be read")
+    refusal(evaluate.main, ["shapes", tmp_path / "text.png", "--cell", 0], "--cell")

@@ -525,6 +525,10 @@ def test_sampling_mistakes_of_both_scripts_are_sentences(exported, tmp_path):
     refusal(sample_ort.main, [*model, "--n", 1, "--cuda-graph", "--provider", "cpu", "--out", tmp_path / "s.png"],
             "needs --provider cuda")
     assert not os.path.exists(tmp_path / "s.png")
+    for script, source in (("sample_ort.py", model), ("ddpm.py", ["sample", *ckpt])):  # said, not silent
+        r = run_script(script, *source, "--n", 1, "--steps", 2, "--sampler", "ddim", "--guidance", 5,
+                       "--out", tmp_path / "g.png", *(["--provider", "cpu"] if script == "sample_ort.py" else []))
+        assert r.returncode == 0 and "--guidance has no effect: the model is unconditional" in r.stderr, r.stderr
 
 
 def test_help_gives_every_flag_a_default():
