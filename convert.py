@@ -308,7 +308,9 @@ def to_diffusers(ckpt, out, ema=True, overwrite=False):
     """Write a DDPMPipeline folder (model_index.json, unet/, scheduler/) from our checkpoint."""
     if os.path.isfile(out) or (os.path.isdir(out) and os.listdir(out) and not overwrite):
         raise ValueError(f"-o '{out}' exists and is not an empty folder; pick a new folder "
-                         "(or pass --overwrite to replace a folder)")
+                         "(or pass --overwrite to replace the pipeline files in it)")
+    if os.path.commonpath([os.path.realpath(out), os.path.realpath(ckpt)]) == os.path.realpath(out):
+        raise ValueError(f"-o '{out}' holds the input '{ckpt}'; write the pipeline to another folder")
     model, cfg = ddpm.load_checkpoint(ckpt, ema=ema)
     from safetensors.torch import save_file
     num_levels = len(cfg.ch_mult)
@@ -335,9 +337,15 @@ def to_diffusers(ckpt, out, ema=True, overwrite=False):
             with open(path, "w") as f:
                 json.dump(d, f, indent=2)
         save_file(theirs, os.path.join(tmp, "unet", WEIGHT_FILES[0]))
-        if os.path.isdir(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        if not os.path.isdir(out):
+            os.replace(tmp, out)
+        else:  # --overwrite: only the files this converter writes are replaced; nothing else is touched
+            written = [os.path.relpath(path, tmp) for path, _ in files] + [os.path.join("unet", WEIGHT_FILES[0])]
+            for name in written:
+                os.makedirs(os.path.dirname(os.path.join(out, name)), exist_ok=True)
+                os.replace(os.path.join(tmp, name), os.path.join(out, name))
+            if not cfg.num_classes and os.path.isfile(os.path.join(out, CLASS_NAMES_FILE)):
+                os.remove(os.path.join(out, CLASS_NAMES_FILE))  # an earlier conditional model's
     except OSError as e:
         raise ValueError(f"cannot write '{out}' ({e.strerror or e})") from None
     finally:

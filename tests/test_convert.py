@@ -153,3 +153,20 @@ def test_dropout_survives_the_round_trip(tmp_path):
         convert.to_diffusers(str(tmp_path / "m.pt"), str(tmp_path / "d"))
         back = convert.from_diffusers(str(tmp_path / "d"), str(tmp_path / "back.pt"))
     assert back.dropout == 0.0
+
+
+def test_overwrite_replaces_only_the_pipeline_files_and_never_the_input(tiny_ckpt, tmp_path):
+    """--overwrite into a folder that holds other files, or the input itself."""
+    out = tmp_path / "pipe"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "unet").mkdir()
+    (out / "unet" / "keep.bin").write_bytes(b"mine too")
+    with contextlib.redirect_stdout(io.StringIO()):
+        convert.main(["--to-diffusers", str(tiny_ckpt), "-o", str(out), "--overwrite"])
+    assert (out / "notes.txt").read_text() == "mine" and (out / "unet" / "keep.bin").read_bytes() == b"mine too"
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    inside = out / "model.pt"
+    inside.write_bytes(tiny_ckpt.read_bytes())
+    refusal(convert.main, ["--to-diffusers", inside, "-o", out, "--overwrite"], "holds the input")
+    assert inside.read_bytes() == tiny_ckpt.read_bytes()
