@@ -374,10 +374,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         if args.from_diffusers:
-            from_diffusers(args.from_diffusers, args.out or "ckpt.pt", args.overwrite)
+            from_diffusers(args.from_diffusers, out=args.out or "ckpt.pt", overwrite=args.overwrite)
         else:
             out = args.out or os.path.splitext(args.to_diffusers)[0] + "-diffusers"
-            to_diffusers(args.to_diffusers, out, not args.no_ema, args.overwrite)
+            to_diffusers(args.to_diffusers, out, ema=not args.no_ema, overwrite=args.overwrite)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     except KeyboardInterrupt:

@@ -536,8 +536,8 @@ def negative_log_likelihood(ckpt, data_name=None, data_dir="data", split="test",
 def nll_command(args):
     if args.json:
         core.check_output_path(args.json, (".json",), "--json")
-    r = negative_log_likelihood(args.ckpt, args.data, args.data_dir, args.split, args.n, args.batch,
-                                args.seed, args.device)
+    r = negative_log_likelihood(args.ckpt, data_name=args.data, data_dir=args.data_dir, split=args.split,
+                                n=args.n, batch=args.batch, seed=args.seed, device=args.device)
     print(f"{r['data']} {r['split']}, {r['n_images']} images, {r['var_type']}: "
           f"{r['bits_per_dim']:.4f} ± {r['bits_per_dim_stderr']:.4f} bits/dim (standard error)")
     print(f"  prior L_T {r['prior']:.6f}   decoder L_0 {r['decoder']:.4f}   "
@@ -572,11 +572,13 @@ def fid_command(args):
     if not (math.isfinite(args.guidance) and args.guidance >= 0):
         raise ValueError(f"--guidance {args.guidance}: use a number >= 0 (0: unconditional, 1: conditional)")
     if args.ckpt:  # the model is read first: a sentence about it comes before any download
-        make_batch = torch_batches(args.ckpt, args.sampler, args.steps, args.eta, args.seed, args.device,
-                                   args.spacing, args.classes, args.guidance)
+        make_batch = torch_batches(args.ckpt, sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
+                                   device=args.device, spacing=args.spacing, classes=args.classes,
+                                   guidance=args.guidance)
     elif args.onnx:
-        make_batch = onnx_batches(args.onnx, args.sampler, args.steps, args.eta, args.seed,
-                                  args.provider, args.batch, args.spacing, args.classes, args.guidance)
+        make_batch = onnx_batches(args.onnx, sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
+                                  provider=args.provider, batch=args.batch, spacing=args.spacing,
+                                  classes=args.classes, guidance=args.guidance)
     inception = Inception(args.inception_weights, distributed.pick_device(args.device))
     if sampling:
         name = os.path.splitext(os.path.basename(args.ckpt or args.onnx))[0]
