@@ -115,9 +115,8 @@ def check_free_space(path, num_params):
     where it cannot be written, instead of failing at the first save."""
     need = 4 * 4 * num_params + (64 << 20)  # float32 tensors, plus room for logs and grids
     folder = os.path.dirname(os.path.abspath(path))
-    while not os.path.isdir(folder):  # not made yet: the disk it will be made on
-        folder = os.path.dirname(folder)
-    free = shutil.disk_usage(folder).free
+    missing = core.missing_folders(folder)  # not made yet: the disk it will be made on
+    free = shutil.disk_usage(os.path.dirname(missing[-1]) if missing else folder).free
     if free < need:
         raise ValueError(f"only {free >> 20} MB free beside '{path}'; a checkpoint of this model "
                          f"needs about {need >> 20} MB. Free some space or choose another --ckpt")

@@ -459,24 +459,35 @@ def check_output_path(path, extensions, flag, overwrite=True, inputs=()):
     check_writable_folder(os.path.dirname(os.path.abspath(path)), flag)
 
 
+def missing_folders(folder):
+    """The folders that making `folder` would create, deepest first ([] if it exists)."""
+    missing, folder = [], os.path.abspath(folder)
+    while not os.path.exists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    return missing
+
+
+def remove_empty(folders):
+    """Remove each folder that is empty (deepest first, as missing_folders lists them)."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+
+
 def check_writable_folder(folder, flag):
     """Create the folder and a file in it, as the real write will; a sentence if that fails."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ValueError(f"{flag}: cannot write in '{folder}', which is a file, not a folder")
-    created, parent = [], os.path.abspath(folder)  # made for the test, removed after it: a run
-    while not os.path.exists(parent):             # that fails later leaves no empty folders
-        created.append(parent)
-        parent = os.path.dirname(parent)
-    try:
+    created = missing_folders(folder)  # made for the test and removed after it, so that a run
+    try:                                # refused later leaves no empty folders behind
         os.makedirs(folder, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
             pass
     except OSError as e:
         raise ValueError(f"{flag}: cannot write in '{folder}' ({e.strerror or e})") from None
     finally:
-        for made in created:
-            with contextlib.suppress(OSError):
-                os.rmdir(made)
+        remove_empty(created)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -565,12 +576,15 @@ def check_sampling_request(n, batch, guidance, out, progress, outdir, inputs, se
     return progress
 
 
+GUIDANCE = 3.0  # --guidance where it is not given
+
+
 def guidance_scale(given, conditional, classes):
-    """--guidance's value (3 where not given), with a note where a given one changes nothing."""
+    """--guidance's value (GUIDANCE where not given), with a note where a given one changes nothing."""
     if given is not None and (not conditional or classes is None):
         warn("--guidance has no effect: " + ("the model is unconditional (trained without --cond)" if not conditional
                                              else "without --class the samples are unconditional"), "note")
-    return 3.0 if given is None else given
+    return GUIDANCE if given is None else given
 
 
 def write_samples(images, out, nrow=None, outdir=None, process=None, first_batch=None):

@@ -205,10 +205,7 @@ def load_dataset(cfg, split="train", labelled=False):
     if cfg.data in DOWNLOADS:
         import torchvision
         url, filename = DOWNLOADS[cfg.data]
-        created, folder = [], os.path.abspath(cfg.data_dir)  # the folders a download would create
-        while not os.path.exists(folder):
-            created.append(folder)
-            folder = os.path.dirname(folder)
+        created = core.missing_folders(cfg.data_dir)  # the folders a download would create
         try:
             with contextlib.redirect_stdout(sys.stderr):
                 if cfg.data == "cifar10":
@@ -220,9 +217,7 @@ def load_dataset(cfg, split="train", labelled=False):
                         "train" if labelled else "train+unlabeled",
                         download=True)
         except Exception as e:
-            for folder in created:  # a failed download leaves no empty folders behind
-                with contextlib.suppress(OSError):
-                    os.rmdir(folder)  # only if empty
+            core.remove_empty(created)  # a failed download leaves no empty folders behind
             raise ValueError(
                 f"{cfg.data} is not in '{cfg.data_dir}' and could not be downloaded "
                 f"({type(e).__name__}: {str(e)[:120]}). Download {url} and put the file at "

@@ -923,11 +923,10 @@ def save_training_state(cfg, step, *, raw_model, ema, optimizer, scaler, diffusi
     """Save the run at `step`; returns the step now on disk. Only weights whose loss on x0 is
     finite are saved: a model that diverged in its last step (finite weights, NaN outputs) never
     replaces a good checkpoint. A periodic save that fails warns; the last one must work."""
+    i, noise = torch.full((x0.shape[0],), cfg.T // 2), torch.randn_like(x0)
     with torch.no_grad(), autocast(dtype, x0.device):
-        check = (diffusion.classifier_loss(raw_model, x0, torch.full((x0.shape[0],), cfg.T // 2),
-                                           torch.randn_like(x0), y.to(x0.device))
-                 if cfg.kind == "classifier" else
-                 diffusion.training_loss(raw_model, x0, torch.full((x0.shape[0],), cfg.T // 2), torch.randn_like(x0)))
+        check = (diffusion.classifier_loss(raw_model, x0, i, noise, y.to(x0.device)) if cfg.kind == "classifier"
+                 else diffusion.training_loss(raw_model, x0, i, noise))
     if not torch.isfinite(check):
         raise Diverged(f"the weights after step {step} give a loss of {check.item()}")
     state = checkpoints.checkpoint_state(cfg, raw_model, ema, step, optimizer, scaler)

@@ -328,11 +328,10 @@ def onnx_batches(path, sampler, steps, eta, seed, provider, batch, spacing=None,
     """make_batch for sample_to_folder from an exported model, through ONNX Runtime (each step's
     noise from numpy, seeded per batch as torch_batches seeds x_T); classes as torch_batches."""
     import sample_ort
-    denoiser, step, meta, device = sample_ort.open_sessions(path, provider, multistep=sampler == "dpm++")
+    guided = classes is not None and guidance not in (0, 1)  # else one branch is enough
+    denoiser, step, meta, device = sample_ort.open_sessions(path, provider, guided=guided,
+                                                            multistep=sampler == "dpm++")
     labels = sample_labels(classes, meta["class_names"], path)
-    guided = labels is not None and guidance not in (0, 1)  # else one branch is enough
-    if guided:
-        step = sample_ort.open_sessions(path, provider, guided=True, multistep=sampler == "dpm++")[1]
     timesteps, coefs = sample_ort.step_table(meta["betas"], sampler, steps, eta, meta["var_type"], spacing)
     C, S = meta["in_channels"], meta["image_size"]
     runners = {}

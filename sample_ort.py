@@ -266,7 +266,7 @@ class Sampler:
         self.denoiser, self.step, self.shape, self.clip_x0 = denoiser, step, shape, clip_x0
         learned = [o.name for o in denoiser.get_outputs()] == ["eps", "var_values"]
         self.multistep = "prev_x0" in {i.name for i in step.get_inputs()}
-        step_outputs = [o.name for o in step.get_outputs()]
+        output_names = [o.name for o in step.get_outputs()]
         self.guided = guidance is not None
         B = shape[0]
         N = 2 * B if self.guided else B  # images per network call
@@ -292,8 +292,8 @@ class Sampler:
         for name, value in outputs.items():
             self.eps_binding.bind_ortvalue_output(name, value)
         step_inputs = [("x_t", self.x), ("eps", self.eps), ("coef", self.coef)]
-        extra = [name for name in step_outputs if name != "x_prev" and not (self.multistep and name == "pred_x0")]
-        step_outputs = {name: new(shape, np.float32, device, 0) for name in extra}
+        extra = [name for name in output_names if name != "x_prev" and not (self.multistep and name == "pred_x0")]
+        step_outputs = {name: new(shape, np.float32, device, 0) for name in extra}  # pred_x0, eps_guided
         if not self.multistep:
             self.noise = new(shape, np.float32, device, 0)
             step_inputs += [("noise", self.noise)] + [(k, v) for k, v in outputs.items() if k != "eps"]
@@ -396,7 +396,7 @@ def sample(model, *, n=64, num_steps=None, sampler="ddpm", eta=0.0, seed=0, batc
     progress = core.check_sampling_request(n, batch, guidance_scale, out, progress, outdir, (model,), seed)
     if cuda_graph and provider == "cpu":
         raise ValueError("--cuda-graph captures CUDA work; it needs --provider cuda (or auto on a GPU)")
-    given, guidance_scale = guidance_scale, 3.0 if guidance_scale is None else guidance_scale
+    given, guidance_scale = guidance_scale, core.GUIDANCE if guidance_scale is None else guidance_scale
     guided = classes is not None and guidance_scale not in (0, 1)  # else one branch is enough
     graph_batch = min(batch or n, n)  # a CUDA graph's fixed batch; later batches are padded to it
     core.check_sampler(sampler, None, eta, 1, spacing)  # a sentence before any file is opened

@@ -26,6 +26,7 @@ import argparse
 import datetime
 import functools
 import json
+import math
 import os
 import platform
 import subprocess
@@ -133,7 +134,7 @@ def stage_train(size, device):
             tflops = ips * flops / 1e12
             rows.append({"name": name, "img_per_s": ips, "peak_mb": mb, "tflops": tflops,
                          "share_of_bf16_peak": tflops / peak if peak and dtype else None,
-                         "finite": all(map(torch.isfinite, map(torch.tensor, losses)))})
+                         "finite": all(map(math.isfinite, losses))})
         except ImportError as e:
             rows.append({"name": name, **missing(e.name or "a package", f"pip install {e.name or 'diffusers'}")})
         except Exception as e:  # a contender that fails does not stop the others
@@ -146,7 +147,7 @@ def stage_train(size, device):
     fp16_size = dict(size, warm=0, timed=size["fp16_steps"])
     _, _, losses = train_speed(raw, raw, cfg, device, torch.float16, fp16_size, scaler)
     scale = scaler.get_scale()
-    result["fp16"] = {"steps": len(losses), "finite_losses": sum(map(lambda v: v == v and abs(v) < 1e9, losses)),
+    result["fp16"] = {"steps": len(losses), "finite_losses": sum(map(math.isfinite, losses)),
                       "scale": scale, "status": "ok" if scale > 0 and scale < float("inf") else "failed"}
     return result
 
