@@ -159,9 +159,11 @@ def pick_device(name):
 
 
 def cpu_has_bf16():
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 autocast
-    is emulated and slower than fp32."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX) and torch's kernels may use
+    it; elsewhere bf16 autocast is emulated and slower than fp32. ATEN_CPU_CAPABILITY=avx2 holds
+    torch's kernels to AVX2, as on a CPU without AVX-512: then it is False as well."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX512" and \
+        (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def amp_dtype(amp, device):

@@ -8,9 +8,20 @@ import os
 import subprocess
 import sys
 
-import numpy as np
-import pytest
-import torch
+# `make test` runs the files on as many pytest-xdist workers as there are cores. Each worker, and
+# every process it starts, keeps to its own share of the cores, set here before torch is
+# imported: torch's and ONNX Runtime's threads, which spin while they wait, then never share a
+# core with another worker's (measured: a training run beside the test suite, each with two
+# threads on two cores, trained 20x slower than alone).
+WORKER, WORKERS = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKER and WORKERS > 1 and hasattr(os, "sched_setaffinity"):
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) >= WORKERS:
+        os.sched_setaffinity(0, cores[int(WORKER.removeprefix("gw")) % WORKERS::WORKERS])
+
+import numpy as np  # noqa: E402 (after the cores are chosen)
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -133,11 +144,20 @@ def probe_moments(out):
 
 
 @pytest.fixture(scope="session")
-def shapes_judge():
-    """evaluate.py's judge of the built-in shapes (its classifier trains in about 30 s), shared by
-    the test files that judge samples."""
+def judge_cache(tmp_path_factory):
+    """The folder where evaluate.py keeps the judge's classifier, one per test run and shared by its
+    xdist workers: the first file that needs the judge trains it (about 30 s), the rest load it."""
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if WORKER else base) / "judge"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def shapes_judge(judge_cache):
+    """evaluate.py's judge of the built-in shapes, shared by the test files that judge samples."""
     import evaluate
-    model, accuracy = evaluate.train_shapes_classifier()
+    model, accuracy = evaluate.shapes_judge(str(judge_cache))
     print(f"shapes classifier: accuracy {accuracy:.3f} on a fresh draw")
     assert accuracy > 0.95
     return model

@@ -17,6 +17,7 @@ from bench import bench
 from conftest import run_script
 
 
+@pytest.mark.slow  # half a minute: make test runs it, make test-fast leaves it out
 @pytest.mark.diffusers  # the benchmark's peer is diffusers' UNet2DModel
 def test_bench_quick_prints_table_and_writes_json(tmp_path):
     r = run_script("bench/bench.py", "--quick", "--out", tmp_path)

@@ -1,10 +1,16 @@
-"""The demo recipe, end to end, judged (slow: it is the `make demo` of about 8 minutes). A
-class-conditional model draws a grid with one row per class, with classifier-free guidance 3,
-in PyTorch and through ONNX Runtime. An independent judge (evaluate.py: a small CNN trained on
-another draw of the shapes, and pixel rules for a flat shape on a flat background in the data's
-colours) must find clean shapes, of the class each row asked for; guidance must beat the
-unguided model in both samplers, and a noisy classifier must raise the unguided model's class
-accuracy (classifier guidance)."""
+"""The demo recipe, end to end, judged. A class-conditional model draws a grid with one row per
+class, with classifier-free guidance 3, in PyTorch and through ONNX Runtime. An independent judge
+(evaluate.py: a small CNN trained on another draw of the shapes, and pixel rules for a flat shape
+on a flat background in the data's colours) must find clean shapes, of the class each row asked
+for; guidance must beat the unguided model in both samplers, and a noisy classifier must raise
+the unguided model's class accuracy (classifier guidance).
+
+Two lengths of the same recipe (the Makefile's `demo` target, its flags unchanged):
+- `make test` trains it for SHORT_STEPS steps (a few minutes) and holds the grids to floors
+  measured for that run: a broken recipe, sampler or export draws far below them;
+- `make demo-check` (DEMO_CHECK=full) runs the whole `make demo` and holds it to the demo's own
+  goal, at least 90% clean shapes of the class asked for in both grids, and adds the
+  classifier-guidance check (a classifier trained for 300 steps)."""
 import json
 import os
 import subprocess
@@ -17,19 +23,23 @@ from PIL import Image
 import evaluate
 from conftest import ROOT, run_script
 
-# Measured on the Makefile's recipe (docs/demo.md and docs/guidance.md): clean
-# shapes 100% / 100% of 40 cells at guidance 3, class accuracy 100% (PyTorch / ONNX Runtime);
-# class accuracy 15% / 12% at guidance 0, and 82% with classifier guidance of scale 10.
-DEMO_FLOOR = 0.8  # clean shapes, each grid
-ACCURACY_FLOOR = 0.8  # cells of the class asked for, at guidance 3 (issue 12)
+FULL = os.environ.get("DEMO_CHECK") == "full"
+SHORT_STEPS = 250
+# (clean shapes, class asked for) floors per grid. Full: the demo's goal (issue 24), met at 90% and
+# 100% (docs/demo.md). Short: measured for SHORT_STEPS steps at 45-50% and 62-70% (bf16 and fp32,
+# both samplers, docs/demo.md), less about 2.5 standard deviations of a 40-cell grid; a broken
+# recipe, sampler or export draws near 0% clean shapes and 10% of the class asked for.
+DEMO_FLOOR, ACCURACY_FLOOR = (0.9, 0.9) if FULL else (0.25, 0.4)
 CLASSES = 10
+SAMPLING = ["--sampler", "ddpm", "--steps", 50]  # the Makefile's DEMO_SAMPLING
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     demo = tmp_path_factory.mktemp("demo") / "demo"
-    r = subprocess.run(["make", "-C", ROOT, "demo", f"DEMO={demo}", f"PY={sys.executable}"],
-                       capture_output=True, text=True, timeout=1500)
+    steps = [] if FULL else [f"DEMO_STEPS={SHORT_STEPS}"]
+    r = subprocess.run(["make", "-C", ROOT, "demo", f"DEMO={demo}", f"PY={sys.executable}", *steps],
+                       capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
     return demo
 
@@ -48,16 +58,16 @@ def score(path, judge):
 
 
 def sample_both(demo, tmp_path, *flags, n=40):
-    """The demo's grid (n cells, a row per class, 100 DDPM steps) drawn again with other flags,
+    """The demo's grid (n cells, a row per class, its sampler) drawn again with other flags,
     by ddpm.py and, unless a classifier is among them, by sample_ort.py."""
     out = {}
     r = run_script("ddpm.py", "sample", "--ckpt", demo / "ckpt.pt", "--n", n, "--class", "all",
-                   "--sampler", "ddpm", "--steps", 100, "--out", tmp_path / "torch.png", *flags)
+                   *SAMPLING, "--out", tmp_path / "torch.png", *flags)
     assert r.returncode == 0, r.stderr[-2000:]
     out["PyTorch"] = tmp_path / "torch.png"
     if "--classifier" not in flags:
         r = run_script("sample_ort.py", "--model", demo / "ddpm.onnx", "--n", n, "--class", "all",
-                       "--sampler", "ddpm", "--steps", 100, "--provider", "cpu", "--out", tmp_path / "ort.png", *flags)
+                       *SAMPLING, "--provider", "cpu", "--out", tmp_path / "ort.png", *flags)
         assert r.returncode == 0, r.stderr[-2000:]
         out["ONNX Runtime"] = tmp_path / "ort.png"
     return out
@@ -94,6 +104,7 @@ def test_guidance_beats_the_unguided_model_in_both_samplers(demo, judge, unguide
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not FULL, reason="make demo-check runs it (the classifier trains for minutes)")
 def test_classifier_guidance_raises_the_unguided_models_accuracy(demo, judge, unguided, tmp_path):
     clf = tmp_path / "clf.pt"
     r = run_script("ddpm.py", "train-classifier", "--data", "shapes", "--model", "tiny", "--schedule", "cosine",

@@ -6,9 +6,12 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import ROOT
 
 
+@pytest.mark.slow  # a minute or two: make test runs it, make test-fast leaves it out
 def test_the_gpu_check_rehearses_every_stage_on_the_cpu(tmp_path):
     out = tmp_path / "check.json"
     t0 = time.time()
