@@ -246,6 +246,14 @@ def test_scaling_mistakes_are_sentences(tmp_path, monkeypatch, argv, fragment):
                         "--device", "cpu", *argv], fragment)
 
 
+def next_second():
+    """TensorBoard reads a folder's event files in the order of their names: the second they were
+    opened, the host, the process and a per-process counter compared as text (".10" before ".9"),
+    so two runs of one process within a second can be read in the wrong order (xdist workers run
+    many files in one process). A user's runs are seconds apart; these are made to be."""
+    time.sleep(1.0 - time.time() % 1.0 + 0.01)
+
+
 def test_tensorboard_events_hold_the_logged_numbers_and_the_grids(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     flags = [f for f in FLAGS if f != "--no-tensorboard"]
@@ -261,6 +269,7 @@ def test_tensorboard_events_hold_the_logged_numbers_and_the_grids(tmp_path):
           f"({grids[0].width}x{grids[0].height})")
     assert [g.step for g in grids] == [3] and grids[0].width == grids[0].height == 8 * 18 + 2
     # a new run in the same folder (--overwrite) hides the old run's points, as metrics.jsonl drops them
+    next_second()
     ddpm.main(["train", *flags, "--steps", "2", "--seed", "1", "--overwrite", "--out",
                str(tmp_path / "run"), "--ckpt", str(tmp_path / "ckpt.pt")])
     events = EventAccumulator(str(tmp_path / "run")).Reload()
@@ -270,7 +279,9 @@ def test_tensorboard_events_hold_the_logged_numbers_and_the_grids(tmp_path):
     # resuming from an older checkpoint (step 2) of a run logged to step 3 drops the points after 2
 
     shutil.copy(tmp_path / "ckpt.pt", tmp_path / "at2.pt")
+    next_second()
     ddpm.main(["train", "--resume", "--steps", "3", "--ckpt", str(tmp_path / "ckpt.pt")])
+    next_second()
     ddpm.main(["train", "--resume", "--steps", "3", "--lr", "1e-3", "--ckpt", str(tmp_path / "at2.pt")])
     events = EventAccumulator(str(tmp_path / "run")).Reload()
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]

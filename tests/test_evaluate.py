@@ -103,6 +103,7 @@ def fid_args(d, *extra):
     return ["fid", "--inception-weights", d / "inception.pth", "--stats-dir", d / "stats", *extra]
 
 
+@pytest.mark.slow  # FID end to end: the stand-in Inception on every image (seconds each)
 def test_checkpoint_and_folder_give_the_same_numbers_and_sampling_resumes(setup, tmp_path):
     d = setup
     common = ["--ckpt", d / "ckpt.pt", "--n", 12, "--batch", 5, "--sampler", "ddim", "--steps", 3,
@@ -132,6 +133,7 @@ def test_checkpoint_and_folder_give_the_same_numbers_and_sampling_resumes(setup,
     assert json.load(open(tmp_path / "c.json"))["fid"] == a["fid"]
 
 
+@pytest.mark.slow  # FID end to end: the stand-in Inception on every image (seconds each)
 def test_onnx_samples_and_a_stats_file(setup, tmp_path):
     d = setup
     export.export(str(d / "ckpt.pt"), str(tmp_path / "m.onnx"))
@@ -219,6 +221,7 @@ def test_the_judge_is_trained_once_and_kept(tmp_path, monkeypatch):
     assert len(calls) == 2  # trained again
 
 
+@pytest.mark.slow  # FID end to end: the stand-in Inception on every image (seconds each)
 def test_fid_of_a_conditional_model_samples_the_classes_asked_for(setup, tmp_path, capsys):
     """--class and --guidance as sampling takes them, through PyTorch and ONNX Runtime; without
     --class a note says the samples are unconditional."""
@@ -244,6 +247,7 @@ def test_fid_of_a_conditional_model_samples_the_classes_asked_for(setup, tmp_pat
     assert len(set(results.values())) == 3  # three different sets of samples
 
 
+@pytest.mark.slow  # FID end to end: the stand-in Inception on every image (seconds each)
 def test_samples_and_statistics_of_something_else_are_never_reused(setup, tmp_path):
     d = setup
     common = ["--ckpt", d / "ckpt.pt", "--n", 4, "--batch", 2, "--sampler", "ddim", "--steps", 2,
