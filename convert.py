@@ -294,7 +294,10 @@ def from_diffusers(folder, out="ckpt.pt", overwrite=False):
                          f"{len(unknown)} unknown ({', '.join(unknown[:5])}), "
                          f"{len(missing)} missing ({', '.join(missing[:5])})")
     model.load_state_dict(converted)
-    checkpoints.save_checkpoint(out, checkpoints.checkpoint_state(cfg, model))
+    try:
+        checkpoints.save_checkpoint(out, checkpoints.checkpoint_state(cfg, model))
+    except OSError as e:  # a full disk: the atomic write left nothing behind
+        raise ValueError(f"cannot write '{out}' ({e.strerror or e})") from None
     core.say(f"wrote {out}: {ddpm.count_params(model):,} parameters, {cfg.image_size}x{cfg.image_size}, "
           f"{cfg.schedule} schedule, {cfg.var_type}, clip_x0={cfg.clip_x0}")
     return cfg

@@ -170,3 +170,22 @@ def test_overwrite_replaces_only_the_pipeline_files_and_never_the_input(tiny_ckp
     inside.write_bytes(tiny_ckpt.read_bytes())
     refusal(convert.main, ["--to-diffusers", inside, "-o", out, "--overwrite"], "holds the input")
     assert inside.read_bytes() == tiny_ckpt.read_bytes()
+
+
+def test_a_full_disk_is_a_sentence_and_leaves_nothing_behind(tiny_ckpt, tmp_path, monkeypatch):
+    """Both ways, the write that fails with no space left: one sentence, no partial folder, file
+    or temporary file."""
+    import safetensors.torch
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        convert.to_diffusers(str(tiny_ckpt), str(tmp_path / "d"))  # a good folder to convert back
+    before = sorted(os.listdir(tmp_path))
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    refusal(convert.main, ["--to-diffusers", tiny_ckpt, "-o", tmp_path / "d2"], "cannot write", "No space left")
+    monkeypatch.setattr(torch, "save", full)
+    refusal(convert.main, ["--from-diffusers", tmp_path / "d", "-o", tmp_path / "back.pt"], "cannot write",
+            "No space left")
+    assert sorted(os.listdir(tmp_path)) == before
