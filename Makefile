@@ -1,7 +1,7 @@
 # Every target works on a fresh clone: the ones that need Python depend on the venv.
 PY := .venv/bin/python
 DEMO := runs/demo
-DEMO_STEPS := 500
+DEMO_STEPS := 600
 
 .PHONY: install test test-fast mutants demo demo-check bench bench-gpu bench-ddp bench-solver gpu-check clean
 
@@ -37,7 +37,7 @@ mutants: install
 # The recipe departs from Ho et al. where it measurably draws cleaner shapes in this budget
 # (docs/demo.md): class labels with guidance, v-prediction, cosine betas, min-SNR-5, cosine
 # learning rate, attention at 8x8 instead of 16x16, the posterior variance (fixed_small), no EMA
-# (with a cosine learning rate run down to zero in 500 steps the raw weights drew cleaner shapes),
+# (with a cosine learning rate run down to zero in a few hundred steps the raw weights drew cleaner shapes),
 # 50 ancestral sampling steps. DEMO_GUIDANCE=0 draws from the same model unconditionally.
 # `make demo-check` runs it and judges both grids (tests/test_demo.py; make test runs a shorter one).
 DEMO_GUIDANCE := 3
