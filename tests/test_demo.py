@@ -25,7 +25,7 @@ from conftest import ROOT, run_script
 
 FULL = os.environ.get("DEMO_CHECK") == "full"
 SHORT_STEPS = 250
-# (clean shapes, class asked for) floors per grid. Full: the demo's goal (issue 24), met at 90% and
+# (clean shapes, class asked for) floors per grid. Full: the demo's goal (issue 24), met at 97.5% and
 # 100% (docs/demo.md). Short: measured for SHORT_STEPS steps at 45-50% and 62-70% (bf16 and fp32,
 # both samplers, docs/demo.md), less about 2.5 standard deviations of a 40-cell grid; a broken
 # recipe, sampler or export draws near 0% clean shapes and 10% of the class asked for.
