@@ -31,14 +31,14 @@ mutants: install
 
 # The embedded default: train `tiny` on the built-in shapes on a CPU, class-conditional, sample a
 # grid with one row per class (classifier-free guidance 3) with the process pictures, export, and
-# sample again through ONNX Runtime, all under runs/demo/. Sized for 8 minutes in fp32 on a 2-core
-# CPU without bf16 units (docs/demo.md has the measurements); where the CPU has them (AVX512-BF16
-# or AMX, detected) it trains in bf16, elsewhere in fp32 with a one-line note.
+# sample again through ONNX Runtime, all under runs/demo/. 3 min 26 s in fp32 on a 2-core Xeon,
+# 4 min 25 s with torch held to AVX2 (docs/demo.md); where the CPU has bf16 units (AVX512-BF16 or
+# AMX, detected) it trains in bf16, elsewhere in fp32 with a one-line note.
 # The recipe departs from Ho et al. where it measurably draws cleaner shapes in this budget
 # (docs/demo.md): class labels with guidance, v-prediction, cosine betas, min-SNR-5, cosine
 # learning rate, attention at 8x8 instead of 16x16, the posterior variance (fixed_small), no EMA
-# (with a cosine learning rate run down to zero in a few hundred steps the raw weights drew cleaner shapes),
-# 50 ancestral sampling steps. DEMO_GUIDANCE=0 draws from the same model unconditionally.
+# (a cosine learning rate run down to zero in a few hundred steps leaves the raw weights the
+# better model), 50 ancestral sampling steps. DEMO_GUIDANCE=0 samples the model unconditionally.
 # `make demo-check` runs it and judges both grids (tests/test_demo.py; make test runs a shorter one).
 DEMO_GUIDANCE := 3
 DEMO_AMP := bf16

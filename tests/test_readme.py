@@ -4,7 +4,9 @@ in one folder and in the README's order, shrunk to seconds: flags appended after
 few images in a few steps. What is not shrunk is what the README promises: the file names, the
 defaults that find the previous command's files (ckpt.pt, ddpm.onnx), `--resume`, torchrun, the
 samplers, int8 export. `--data cifar10` is replaced by the shapes, since nothing may be
-downloaded here; the offline message for it is tested in tests/test_train.py."""
+downloaded here (the offline message for it is tested in tests/test_train.py), and the judge's
+line, which reads the grid `make demo` wrote, runs last, on a grid of real shapes. The `make`
+lines are the Makefile's (tests/test_demo.py runs `make demo`)."""
 import os
 import re
 import shutil
