@@ -11,7 +11,7 @@ import torch
 import checkpoints
 import convert
 import ddpm
-from conftest import refusal
+from conftest import no_space_left, refusal
 
 # google/ddpm-cifar10-32's unet/config.json on the hub (the keys that define the network)
 GOOGLE_CONFIG = {
@@ -177,15 +177,12 @@ def test_a_full_disk_is_a_sentence_and_leaves_nothing_behind(tiny_ckpt, tmp_path
     or temporary file."""
     import safetensors.torch
 
-    def full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
     with contextlib.redirect_stdout(io.StringIO()):
         convert.to_diffusers(str(tiny_ckpt), str(tmp_path / "d"))  # a good folder to convert back
     before = sorted(os.listdir(tmp_path))
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(safetensors.torch, "save_file", no_space_left)
     refusal(convert.main, ["--to-diffusers", tiny_ckpt, "-o", tmp_path / "d2"], "cannot write", "No space left")
-    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(torch, "save", no_space_left)
     refusal(convert.main, ["--from-diffusers", tmp_path / "d", "-o", tmp_path / "back.pt"], "cannot write",
             "No space left")
     assert sorted(os.listdir(tmp_path)) == before

@@ -13,6 +13,7 @@ Two lengths of the same recipe (the Makefile's `demo` target, its flags unchange
   classifier-guidance check (a classifier trained for 300 steps)."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -31,7 +32,8 @@ SHORT_STEPS = 250
 # recipe, sampler or export draws near 0% clean shapes and 10% of the class asked for.
 DEMO_FLOOR, ACCURACY_FLOOR = (0.9, 0.9) if FULL else (0.25, 0.4)
 CLASSES = 10
-SAMPLING = ["--sampler", "ddpm", "--steps", 50]  # the Makefile's DEMO_SAMPLING
+with open(os.path.join(ROOT, "Makefile")) as f:  # the demo's sampler, as the Makefile sets it
+    SAMPLING = re.search(r"^DEMO_SAMPLING := (.*)$", f.read(), flags=re.M).group(1).split()
 
 
 @pytest.fixture(scope="module")

@@ -52,8 +52,8 @@ def shrunk(words, trained_steps):
     if words[0] == "torchrun":
         launcher = [sys.executable, "-m", "torch.distributed.run"]
         rest = [w if not w.startswith("--nproc-per-node") else "--nproc-per-node=2" for w in words[1:]]
-        script = next(i for i, w in enumerate(rest) if w.endswith(".py"))
-        launcher, words = launcher + rest[:script], ["python"] + rest[script:]
+        at = next(i for i, w in enumerate(rest) if w.endswith(".py"))  # torchrun's flags end here
+        launcher, words = launcher + rest[:at], ["python"] + rest[at:]
     else:
         launcher = [sys.executable]
     script, args = words[1], ["shapes" if w == "cifar10" else w for w in words[2:]]

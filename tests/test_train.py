@@ -22,7 +22,7 @@ import core
 import data
 import distributed
 import ddpm
-from conftest import ROOT, max_difference, refusal, run_script
+from conftest import ROOT, max_difference, no_space_left, refusal, run_script
 
 
 def tiny_cfg(tmp_path, name, **kw):
@@ -231,7 +231,7 @@ def test_a_failed_save_warns_and_training_goes_on_but_the_last_must_work(tmp_pat
     def full_disk_once(obj, f):
         calls["n"] += 1
         if calls["n"] == 1:
-            raise OSError(28, "No space left on device")
+            no_space_left()
         real(obj, f)
 
     monkeypatch.setattr(torch, "save", full_disk_once)
@@ -241,7 +241,7 @@ def test_a_failed_save_warns_and_training_goes_on_but_the_last_must_work(tmp_pat
     assert "could not save step 2" in err and "No space left" in err and "training goes on" in err
     assert load(cfg.ckpt)["step"] == 4
 
-    monkeypatch.setattr(torch, "save", lambda obj, f: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    monkeypatch.setattr(torch, "save", no_space_left)
     with pytest.raises(ddpm.Stopped) as stop:
         ddpm.train(tiny_cfg(tmp_path, "full", steps=6, save_every=0), resume=cfg.ckpt)
     print(stop.value)
@@ -256,14 +256,11 @@ def test_a_full_disk_under_the_log_warns_once_and_training_goes_on(tmp_path, mon
     import runlog
     from torch.utils.tensorboard import SummaryWriter
 
-    def full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
     real_open = open
     monkeypatch.setattr(runlog, "open", lambda path, mode="r": real_open("/dev/full" if path.endswith("metrics.jsonl")
                                                                         else path, mode), raising=False)
-    monkeypatch.setattr(core, "save_loss_curve", full)
-    monkeypatch.setattr(SummaryWriter, "add_scalar", full)
+    monkeypatch.setattr(core, "save_loss_curve", no_space_left)
+    monkeypatch.setattr(SummaryWriter, "add_scalar", no_space_left)
     cfg = tiny_cfg(tmp_path, "fulllog", steps=4, save_every=2)
     ddpm.train(cfg)
     err = capsys.readouterr().err
