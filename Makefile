@@ -3,7 +3,7 @@ PY := .venv/bin/python
 DEMO := runs/demo
 DEMO_STEPS := 600
 
-.PHONY: install test test-fast mutants demo demo-check bench bench-gpu bench-ddp bench-solver gpu-check clean
+.PHONY: install test test-fast mutants demo demo-check distill bench bench-gpu bench-ddp bench-solver gpu-check clean
 
 install: .venv/.installed
 
@@ -59,6 +59,15 @@ demo: install
 # against none, classifier guidance (4 min 4 s on a 2-core Xeon with bf16 units, 2026-12-05).
 demo-check: install
 	DEMO_CHECK=full $(PY) -m pytest -p no:cacheprovider tests/test_demo.py
+
+# Progressive distillation of the demo model (`make demo` first): rounds from 64 DDIM steps down
+# to 4 (ddpm.py distill), then the judged table of teacher, solvers and students through PyTorch and
+# ONNX Runtime (bench/distill.py; docs/distillation.md has the figures).
+DISTILL := runs/distill
+distill: install
+	$(PY) ddpm.py distill --teacher $(DEMO)/ckpt.pt --from-steps 64 --to-steps 4 --round-steps 600 --lr 1e-3 \
+		--sample-every 0 --log-every 50 --out $(DISTILL) --overwrite
+	$(PY) bench/distill.py --teacher $(DEMO)/ckpt.pt --students $(DISTILL) --out $(DISTILL)/bench
 
 # Speed, side by side in one run (bench/bench.py); writes bench/results/<machine>.json.
 bench: install

@@ -81,6 +81,18 @@ def checkpoint_step(path):
 # Before a run: nothing is clobbered, and there is room
 
 
+def check_classifier(path, clf_cfg, cfg):
+    """ValueError unless the noisy classifier's config (at `path`) fits the denoiser's: the same
+    image shape and schedule, and the same classes."""
+    for name in ("image_size", "in_channels", "T", "schedule"):
+        if getattr(clf_cfg, name) != getattr(cfg, name):
+            raise ValueError(f"--classifier {path} has {name}={getattr(clf_cfg, name)}, the model "
+                             f"{getattr(cfg, name)}; train the classifier with the model's settings")
+    if cfg.num_classes and clf_cfg.class_names != cfg.class_names:
+        raise ValueError(f"--classifier {path} knows the classes {', '.join(clf_cfg.class_names)}; "
+                         f"the model {', '.join(cfg.class_names)}")
+
+
 def default_run_dir(cfg):
     """runs/<data name>, or runs/<data name>-classifier for a noisy classifier."""
     name = os.path.basename(os.path.normpath(cfg.data)) + ("-classifier" if cfg.kind == "classifier" else "")

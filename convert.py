@@ -315,6 +315,11 @@ def to_diffusers(ckpt, out, ema=True, overwrite=False):
     if os.path.commonpath([os.path.realpath(out), os.path.realpath(ckpt)]) == os.path.realpath(out):
         raise ValueError(f"-o '{out}' holds the input '{ckpt}'; write the pipeline to another folder")
     model, cfg = ddpm.load_checkpoint(ckpt, ema=ema)
+    if cfg.distilled_steps:  # a DDPMPipeline folder has no place for it: say how to sample it
+        core.warn(f"'{ckpt}' is a distilled student: it samples only in {cfg.distilled_steps} deterministic DDIM "
+                  f"steps (DDIMScheduler with timestep_spacing='trailing', eta 0"
+                  + (f", guidance {cfg.distilled_guidance:g} built into its labelled branch" if cfg.num_classes else "")
+                  + "), which the folder does not record; DDPMPipeline's 1000 steps draw no images from it")
     from safetensors.torch import save_file
     num_levels = len(cfg.ch_mult)
     theirs = {}

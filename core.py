@@ -93,6 +93,7 @@ class Schedule:
         self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
         self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
         self.sqrt_alphas_cumprod_prev = np.sqrt(self.alphas_cumprod_prev)
+        self.sqrt_one_minus_alphas_cumprod_prev = np.sqrt(1.0 - self.alphas_cumprod_prev)
         # x_0 from eps, eq. 15 solved for x_0
         self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
         self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
@@ -180,6 +181,42 @@ def check_sampler(sampler, num_steps, eta, T, spacing=None):
     if sampler != "ddim" and eta != 0:
         raise ValueError(f"--eta sets DDIM's noise; --sampler {sampler} has none to set. Use "
                          "--sampler ddim, or leave --eta out")
+
+
+def distilled_sampler(steps, sampler, num_steps, eta, spacing):
+    """(sampler, num_steps, spacing) for a model distilled for `steps` sampling steps (distill.py;
+    0: not distilled, the flags as given, ddpm where none). A student knows one chain, the one it
+    was trained on: deterministic DDIM over the trailing t's of exactly `steps` steps. That is its
+    default, and any other sampler, step count, eta or spacing is a ValueError with a sentence."""
+    if not steps:
+        return sampler or "ddpm", num_steps, spacing
+    asked = [(flag, value) for flag, value, fits in (("--sampler", sampler, sampler in (None, "ddim")),
+                                            ("--steps", num_steps, num_steps in (None, steps)),
+                                            ("--eta", eta, not eta),
+                                            ("--spacing", spacing, spacing in (None, "trailing"))) if not fits]
+    if asked:
+        raise ValueError(f"this model was distilled to sample in exactly {steps} deterministic DDIM steps "
+                         f"(--sampler ddim --steps {steps} --eta 0 --spacing trailing, its defaults), so it "
+                         f"cannot sample with {', '.join(f'{f} {v}' for f, v in asked)}; leave "
+                         f"{'that flag' if len(asked) == 1 else 'those flags'} out, or sample its teacher")
+    return "ddim", steps, "trailing"
+
+
+def distilled_guidance(built_in, given, conditional, classes):
+    """(the scale to guide the network with, the scale the samples have) for --guidance `given`
+    (None: GUIDANCE). A student distilled with guidance s built in (built_in != 1, distill.py) has
+    it in its labelled branch: it samples that branch as it is for s or no --guidance, and its
+    unconditional branch for 0; another scale is a ValueError. Other models: the given scale."""
+    scale = guidance_scale(given, conditional, classes)
+    if built_in == 1 or not conditional or classes is None:
+        return scale, scale
+    if given is None or given == built_in:
+        return 1.0, built_in
+    if given == 0:
+        return 0.0, 0.0
+    raise ValueError(f"--guidance {given:g}: this student was distilled with classifier-free guidance "
+                     f"{built_in:g} built in, so it samples at that scale (leave --guidance out) or "
+                     "unconditionally (--guidance 0); distil its teacher again for another scale")
 
 
 def kept_timesteps(T, sampler, num_steps=None, spacing=None):
@@ -524,10 +561,11 @@ def add_sampling_flags(parser):
     """The flags `ddpm.py sample` and `sample_ort.py` share, with one help text each."""
     parser.add_argument("--n", type=int, default=64, help="number of images (default: 64)")
     parser.add_argument("--steps", dest="sampling_steps", type=int, default=None,
-                        help="sampling steps; fewer than T respaces the chain (default: T)")
-    parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
+                        help="sampling steps; fewer than T respaces the chain (default: T; a distilled "
+                             "model: the steps it was distilled for)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default=None,
                         help="ddpm: ancestral (Algorithm 2); ddim: Song et al.; dpm++: DPM-Solver++(2M), "
-                             "Lu et al. 2022, good at 10 to 25 steps (default: ddpm)")
+                             "Lu et al. 2022, good at 10 to 25 steps (default: ddpm; a distilled model: ddim)")
     parser.add_argument("--eta", type=float, default=0.0,
                         help="DDIM noise, 0 deterministic .. 1 (default: 0; ddim only)")
     parser.add_argument("--spacing", choices=SPACINGS, default=None,

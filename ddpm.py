@@ -25,10 +25,11 @@ In this file, in that order:
                   classifier-free (Ho & Salimans 2021) and classifier guidance (Dhariwal & Nichol)
   training        Algorithm 1: Adam, warm-up, grad clipping, EMA, AMP, exact resume, DDP
   sampling        a grid of samples from a checkpoint
-  command line    python ddpm.py {train,train-classifier,sample,info}
+  command line    python ddpm.py {train,train-classifier,sample,distill,info}
 
 Beside it: core.py (the torch-free numbers and pictures both samplers share), data.py,
-checkpoints.py, runlog.py, distributed.py; convert.py, export.py, sample_ort.py, evaluate.py.
+checkpoints.py, runlog.py, distributed.py; distill.py (progressive distillation, the command's
+rounds); convert.py, export.py, sample_ort.py, evaluate.py.
 
 Time convention: t is 0-indexed in code, t = 0 .. T-1; the code's t=0 is the paper's t=1.
 Images live in [-1, 1] everywhere inside this file; the data boundary converts.
@@ -44,6 +45,7 @@ import functools
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -93,6 +95,9 @@ class Config:
     num_classes: int = 0  # 0: unconditional; else the class embedding has num_classes + 1 rows
     class_names: tuple = ()
     kind: str = "denoiser"  # or "classifier": p(y | x_t, t) for classifier guidance
+    distilled_steps: int = 0  # set by distill.py (Salimans & Ho 2022): a student's DDIM steps; 0: none
+    distilled_guidance: float = 1.0  # the classifier-free guidance built into a student; 1: none
+    teacher: str = ""  # the checkpoint a distillation round started from
     # training
     data: str = "shapes"
     data_dir: str = "data"
@@ -853,7 +858,7 @@ def micro_batch_loss(model, x0, y, step, micro, *, cfg, diffusion, dtype):
     if cfg.flip:
         flip = torch.rand(x0.shape[0], device=device) < 0.5
         x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
-    i = torch.randint(0, cfg.T, (x0.shape[0],), device=device)  # indexes tables kept on the device
+    i = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), device=device)  # t: T, or a student's steps
     noise = torch.randn_like(x0)
     with autocast(dtype, device):
         if cfg.kind == "classifier":
@@ -923,7 +928,7 @@ def save_training_state(cfg, step, *, raw_model, ema, optimizer, scaler, diffusi
     """Save the run at `step`; returns the step now on disk. Only weights whose loss on x0 is
     finite are saved: a model that diverged in its last step (finite weights, NaN outputs) never
     replaces a good checkpoint. A periodic save that fails warns; the last one must work."""
-    i, noise = torch.full((x0.shape[0],), cfg.T // 2), torch.randn_like(x0)
+    i, noise = torch.full((x0.shape[0],), diffusion.num_timesteps // 2), torch.randn_like(x0)
     with torch.no_grad(), autocast(dtype, x0.device):
         check = (diffusion.classifier_loss(raw_model, x0, i, noise, y.to(x0.device)) if cfg.kind == "classifier"
                  else diffusion.training_loss(raw_model, x0, i, noise))
@@ -940,7 +945,7 @@ def sample_grid(ema, diffusion, cfg, step, log):
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     x_T = torch.randn(64, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g, device=device)
     y = torch.arange(64) % cfg.num_classes if cfg.num_classes else None
-    x0 = sample_loop(ema, diffusion, x_T, sampler="ddim", num_steps=min(50, cfg.T), generator=g, y=y, progress=True)
+    x0 = sample_loop(ema, diffusion, x_T, sampler="ddim", num_steps=min(50, diffusion.num_timesteps), generator=g, y=y, progress=True)
     images = core.to_uint8(x0)
     log.image(step, core.grid_of(images))
     try:
@@ -949,11 +954,12 @@ def sample_grid(ema, diffusion, cfg, step, log):
         core.warn(f"cannot write a sample grid in '{cfg.run_dir}' ({e.strerror or e})")
 
 
-def train(cfg, *, resume=None, overwrite=False):
+def train(cfg, *, resume=None, overwrite=False, diffusion=None, init=None):
     """Algorithm 1 for cfg.steps optimizer steps. resume: a checkpoint to continue exactly.
     Files a previous run left at cfg.ckpt or in the run directory are refused unless resume
     continues them or overwrite is set. Under torchrun, one of the job's processes (rank 0 writes
-    the files)."""
+    the files). diffusion: whose training_loss to minimise over its num_timesteps indices (default
+    the config's; distill.py passes a Distillation); init: a model to start from (default: new)."""
     rank, world, device = distributed.init(pick_device(cfg.device), cfg.device)
     lead = rank == 0  # the process that writes the checkpoint, the log and the pictures
     if not (cfg.batch_size and cfg.grad_accum) and device.type != "cuda":
@@ -975,13 +981,13 @@ def train(cfg, *, resume=None, overwrite=False):
     cfg = dataclasses.replace(cfg, num_classes=len(names), class_names=names)
 
     torch.manual_seed(cfg.seed)  # the initial weights, the same in every process
-    raw_model = build_model(cfg).to(device)
+    raw_model = (build_model(cfg) if init is None else copy.deepcopy(init).train().requires_grad_()).to(device)
     raw_model.grad_checkpoint = cfg.grad_checkpoint
     if device.type == "cuda":
         raw_model = raw_model.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(raw_model).eval().requires_grad_(False)
     optimizer = make_optimizer(cfg, raw_model.parameters())
-    diffusion = GaussianDiffusion.from_config(cfg)
+    diffusion = diffusion or GaussianDiffusion.from_config(cfg)
     model = torch.compile(raw_model) if cfg.compile else raw_model
     if lead:
         checkpoints.check_free_space(cfg.ckpt, count_params(raw_model))
@@ -1075,17 +1081,11 @@ def load_classifier(path, cfg):
     """The noisy classifier at `path` (raw weights: Dhariwal & Nichol keep no EMA of it), checked
     against the denoiser's config: same image shape and schedule, and the same classes."""
     classifier, clf_cfg = load_checkpoint(path, ema=False, kind="classifier")
-    for name in ("image_size", "in_channels", "T", "schedule"):
-        if getattr(clf_cfg, name) != getattr(cfg, name):
-            raise ValueError(f"--classifier {path} has {name}={getattr(clf_cfg, name)}, the model "
-                             f"{getattr(cfg, name)}; train the classifier with the model's settings")
-    if cfg.num_classes and clf_cfg.class_names != cfg.class_names:
-        raise ValueError(f"--classifier {path} knows the classes {', '.join(clf_cfg.class_names)}; "
-                         f"the model {', '.join(cfg.class_names)}")
+    checkpoints.check_classifier(path, clf_cfg, cfg)
     return classifier, clf_cfg
 
 
-def sample(ckpt, *, n=64, num_steps=None, sampler="ddpm", eta=0.0, seed=0, out="samples.png",
+def sample(ckpt, *, n=64, num_steps=None, sampler=None, eta=0.0, seed=0, out="samples.png",
            outdir=None, ema=True, batch=None, device="auto", progress=(), spacing=None,
            classes=None, guidance_scale=None, classifier=None, classifier_scale=1.0, amp="none"):
     """n images from the checkpoint's model into one grid (and one PNG each in outdir, and the
@@ -1099,6 +1099,7 @@ def sample(ckpt, *, n=64, num_steps=None, sampler="ddpm", eta=0.0, seed=0, out="
     device = pick_device(device)
     dtype = sampling_dtype(amp, device)
     model, cfg = load_checkpoint(ckpt, ema=ema)
+    sampler, num_steps, spacing = core.distilled_sampler(cfg.distilled_steps, sampler, num_steps, eta, spacing)
     core.check_sampler(sampler, num_steps, eta, cfg.T, spacing)
     clf, names, labels, nrow = None, cfg.class_names, None, None
     if classifier is not None:
@@ -1115,7 +1116,7 @@ def sample(ckpt, *, n=64, num_steps=None, sampler="ddpm", eta=0.0, seed=0, out="
         raise ValueError("--classifier guides towards the classes given by --class")
     model.to(device)
     diffusion = GaussianDiffusion.from_config(cfg)
-    guidance_scale = core.guidance_scale(guidance_scale, cfg.num_classes > 0, classes)
+    guidance_scale, shown = core.distilled_guidance(cfg.distilled_guidance, guidance_scale, cfg.num_classes > 0, classes)
     g = torch.Generator(device=device).manual_seed(seed)
     batch = batch or n
     n_steps = num_steps or cfg.T
@@ -1136,7 +1137,7 @@ def sample(ckpt, *, n=64, num_steps=None, sampler="ddpm", eta=0.0, seed=0, out="
     guided = ""
     if labels is not None:
         shown_classes = ", ".join(names[c] for c in dict.fromkeys(labels.tolist()))
-        guided = (f"; classes {shown_classes}" + (f", guidance {guidance_scale:g}" if cfg.num_classes else "")
+        guided = (f"; classes {shown_classes}" + (f", guidance {shown:g}" if cfg.num_classes else "")
                   + (f", classifier scale {classifier_scale:g}" if clf is not None else ""))
     core.say(f"{written}; {n * n_steps / elapsed:.1f} image-steps/s on {device} ({sampler}, {n_steps} "
              f"steps, {'bf16' if dtype == torch.bfloat16 else 'fp16' if dtype else 'fp32'}){guided}")
@@ -1180,13 +1181,11 @@ def main(argv=None):
                                                "guidance (the flags of train that a classifier uses)")):
         flags.add_train_flags(sub.add_parser(command, help=text), Config, PRESETS, classifier=command != "train")
     flags.add_sample_flags(sub.add_parser("sample", help="sample images from a checkpoint (Algorithm 2)"))
+    sys.modules.setdefault("ddpm", sys.modules[__name__])  # distill.py imports this file: the one copy
+    import distill
+    distill.add_flags(sub)
 
-    info_parser = sub.add_parser("info", help="config, parameter count and FLOPs of a model")
-    info_parser.add_argument("--model", dest="preset", default=None, choices=list(PRESETS),
-                             help="a preset (default: cifar10)")
-    info_parser.add_argument("--image-size", type=int, default=None,
-                             help="image size (default: the preset's)")
-    info_parser.add_argument("--ckpt", default=None, help="describe this checkpoint instead (default: none)")
+    flags.add_info_flags(sub.add_parser("info", help="config, parameter count and FLOPs of a model"), PRESETS)
 
     args = parser.parse_args(argv)
     try:
@@ -1201,8 +1200,9 @@ def main(argv=None):
             cfg, resume = train_config(given, args.resume)
             if args.command == "train-classifier":
                 cfg = dataclasses.replace(cfg, kind="classifier")
-            elif cfg.kind != "denoiser":
-                raise ValueError(f"'{resume}' is a noisy classifier; continue it with train-classifier")
+            elif cfg.kind != "denoiser" or cfg.distilled_steps:
+                raise ValueError(f"'{resume}' is a " + ("distilled student; see distill --resume" if cfg.distilled_steps
+                                                         else "noisy classifier; continue it with train-classifier"))
             train(cfg, resume=resume, overwrite=args.overwrite)
         elif args.command == "sample":
             sample(args.ckpt, n=args.n, num_steps=args.sampling_steps, sampler=args.sampler,
@@ -1210,6 +1210,8 @@ def main(argv=None):
                    batch=args.batch, device=args.device, progress=args.progress, spacing=args.spacing,
                    classes=args.classes, guidance_scale=args.guidance, classifier=args.classifier,
                    classifier_scale=args.classifier_scale, amp=args.amp)
+        elif args.command == "distill":
+            distill.run(args)
         elif args.command == "info":
             if args.ckpt:
                 kind = config_from_dict(checkpoints.read_checkpoint(args.ckpt)["config"], f"'{args.ckpt}'").kind

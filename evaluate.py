@@ -304,12 +304,15 @@ def sample_labels(classes, names, source):
     return core.parse_classes(classes, names)
 
 
-def torch_batches(ckpt, sampler, steps, eta, seed, device, spacing=None, classes=None, guidance=3.0):
-    """make_batch for sample_to_folder from a checkpoint (EMA weights), on `device`; with
-    classes, image i is of class classes[i % len(classes)], guided with scale `guidance`."""
+def torch_batches(ckpt, sampler, steps, eta, seed, device, spacing=None, classes=None, guidance=None):
+    """(make_batch for sample_to_folder from a checkpoint (EMA weights), on `device`, and the
+    sampler, steps, spacing and guidance it uses: a distilled model's own, core.distilled_*);
+    with classes, image i is of class classes[i % len(classes)], guided with scale `guidance`."""
     device = distributed.pick_device(device)
     model, cfg = ddpm.load_checkpoint(ckpt)
     model.to(device)
+    sampler, steps, spacing = core.distilled_sampler(cfg.distilled_steps, sampler, steps, eta, spacing)
+    guidance, shown = core.distilled_guidance(cfg.distilled_guidance, guidance, cfg.num_classes > 0, classes)
     core.check_sampler(sampler, steps, eta, cfg.T, spacing or core.default_spacing(sampler))
     diffusion = ddpm.GaussianDiffusion.from_config(cfg)
     labels = sample_labels(classes, cfg.class_names, ckpt)
@@ -321,13 +324,17 @@ def torch_batches(ckpt, sampler, steps, eta, seed, device, spacing=None, classes
         x0 = ddpm.sample_loop(model, diffusion, x_T, sampler=sampler, num_steps=steps, eta=eta, generator=g,
                              spacing=spacing, y=y, guidance_scale=guidance)
         return core.to_uint8(x0, source=ckpt)
-    return make_batch
+    return make_batch, (sampler, steps, spacing, shown)
 
 
-def onnx_batches(path, sampler, steps, eta, seed, provider, batch, spacing=None, classes=None, guidance=3.0):
+def onnx_batches(path, sampler, steps, eta, seed, provider, batch, spacing=None, classes=None, guidance=None):
     """make_batch for sample_to_folder from an exported model, through ONNX Runtime (each step's
-    noise from numpy, seeded per batch as torch_batches seeds x_T); classes as torch_batches."""
+    noise from numpy, seeded per batch as torch_batches seeds x_T), and its settings; classes
+    as torch_batches."""
     import sample_ort
+    meta = sample_ort.open_sessions(path, provider)[2]
+    sampler, steps, spacing = core.distilled_sampler(meta["distilled_steps"], sampler, steps, eta, spacing)
+    guidance, shown = core.distilled_guidance(meta["distilled_guidance"], guidance, meta["num_classes"] > 0, classes)
     guided = classes is not None and guidance not in (0, 1)  # else one branch is enough
     denoiser, step, meta, device = sample_ort.open_sessions(path, provider, guided=guided,
                                                             multistep=sampler == "dpm++")
@@ -345,7 +352,7 @@ def onnx_batches(path, sampler, steps, eta, seed, provider, batch, spacing=None,
         x_T = rng.standard_normal((size, C, S, S), dtype=np.float32)
         x0 = runner.run(x_T, timesteps, coefs, lambda k, shape: rng.standard_normal(shape, dtype=np.float32))
         return core.to_uint8(x0, source=path)
-    return make_batch
+    return make_batch, (sampler, steps, spacing, shown)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -568,19 +575,20 @@ def fid_command(args):
     if args.json:
         core.check_output_path(args.json, (".json",), "--json")
     result, make_batch = {}, None
-    if not (math.isfinite(args.guidance) and args.guidance >= 0):
+    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
         raise ValueError(f"--guidance {args.guidance}: use a number >= 0 (0: unconditional, 1: conditional)")
     if args.ckpt:  # the model is read first: a sentence about it comes before any download
-        make_batch = torch_batches(args.ckpt, sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
+        make_batch, settings = torch_batches(args.ckpt, sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
                                    device=args.device, spacing=args.spacing, classes=args.classes,
                                    guidance=args.guidance)
     elif args.onnx:
-        make_batch = onnx_batches(args.onnx, sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
+        make_batch, settings = onnx_batches(args.onnx, sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
                                   provider=args.provider, batch=args.batch, spacing=args.spacing,
                                   classes=args.classes, guidance=args.guidance)
     inception = Inception(args.inception_weights, distributed.pick_device(args.device))
     if sampling:
         name = os.path.splitext(os.path.basename(args.ckpt or args.onnx))[0]
+        args.sampler, args.steps, args.spacing, args.guidance = settings  # a distilled model's own
         spacing = args.spacing or core.default_spacing(args.sampler)
         spaced = "" if spacing == "leading" else f"-{spacing}"
         folder = args.samples or os.path.join("runs", "eval", f"{name}-{args.sampler}-{args.steps or 'T'}{spaced}")
@@ -659,8 +667,9 @@ def main(argv=None):
                    help=f"the reference: {', '.join(REFERENCES)}, a folder or a .npz (default: the last SET)")
     p.add_argument("--n", type=int, default=50_000, help="samples to make (default: 50000, as papers)")
     p.add_argument("--batch", type=int, default=250, help="images per sampling batch (default: 250)")
-    p.add_argument("--sampler", choices=core.SAMPLERS, default="ddpm", help="(default: ddpm)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: T)")
+    p.add_argument("--sampler", choices=core.SAMPLERS, default=None, help="(default: ddpm; a distilled model: ddim)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: T; a distilled model: the steps it was distilled for)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (default: 0)")
     p.add_argument("--spacing", choices=core.SPACINGS, default=None,
                    help="the t's of a respaced chain, as for sampling (default: trailing for dpm++, "
@@ -669,8 +678,8 @@ def main(argv=None):
     p.add_argument("--class", dest="classes", default=None, metavar="K",
                    help="a conditional model's classes, sampled in turn: all, names or indices (default: "
                         "none, unconditional)")
-    p.add_argument("--guidance", type=float, default=3.0,
-                   help="classifier-free guidance scale with --class (default: 3)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale with --class (default: 3; a distilled model: its own)")
     p.add_argument("--samples", default=None,
                    help="folder for the samples, resumable (default: runs/eval/<model>-<sampler>-<steps>)")
     p.add_argument("--stats-dir", default=os.path.join("data", "fid_stats"),

@@ -272,6 +272,8 @@ def metadata(cfg, ema, precision, opset, ir_version):
         "ddpm.precision": precision,
         "ddpm.step_graph": graph(False),
         "ddpm.multistep_graph": graph(False, True),  # --sampler dpm++; files without it refuse dpm++
+        "ddpm.distilled_steps": str(cfg.distilled_steps),  # a student's DDIM steps (distill.py); 0: none
+        "ddpm.distilled_guidance": repr(float(cfg.distilled_guidance)),  # the guidance built into it
         **conditional,
     }
 

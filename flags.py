@@ -10,7 +10,8 @@ import math
 import core
 from core import VAR_TYPES
 
-DERIVED_FIELDS = ("num_classes", "class_names", "kind")  # not flags: the data and command set them
+# not flags: the data and the command set them
+DERIVED_FIELDS = ("num_classes", "class_names", "kind", "distilled_steps", "distilled_guidance", "teacher")
 KINDS = ("denoiser", "classifier")
 PREDICTIONS = ("eps", "v", "x0")
 AMP_MODES = ("auto", "bf16", "fp16", "none")
@@ -46,6 +47,9 @@ HELP = {
     "num_classes": "set from the data",
     "class_names": "set from the data",
     "kind": "set by the command",
+    "distilled_steps": "set by distill: the DDIM steps a student samples in (0: not distilled)",
+    "distilled_guidance": "set by distill: the classifier-free guidance built into a student (1: none)",
+    "teacher": "set by distill: the checkpoint a round distilled",
     "data": "shapes (built in), cifar10, stl10, or a folder of images (class sub-folders give "
             "labels)",
     "data_dir": "where cifar10 and stl10 are downloaded to or found",
@@ -122,6 +126,9 @@ def check_config(cfg):
                          "class names")
     if cfg.kind not in KINDS:
         raise ValueError(f"unknown kind '{cfg.kind}'; use {', '.join(KINDS)}")
+    if not 0 <= cfg.distilled_steps <= cfg.T or not (math.isfinite(cfg.distilled_guidance) and cfg.distilled_guidance >= 0):
+        raise ValueError(f"distilled_steps {cfg.distilled_steps} must be 0 to T={cfg.T} and distilled_guidance "
+                         f"{cfg.distilled_guidance} at least 0")
     if not 2 <= cfg.T <= 100_000:
         raise ValueError(f"T={cfg.T}: the diffusion needs 2 to 100,000 steps (Ho et al.: 1000)")
     if cfg.image_size > 4096:
@@ -229,6 +236,14 @@ def add_train_flags(parser, config_class, presets, classifier=False):
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing --ckpt and the run's metrics.jsonl "
                              "(default: refuse to)")
+
+
+def add_info_flags(parser, presets):
+    """The flags of `ddpm.py info`."""
+    parser.add_argument("--model", dest="preset", default=None, choices=list(presets),
+                        help="a preset (default: cifar10)")
+    parser.add_argument("--image-size", type=int, default=None, help="image size (default: the preset's)")
+    parser.add_argument("--ckpt", default=None, help="describe this checkpoint instead (default: none)")
 
 
 def add_sample_flags(parser):

@@ -83,8 +83,11 @@ def read_metadata(session, path):
         class_names = json.loads(meta.get("ddpm.class_names", "[]"))
         guided_graph = base64.b64decode(meta.get("ddpm.guided_step_graph", ""), validate=True)
         multistep = [base64.b64decode(meta.get(key, ""), validate=True) for key in MULTISTEP]
+        distilled = int(meta.get("ddpm.distilled_steps", "0")), float(meta.get("ddpm.distilled_guidance", "1"))
     except (ValueError, TypeError, binascii.Error) as e:
         raise ValueError(f"{problem} ({type(e).__name__}: {str(e)[:100]})") from None
+    if not (0 <= distilled[0] <= T and math.isfinite(distilled[1]) and distilled[1] >= 0):
+        wrong.append(f"ddpm.distilled_steps {distilled[0]} / ddpm.distilled_guidance {distilled[1]}")
     if num_classes and (not isinstance(class_names, list) or len(class_names) != num_classes
                         or not guided_graph):
         wrong.append(f"ddpm.num_classes {num_classes} needs as many ddpm.class_names and a "
@@ -108,7 +111,8 @@ def read_metadata(session, path):
             "precision": meta["ddpm.precision"], "preset": meta.get("ddpm.preset", "?"),
             "step_graph": step_graph, "num_classes": num_classes,
             "class_names": [str(c) for c in class_names], "guided_step_graph": guided_graph,
-            "multistep_graph": multistep[0], "guided_multistep_graph": multistep[1]}
+            "multistep_graph": multistep[0], "guided_multistep_graph": multistep[1],
+            "distilled_steps": distilled[0], "distilled_guidance": distilled[1]}
 
 
 def session_options(batch=None):
@@ -384,7 +388,7 @@ def step_table(betas, sampler="ddpm", num_steps=None, eta=0.0, var_type="fixed_l
     return core.step_table(chain, sampler, eta, var_type)
 
 
-def sample(model, *, n=64, num_steps=None, sampler="ddpm", eta=0.0, seed=0, batch=None, provider="auto",
+def sample(model, *, n=64, num_steps=None, sampler=None, eta=0.0, seed=0, batch=None, provider="auto",
            cuda_graph=False, out="samples.png", outdir=None, progress=(), spacing=None,
            classes=None, guidance_scale=None, host_noise=False):
     """n images from the exported model into one grid (and one PNG each in outdir, and the
@@ -399,10 +403,15 @@ def sample(model, *, n=64, num_steps=None, sampler="ddpm", eta=0.0, seed=0, batc
     given, guidance_scale = guidance_scale, core.GUIDANCE if guidance_scale is None else guidance_scale
     guided = classes is not None and guidance_scale not in (0, 1)  # else one branch is enough
     graph_batch = min(batch or n, n)  # a CUDA graph's fixed batch; later batches are padded to it
-    core.check_sampler(sampler, None, eta, 1, spacing)  # a sentence before any file is opened
-    denoiser, step, meta, device = open_sessions(model, provider, cuda_graph, graph_batch, guided,
-                                                 multistep=sampler == "dpm++")
-    core.guidance_scale(given, meta["num_classes"] > 0, classes)  # a note where it changes nothing
+    core.check_sampler(sampler or "ddpm", None, eta, 1, spacing)  # a sentence before any file is opened
+    opened = (guided, sampler == "dpm++")
+    denoiser, step, meta, device = open_sessions(model, provider, cuda_graph, graph_batch, *opened)
+    # a distilled model samples its own chain, with the guidance built into it (core.distilled_*)
+    sampler, num_steps, spacing = core.distilled_sampler(meta["distilled_steps"], sampler, num_steps, eta, spacing)
+    guidance_scale, shown = core.distilled_guidance(meta["distilled_guidance"], given, meta["num_classes"] > 0, classes)
+    guided = classes is not None and guidance_scale not in (0, 1)
+    if (guided, sampler == "dpm++") != opened:
+        denoiser, step, meta, device = open_sessions(model, provider, cuda_graph, graph_batch, guided, sampler == "dpm++")
     if cuda_graph and device != "cuda":
         core.warn("--cuda-graph: CUDA is not usable here, so the steps run without CUDA graphs")
     labels, nrow = None, None
@@ -439,7 +448,7 @@ def sample(model, *, n=64, num_steps=None, sampler="ddpm", eta=0.0, seed=0, batc
     name = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}[device]
     if labels is not None:
         names = ", ".join(meta["class_names"][c] for c in dict.fromkeys(labels.tolist()))
-        core.say(f"classes {names}, classifier-free guidance {guidance_scale:g}")
+        core.say(f"classes {names}, classifier-free guidance {shown:g}")
     core.say(f"{n * len(timesteps) / elapsed:.1f} image-steps/s, {n} images x {len(timesteps)} "
              f"{sampler} steps in {elapsed:.1f}s on {name} ({meta['precision']}, batch {batch}"
              f"{', CUDA graph' if cuda_graph and device == 'cuda' else ''})")

@@ -6,7 +6,7 @@
 Each mutant edits one line of ddpm.py, the files beside it (core.py, data.py, checkpoints.py,
 distributed.py), sample_ort.py or export.py in a temporary copy of the repository, then runs
 `pytest -m "not diffusers and not slow" -x` there: the tests that need neither the reference
-library nor minutes of training. First a control run on an unchanged copy must pass. A mutant
+library nor minutes of training, the mutated file's own test file first. First a control run on an unchanged copy must pass. A mutant
 the tests do not catch is a hole in them; the script lists those and exits 1. (Not collected by
 pytest: no test_ prefix.)
 """
@@ -188,12 +188,40 @@ MUTANTS = [
     # files from before the redesign (issue 23)
     ("ddpm.py", 'RENAMED_FIELDS = {"model": "preset", "out": "run_dir"}', "RENAMED_FIELDS = {}",
      "old checkpoints' config names ignored"),
+    # progressive distillation (distill.py)
+    ("distill.py", "for k in (2 * i + 1, 2 * i):", "for k in (2 * i, 2 * i - 1):",
+     "distillation target: the teacher's steps one index early"),
+    ("distill.py", "alpha, sigma, alpha_2, sigma_2 = alphas_sigmas(self, i, z)",
+     "alpha, sigma, alpha_2, sigma_2 = alphas_sigmas(chain, i, z)", "distillation target: the teacher's abar at the student's index"),
+    ("distill.py", "z = alpha_next * x_hat + sigma_next / sigma * (z - alpha * x_hat)",
+     "z = alpha_next * x_hat + sigma_next * (z - alpha * x_hat)", "the teacher's DDIM step without 1 / sigma_t"),
+    ("distill.py", "if chain.clip_x0:  # as the teacher's sampler does", "if False:  # as the teacher's sampler does",
+     "distillation target: the teacher's x_0 not clipped"),
+    ("distill.py", "return (abar / (1 - abar)).clamp(min=1.0)", "return (abar / (1 - abar)).clamp(max=1.0)",
+     "distillation weight min(SNR, 1)"),
+    ("distill.py", "return (abar / (1 - abar)).clamp(min=1.0)", "return abar / (1 - abar) + 1",
+     "distillation weight SNR + 1"),
+    ("distill.py", "return alpha * x_t - sigma * out", "return alpha * x_t + sigma * out",
+     "x_0 from v with a wrong sign"),
+    ("distill.py", "guidance if built_in == 1 else 1.0)", "guidance)",
+     "a guided student's guidance applied again when it teaches"),
+    ("core.py", '    return "ddim", steps, "trailing"', '    return "ddim", steps, "leading"',
+     "a student sampled on the leading grid"),
 ]
 
 COMMAND = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not diffusers and not slow",
            "tests/test_tables.py", "tests/test_core.py", "tests/test_onnx.py", "tests/test_legacy.py",
            "tests/test_convert.py", "tests/test_train.py", "tests/test_bound.py", "tests/test_guidance.py",
-           "tests/test_ddp.py"]
+           "tests/test_ddp.py", "tests/test_distill.py"]
+
+
+def command_for(path):
+    """COMMAND with the mutated file's own test file (tests/test_<name>.py) first, where there is one."""
+    own = f"tests/test_{os.path.splitext(path)[0]}.py"
+    files = [a for a in COMMAND if a.startswith("tests/")]
+    if own not in files:
+        return COMMAND
+    return COMMAND[:-len(files)] + [own] + [f for f in files if f != own]
 
 
 def copy_repository(tmp):
@@ -236,7 +264,7 @@ def main(argv):
             with open(os.path.join(tmp, path), "w") as f:
                 f.write(text.replace(old, new))
             t0 = time.time()
-            r = subprocess.run(COMMAND, cwd=tmp, capture_output=True, text=True)
+            r = subprocess.run(command_for(path), cwd=tmp, capture_output=True, text=True)
             failed = [line.split(" - ")[0] for line in r.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
             caught = r.returncode != 0 and failed
             print(f"{n:2d} {'caught' if caught else 'MISSED'} in {time.time() - t0:4.0f}s  {path}: {what}"

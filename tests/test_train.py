@@ -589,7 +589,7 @@ def test_steps_inside_the_warmup_warn(tmp_path, capsys):
 
 
 def test_help_gives_every_flag_a_default():
-    for command in ("train", "sample", "info"):
+    for command in ("train", "sample", "distill", "info"):
         out = io.StringIO()
         with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
             ddpm.main([command, "-h"])
