@@ -3,6 +3,7 @@ from a closed-form Gaussian teacher, the truncated-SNR loss, a student that lear
 teacher's two steps in one, and the command end to end: rounds, checkpoints that record their
 steps, exact resume, the samplers' defaults and refusals, ONNX Runtime against PyTorch."""
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -225,6 +226,31 @@ def test_rounds_and_grids():
                              ddpm.Config(T=T), 48)
 
 
+def test_the_rounds_chain_teachers_and_guide_only_the_first(tmp_path, monkeypatch):
+    """The round loop with training stubbed out: each round's config, its teacher (the previous
+    round's file), and the guidance its teacher is sampled with: 3 for the trained model, 1 for a
+    student that has it built in (guiding it again would square it)."""
+    cfg = ddpm.make_config("tiny", image_size=16, cond=True, num_classes=3, class_names=("a", "b", "c"),
+                           prediction="eps", schedule="cosine")
+    path = str(tmp_path / "teacher.pt")
+    checkpoints.save_checkpoint(path, checkpoints.checkpoint_state(cfg, ddpm.build_model(cfg), step=7))
+    seen = []
+
+    def no_training(cfg, *, resume=None, overwrite=False, diffusion=None, init=None):
+        seen.append((cfg.distilled_steps, diffusion.guidance, cfg.distilled_guidance, cfg.teacher, cfg.prediction,
+                     cfg.steps, cfg.cosine_lr, cfg.warmup))
+        os.makedirs(os.path.dirname(cfg.ckpt), exist_ok=True)
+        checkpoints.save_checkpoint(cfg.ckpt, checkpoints.checkpoint_state(cfg, init, step=cfg.steps))
+    monkeypatch.setattr(ddpm, "train", no_training)
+    out = tmp_path / "out"
+    last = distill.distill(path, from_steps=16, to_steps=4, round_steps=3, out=str(out))
+    assert last == str(out / "4-steps.pt")
+    assert seen == [(8, 3.0, 3.0, path, "v", 3, True, 0), (4, 1.0, 3.0, str(out / "8-steps.pt"), "v", 3, True, 0)]
+    seen.clear()  # a student as the teacher: its steps and its guidance, never guided again
+    distill.distill(last, to_steps=2, round_steps=3, out=str(tmp_path / "more"))
+    assert seen == [(2, 1.0, 3.0, last, "v", 3, True, 0)]
+
+
 # -- the command, end to end, on shapes --------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -263,6 +289,7 @@ def students(teacher, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # the trained teacher and its students: about 35 s in all
 def test_each_round_writes_a_checkpoint_that_records_its_steps(students, teacher):
     # the first teacher is guided at 3; its students have that guidance in their weights already
     assert Recorded.scales == [3.0, 1.0]
@@ -277,6 +304,7 @@ def test_each_round_writes_a_checkpoint_that_records_its_steps(students, teacher
         assert len(rows) == 3  # steps 4, 8, 12
 
 
+@pytest.mark.slow
 def test_a_stopped_round_resumes_exactly(teacher, students, tmp_path, monkeypatch):
     """Stopped (Ctrl-C) in the second round after its step-5 checkpoint, then --resume: the first
     round is kept, the second continues from step 5, and the weights equal the uninterrupted run's."""
@@ -303,10 +331,12 @@ def test_a_stopped_round_resumes_exactly(teacher, students, tmp_path, monkeypatc
         assert all(torch.equal(a[k], b[k]) for k in a), steps
 
 
+@pytest.mark.slow
 def test_a_second_distillation_into_the_same_folder_is_refused(teacher, students):
     refusal(ddpm.main, ["distill", "--teacher", str(teacher), "--out", str(students), *DISTILL], "--overwrite")
 
 
+@pytest.mark.slow
 def test_students_sample_in_their_own_steps_by_default_and_refuse_others(students, tmp_path):
     ckpt, onnx = students / "2-steps.pt", tmp_path / "s.onnx"
     export.export(str(ckpt), str(onnx))
@@ -326,6 +356,7 @@ def test_students_sample_in_their_own_steps_by_default_and_refuse_others(student
     assert (meta["distilled_steps"], meta["distilled_guidance"]) == (2, 3.0)
 
 
+@pytest.mark.slow
 def test_student_trajectory_parity_pytorch_and_onnx_runtime(students, tmp_path):
     """The 4-step student's deterministic chain with its built-in guidance, from the same x_T."""
     ckpt, onnx = students / "4-steps.pt", tmp_path / "s.onnx"
@@ -346,6 +377,7 @@ def test_student_trajectory_parity_pytorch_and_onnx_runtime(students, tmp_path):
     assert err < 1e-3
 
 
+@pytest.mark.slow
 def test_distill_mistakes_are_sentences(teacher, students, tmp_path):
     base = ["distill", "--out", str(tmp_path / "o")]
     cases = [
@@ -363,6 +395,7 @@ def test_distill_mistakes_are_sentences(teacher, students, tmp_path):
     refusal(ddpm.main, ["train", "--resume", str(students / "2-steps.pt")], "distilled student")
 
 
+@pytest.mark.slow
 def test_converting_a_student_to_diffusers_says_how_to_sample_it(students, tmp_path, capsys):
     import convert
     convert.to_diffusers(str(students / "4-steps.pt"), str(tmp_path / "pipeline"))
