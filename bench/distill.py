@@ -69,8 +69,8 @@ def main(argv=None):
     runs = [("teacher", args.teacher, "ddpm", args.ddpm_steps, None)] if args.ddpm_steps else []
     runs += [("teacher", args.teacher, "ddim", k, spacing) for spacing in ("leading", "trailing") for k in solver_steps]
     runs += [("teacher", args.teacher, "dpm++", k, "trailing") for k in solver_steps]
-    runs += [("teacher", args.teacher, "ddim", k, "trailing") for k in map(int, args.teacher_steps.split(",")) if k]
-    runs += [(f"student {k}", os.path.join(args.students, f"{k}-steps.pt"), None, k, None) for k in map(int, args.steps.split(","))]
+    runs += [("teacher", args.teacher, "ddim", k, "trailing") for k in [int(k) for k in args.teacher_steps.split(",") if k]]
+    runs += [(f"student {k}", os.path.join(args.students, f"{k}-steps.pt"), None, k, None) for k in [int(k) for k in args.steps.split(",") if k]]
     onnx, rows = {}, []
     for name, ckpt, sampler, steps, spacing in runs:
         if ckpt not in onnx:
