@@ -332,12 +332,9 @@ def onnx_batches(path, sampler, steps, eta, seed, provider, batch, spacing=None,
     noise from numpy, seeded per batch as torch_batches seeds x_T), and its settings; classes
     as torch_batches."""
     import sample_ort
-    meta = sample_ort.open_sessions(path, provider)[2]
-    sampler, steps, spacing = core.distilled_sampler(meta["distilled_steps"], sampler, steps, eta, spacing)
-    guidance, shown = core.distilled_guidance(meta["distilled_guidance"], guidance, meta["num_classes"] > 0, classes)
+    (denoiser, step, meta, device), (sampler, steps, spacing, guidance, shown) = sample_ort.open_for_sampling(
+        path, provider, False, None, sampler, steps, eta, spacing, guidance, classes)
     guided = classes is not None and guidance not in (0, 1)  # else one branch is enough
-    denoiser, step, meta, device = sample_ort.open_sessions(path, provider, guided=guided,
-                                                            multistep=sampler == "dpm++")
     labels = sample_labels(classes, meta["class_names"], path)
     timesteps, coefs = sample_ort.step_table(meta["betas"], sampler, steps, eta, meta["var_type"], spacing)
     C, S = meta["in_channels"], meta["image_size"]

@@ -388,6 +388,24 @@ def step_table(betas, sampler="ddpm", num_steps=None, eta=0.0, var_type="fixed_l
     return core.step_table(chain, sampler, eta, var_type)
 
 
+def open_for_sampling(path, provider, cuda_graph, batch, sampler, num_steps, eta, spacing, guidance, classes):
+    """open_sessions for a sampler's flags, and the settings they come to: (sessions, (sampler,
+    num_steps, spacing, the guidance scale to apply, the one the samples have)). A distilled
+    model samples its own chain, with the guidance built into it (core.distilled_*), which the
+    metadata tells: the sessions opened for the flags as given are opened again where that
+    changes the update graph (the guided one or not, DPM-Solver++'s or not)."""
+    given = core.GUIDANCE if guidance is None else guidance
+    opened = (classes is not None and given not in (0, 1), sampler == "dpm++")  # guided: else one branch
+    sessions = open_sessions(path, provider, cuda_graph, batch, *opened)
+    meta = sessions[2]
+    sampler, num_steps, spacing = core.distilled_sampler(meta["distilled_steps"], sampler, num_steps, eta, spacing)
+    scale, shown = core.distilled_guidance(meta["distilled_guidance"], guidance, meta["num_classes"] > 0, classes)
+    wanted = (classes is not None and scale not in (0, 1), sampler == "dpm++")
+    if wanted != opened:
+        sessions = open_sessions(path, provider, cuda_graph, batch, *wanted)
+    return sessions, (sampler, num_steps, spacing, scale, shown)
+
+
 def sample(model, *, n=64, num_steps=None, sampler=None, eta=0.0, seed=0, batch=None, provider="auto",
            cuda_graph=False, out="samples.png", outdir=None, progress=(), spacing=None,
            classes=None, guidance_scale=None, host_noise=False):
@@ -400,18 +418,11 @@ def sample(model, *, n=64, num_steps=None, sampler=None, eta=0.0, seed=0, batch=
     progress = core.check_sampling_request(n, batch, guidance_scale, out, progress, outdir, (model,), seed)
     if cuda_graph and provider == "cpu":
         raise ValueError("--cuda-graph captures CUDA work; it needs --provider cuda (or auto on a GPU)")
-    given, guidance_scale = guidance_scale, core.GUIDANCE if guidance_scale is None else guidance_scale
-    guided = classes is not None and guidance_scale not in (0, 1)  # else one branch is enough
     graph_batch = min(batch or n, n)  # a CUDA graph's fixed batch; later batches are padded to it
     core.check_sampler(sampler or "ddpm", None, eta, 1, spacing)  # a sentence before any file is opened
-    opened = (guided, sampler == "dpm++")
-    denoiser, step, meta, device = open_sessions(model, provider, cuda_graph, graph_batch, *opened)
-    # a distilled model samples its own chain, with the guidance built into it (core.distilled_*)
-    sampler, num_steps, spacing = core.distilled_sampler(meta["distilled_steps"], sampler, num_steps, eta, spacing)
-    guidance_scale, shown = core.distilled_guidance(meta["distilled_guidance"], given, meta["num_classes"] > 0, classes)
+    (denoiser, step, meta, device), (sampler, num_steps, spacing, guidance_scale, shown) = open_for_sampling(
+        model, provider, cuda_graph, graph_batch, sampler, num_steps, eta, spacing, guidance_scale, classes)
     guided = classes is not None and guidance_scale not in (0, 1)
-    if (guided, sampler == "dpm++") != opened:
-        denoiser, step, meta, device = open_sessions(model, provider, cuda_graph, graph_batch, guided, sampler == "dpm++")
     if cuda_graph and device != "cuda":
         core.warn("--cuda-graph: CUDA is not usable here, so the steps run without CUDA graphs")
     labels, nrow = None, None
