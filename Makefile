@@ -3,7 +3,7 @@ PY := .venv/bin/python
 DEMO := runs/demo
 DEMO_STEPS := 600
 
-.PHONY: install test test-fast mutants demo demo-check distill bench bench-gpu bench-ddp bench-solver gpu-check clean
+.PHONY: install test test-fast mutants demo demo-check distill bench bench-gpu bench-ddp bench-solver bench-startup gpu-check clean
 
 install: .venv/.installed
 
@@ -13,19 +13,23 @@ install: .venv/.installed
 	.venv/bin/pip install -q -r requirements.txt -r requirements-dev.txt
 	touch $@
 
-# Everything (what CI runs): under 15 minutes on 2 cores. The test files run on one pytest-xdist
+# Everything (what CI runs): at most 10 minutes on 2 cores, ending with the 10 slowest tests and
+# the wall time (docs/testing.md has the per-file budget). The test files run on one pytest-xdist
 # worker per core (tests/conftest.py gives each worker its own cores); JOBS=1 runs them in turn.
 JOBS := auto
-XDIST = $(if $(filter 1,$(JOBS)),,-n $(JOBS) --dist loadfile)
+XDIST = $(if $(filter 1,$(JOBS)),,-n $(JOBS) --dist loadfile --no-loadscope-reorder)
+TIMED = start=$$(date +%s); $(1); rc=$$?; echo "$@: wall time $$(( $$(date +%s) - start )) s"; exit $$rc
 test: install
-	$(PY) -m pytest $(XDIST)
+	@$(call TIMED,$(PY) -m pytest $(XDIST))
 
-# The edit loop: all but the tests that run for minutes (marker `slow`), under 3 minutes.
+# The edit loop, at most 2 minutes: all but the tests that train for minutes (marker `slow`) or
+# run whole commands for seconds (marker `heavy`).
 test-fast: install
-	$(PY) -m pytest $(XDIST) -m "not slow"
+	@$(call TIMED,$(PY) -m pytest $(XDIST) -m "not slow and not heavy")
 
 # Plants known bugs in ddpm.py, sample_ort.py and export.py one at a time and checks that the
-# tests without diffusers and without `slow` catch every one (tests/mutants.py). About 45 minutes.
+# tests without diffusers and without `slow` (the `heavy` ones included) catch every one
+# (tests/mutants.py). About 45 minutes.
 mutants: install
 	$(PY) tests/mutants.py
 
@@ -61,11 +65,11 @@ demo-check: install
 	DEMO_CHECK=full $(PY) -m pytest -p no:cacheprovider tests/test_demo.py
 
 # Progressive distillation of the demo model (`make demo` first): rounds from 64 DDIM steps down
-# to 4 (ddpm.py distill), then the judged table of teacher, solvers and students through PyTorch and
+# to 4 (distill.py), then the judged table of teacher, solvers and students through PyTorch and
 # ONNX Runtime (bench/distill.py; docs/distillation.md has the figures).
 DISTILL := runs/distill
 distill: install
-	$(PY) ddpm.py distill --teacher $(DEMO)/ckpt.pt --from-steps 64 --to-steps 4 --round-steps 600 --lr 1e-3 \
+	$(PY) distill.py --teacher $(DEMO)/ckpt.pt --from-steps 64 --to-steps 4 --round-steps 600 --lr 1e-3 \
 		--sample-every 0 --log-every 50 --out $(DISTILL) --overwrite
 	$(PY) bench/distill.py --teacher $(DEMO)/ckpt.pt --students $(DISTILL) --out $(DISTILL)/bench
 
@@ -87,6 +91,10 @@ gpu-check: install
 CKPT := $(DEMO)/ckpt.pt
 bench-solver: install
 	$(PY) bench/solver_error.py --ckpt $(CKPT)
+
+# How long each command takes to answer --help (torch is imported only after the flags parse).
+bench-startup: install
+	$(PY) bench/startup.py
 
 # Training on one process against a torchrun job of 2 on the same cores (bench/ddp.py).
 bench-ddp: install

@@ -14,7 +14,8 @@ import threading
 import torch
 import torch.distributed as dist
 
-import core
+import files
+import messages
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_EXTENSIONS = (".pt", ".pth", ".ckpt")
@@ -38,7 +39,7 @@ def save_checkpoint(path, state):
                                      if v.is_floating_point()):
             raise ValueError(f"the {part} weights are not finite (the training diverged); "
                              f"'{path}' was not written")
-    core.write_atomically(path, lambda tmp: torch.save(state, tmp))
+    files.write_atomically(path, lambda tmp: torch.save(state, tmp))
 
 
 def read_checkpoint(path):
@@ -115,11 +116,11 @@ def check_run_files(cfg, resume, overwrite):
     if exists and not (overwrite or continuing):
         raise ValueError(f"--ckpt '{cfg.ckpt}' exists ({checkpoint_step(cfg.ckpt)}); continue that "
                          "run with --resume, or start over with --overwrite")
-    core.check_output_path(cfg.ckpt, CHECKPOINT_EXTENSIONS, "--ckpt")
+    files.check_output_path(cfg.ckpt, CHECKPOINT_EXTENSIONS, "--ckpt")
     if os.path.isfile(log) and os.path.getsize(log) and resume is None and not overwrite:
         raise ValueError(f"'{log}' holds the log of an earlier run; continue that run with --resume, "
                          "start over with --overwrite, or pick another --out")
-    core.check_writable_folder(cfg.run_dir, "--out")
+    files.check_writable_folder(cfg.run_dir, "--out")
 
 
 def check_free_space(path, num_params):
@@ -127,7 +128,7 @@ def check_free_space(path, num_params):
     where it cannot be written, instead of failing at the first save."""
     need = 4 * 4 * num_params + (64 << 20)  # float32 tensors, plus room for logs and grids
     folder = os.path.dirname(os.path.abspath(path))
-    missing = core.missing_folders(folder)  # not made yet: the disk it will be made on
+    missing = files.missing_folders(folder)  # not made yet: the disk it will be made on
     free = shutil.disk_usage(os.path.dirname(missing[-1]) if missing else folder).free
     if free < need:
         raise ValueError(f"only {free >> 20} MB free beside '{path}'; a checkpoint of this model "
@@ -138,10 +139,12 @@ def check_free_space(path, num_params):
 # Resuming and saving during a run
 
 
-def restore(state, path, saved_cfg, cfg, fixed, raw_model, ema, optimizer, scaler):
-    """Load the training state read from `path` into the given objects; returns its step. The
-    config fields named in `fixed` (those that define the model) must match; changed training
-    settings are reported, and this run's win."""
+def restore(state, path, saved_cfg, run, fixed):
+    """Load the training state read from `path` into a run (ddpm.Run: its raw_model, ema,
+    optimizer and scaler); returns its step. The config fields named in `fixed` (those that
+    define the model) must match the run's; changed training settings are reported, and this
+    run's win."""
+    cfg, optimizer = run.cfg, run.optimizer
     for name in fixed:
         if getattr(saved_cfg, name) != getattr(cfg, name):
             raise ValueError(f"--resume {path}: the checkpoint has {name}={getattr(saved_cfg, name)}, "
@@ -149,19 +152,19 @@ def restore(state, path, saved_cfg, cfg, fixed, raw_model, ema, optimizer, scale
                              "or its schedule")
     if state.get("format_version") != CHECKPOINT_FORMAT or not isinstance(state.get("optimizer"), dict):
         raise ValueError(f"'{path}' holds weights only, not a training state to resume")
-    load_weights(raw_model, state["model"], path)
-    load_weights(ema, state["ema"], path, "EMA weights")
+    load_weights(run.raw_model, state["model"], path)
+    load_weights(run.ema, state["ema"], path, "EMA weights")
     load_weights(optimizer, state["optimizer"], path, "optimizer state")
     for group in optimizer.param_groups:  # the saved groups carry the old run's settings: this run's win
         group.update(optimizer.defaults)
-    load_weights(scaler, state["scaler"], path, "gradient scaler state")
+    load_weights(run.scaler, state["scaler"], path, "gradient scaler state")
     step = int(state["step"])
     for f in dataclasses.fields(cfg):
         old, new = getattr(saved_cfg, f.name), getattr(cfg, f.name)
         if old != new and f.name not in ("ckpt", "run_dir", "steps"):
-            core.say(f"resume: {f.name} was {old} in the checkpoint and is {new} now; {new} is used "
-                     f"from step {step} on")
-    core.say(f"resuming from {path} at step {step} of {cfg.steps}")
+            messages.say(f"resume: {f.name} was {old} in the checkpoint and is {new} now; {new} is used "
+                         f"from step {step} on")
+    messages.say(f"resuming from {path} at step {step} of {cfg.steps}")
     return step
 
 
@@ -181,7 +184,7 @@ def save_during_run(path, state, final, saved_step):
         message = f"could not save step {state['step']} to '{path}' ({getattr(e, 'strerror', None) or e})"
         if final or isinstance(e, ValueError):
             raise Stopped(f"error: {message}; {on_disk(path, saved_step)}", 1) from None
-        core.warn(f"{message}; {on_disk(path, saved_step)}; training goes on")
+        messages.warn(f"{message}; {on_disk(path, saved_step)}; training goes on")
         return saved_step
 
 
@@ -213,8 +216,8 @@ class StopSignals:
         if self.signal is not None:
             raise KeyboardInterrupt
         self.signal = signum
-        core.warn(f"\n{signal.Signals(signum).name}: stopping after this step to save a checkpoint "
-                  "(send it again to stop at once, without saving)", kind=None)
+        messages.warn(f"\n{signal.Signals(signum).name}: stopping after this step to save a checkpoint "
+                      "(send it again to stop at once, without saving)", kind=None)
 
     def __exit__(self, exc_type, *exc):
         # a job of several processes that is ending with an error: the SIGTERM torchrun sends the

@@ -5,8 +5,9 @@
 
 A diffusers folder is a UNet2DModel (config.json + diffusion_pytorch_model.safetensors or .bin,
 at the top or in unet/) and optionally a scheduler (scheduler_config.json, at the top or in
-scheduler/). --to-diffusers writes the layout `DDPMPipeline.from_pretrained(DIR)` loads:
-model_index.json, unet/ and scheduler/. diffusers itself is not needed for either direction.
+scheduler/). --to-diffusers writes the layout `DDPMPipeline.from_pretrained(DIR)` loads
+(`DDIMPipeline` for a distilled student): model_index.json, unet/ and scheduler/. diffusers
+itself is not needed for either direction.
 
 The mapping (checked against diffusers in tests/test_diffusers.py):
   [sin, cos] time embedding (flip_sin_to_cos False, freq_shift 1); Downsample pads right/bottom
@@ -24,11 +25,37 @@ import os
 import shutil
 import sys
 
+
+def parser():
+    """convert.py's flags."""
+    p = argparse.ArgumentParser(description="Convert Ho et al.'s U-Net between ddpm.py checkpoints "
+                                            "and diffusers folders.")
+    way = p.add_mutually_exclusive_group(required=True)
+    way.add_argument("--from-diffusers", metavar="DIR",
+                     help="a diffusers UNet2DModel or DDPMPipeline folder, e.g. google/ddpm-cifar10-32 "
+                          "(no default: this or --to-diffusers is required)")
+    way.add_argument("--to-diffusers", metavar="CKPT",
+                     help="a ddpm.py checkpoint (no default: this or --from-diffusers is required)")
+    p.add_argument("-o", "--out", default=None,
+                   help="the checkpoint to write (default: ckpt.pt) or the folder to write "
+                        "(default: the checkpoint's name with -diffusers)")
+    p.add_argument("--no-ema", action="store_true",
+                   help="--to-diffusers: write the raw, not the EMA, weights (default: EMA)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output checkpoint or folder (default: refuse)")
+    return p
+
+
+if __name__ == "__main__":  # --help and a malformed flag are answered before torch loads (seconds)
+    parser().parse_args()
+
 import torch
 
 import checkpoints
-import core
 import ddpm
+import files
+import messages
+import schedules
 
 HO_LAYOUT = {  # UNet2DModel settings that make it Ho et al.'s network
     "act_fn": "silu", "norm_eps": 1e-6, "downsample_padding": 0,
@@ -143,21 +170,31 @@ def schedule_config(sched, path):
         raise ValueError(f"scheduler '{path}' uses betas we do not build ({sched.get('beta_schedule')}, "
                          f"{sched.get('beta_start')}..{sched.get('beta_end')} over T={T})")
     var_type = sched.get("variance_type", "fixed_small")
-    if var_type not in core.VAR_TYPES:
+    if var_type not in schedules.VAR_TYPES:
         raise ValueError(f"scheduler '{path}': variance_type {var_type} is not supported")
     prediction = {theirs: ours for ours, theirs in PREDICTION_TYPES.items()}.get(sched.get("prediction_type", "epsilon"))
     if prediction is None:
         raise ValueError(f"scheduler '{path}': prediction_type {sched['prediction_type']} is not one of "
                          f"{', '.join(PREDICTION_TYPES.values())}")
-    return dict(var_type=var_type, clip_x0=typed(sched, "clip_sample", bool, True, path), T=T, schedule=kind,
-                prediction=prediction)
+    found = dict(var_type=var_type, clip_x0=typed(sched, "clip_sample", bool, True, path), T=T, schedule=kind,
+                 prediction=prediction)
+    if "distilled_steps" in sched:  # a student we wrote (scheduler_config)
+        found.update(distilled_steps=typed(sched, "distilled_steps", int, 0, path),
+                     distilled_guidance=typed(sched, "distilled_guidance", float, 1.0, path))
+    return found
 
 
 def scheduler_config(cfg):
-    """DDPMScheduler settings with our betas, variance and clipping (the inverse of the above)."""
+    """DDPMScheduler settings with our betas, variance and clipping (the inverse of the above). A
+    distilled student gets a DDIMScheduler instead (Salimans & Ho's students take deterministic
+    DDIM steps at the trailing t's, the last one onto abar = 1), with its steps and its built-in
+    guidance recorded (diffusers ignores the two keys; convert.py reads them back)."""
     sched = {"_class_name": "DDPMScheduler", "num_train_timesteps": cfg.T, "variance_type": cfg.var_type,
              "clip_sample": cfg.clip_x0, "clip_sample_range": 1.0,
              "prediction_type": PREDICTION_TYPES[cfg.prediction]}
+    if cfg.distilled_steps:
+        sched.update(_class_name="DDIMScheduler", timestep_spacing="trailing", set_alpha_to_one=True, steps_offset=0,
+                     distilled_steps=cfg.distilled_steps, distilled_guidance=cfg.distilled_guidance)
     if cfg.schedule == "linear":
         sched.update(beta_schedule="linear", beta_start=1e-4 * 1000 / cfg.T, beta_end=0.02 * 1000 / cfg.T)
     else:
@@ -255,7 +292,7 @@ def read_weights(unet_dir):
 
 def from_diffusers(folder, out="ckpt.pt", overwrite=False):
     """Read a diffusers UNet2DModel folder and write our self-describing checkpoint."""
-    core.check_output_path(out, checkpoints.CHECKPOINT_EXTENSIONS, "-o", overwrite=overwrite)
+    files.check_output_path(out, checkpoints.CHECKPOINT_EXTENSIONS, "-o", overwrite=overwrite)
     unet_dir = os.path.join(folder, "unet") if os.path.isdir(os.path.join(folder, "unet")) else folder
     config_path = os.path.join(unet_dir, "config.json")
     if not os.path.isfile(config_path):
@@ -298,7 +335,7 @@ def from_diffusers(folder, out="ckpt.pt", overwrite=False):
         checkpoints.save_checkpoint(out, checkpoints.checkpoint_state(cfg, model))
     except OSError as e:  # a full disk: the atomic write left nothing behind
         raise ValueError(f"cannot write '{out}' ({e.strerror or e})") from None
-    core.say(f"wrote {out}: {ddpm.count_params(model):,} parameters, {cfg.image_size}x{cfg.image_size}, "
+    messages.say(f"wrote {out}: {ddpm.count_params(model):,} parameters, {cfg.image_size}x{cfg.image_size}, "
           f"{cfg.schedule} schedule, {cfg.var_type}, clip_x0={cfg.clip_x0}")
     return cfg
 
@@ -315,11 +352,7 @@ def to_diffusers(ckpt, out, ema=True, overwrite=False):
     if os.path.commonpath([os.path.realpath(out), os.path.realpath(ckpt)]) == os.path.realpath(out):
         raise ValueError(f"-o '{out}' holds the input '{ckpt}'; write the pipeline to another folder")
     model, cfg = ddpm.load_checkpoint(ckpt, ema=ema)
-    if cfg.distilled_steps:  # a DDPMPipeline folder has no place for it: say how to sample it
-        core.warn(f"'{ckpt}' is a distilled student: it samples only in {cfg.distilled_steps} deterministic DDIM "
-                  f"steps (DDIMScheduler with timestep_spacing='trailing', eta 0"
-                  + (f", guidance {cfg.distilled_guidance:g} built into its labelled branch" if cfg.num_classes else "")
-                  + "), which the folder does not record; DDPMPipeline's 1000 steps draw no images from it")
+    pipeline, scheduler = ("DDIMPipeline", "DDIMScheduler") if cfg.distilled_steps else ("DDPMPipeline", "DDPMScheduler")
     from safetensors.torch import save_file
     num_levels = len(cfg.ch_mult)
     theirs = {}
@@ -329,8 +362,7 @@ def to_diffusers(ckpt, out, ema=True, overwrite=False):
             and "group_norm" not in name
         theirs[name] = (value[:, :, 0, 0] if is_attention_linear else value).contiguous()
     unet = {"_class_name": "UNet2DModel", **unet2d_config(cfg)}
-    index = {"_class_name": "DDPMPipeline", "scheduler": ["diffusers", "DDPMScheduler"],
-             "unet": ["diffusers", "UNet2DModel"]}
+    index = {"_class_name": pipeline, "scheduler": ["diffusers", scheduler], "unet": ["diffusers", "UNet2DModel"]}
     out = os.path.abspath(out)
     tmp = f"{out}.tmp{os.getpid()}"  # build beside it, then move into place
     try:
@@ -358,35 +390,24 @@ def to_diffusers(ckpt, out, ema=True, overwrite=False):
         raise ValueError(f"cannot write '{out}' ({e.strerror or e})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    core.say(f"wrote {out}: DDPMPipeline folder ({ddpm.count_params(model):,} parameters, "
+    messages.say(f"wrote {out}: {pipeline} folder ({ddpm.count_params(model):,} parameters, "
           f"{'EMA' if ema else 'raw'} weights, {cfg.schedule} schedule, {cfg.var_type})")
+    if cfg.distilled_steps:
+        messages.say(f"a distilled student: sample it with {pipeline}.from_pretrained(...)(num_inference_steps="
+                     f"{cfg.distilled_steps}, eta=0.0" + (", use_clipped_model_output=True)" if cfg.clip_x0 else ")") + (f"; its guidance {cfg.distilled_guidance:g} is built into "
+                     "the labelled branch: call the UNet with class_labels (docs/diffusers.md)" if cfg.num_classes else ""))
     return out
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Convert Ho et al.'s U-Net between ddpm.py checkpoints "
-                                            "and diffusers folders.")
-    way = p.add_mutually_exclusive_group(required=True)
-    way.add_argument("--from-diffusers", metavar="DIR",
-                     help="a diffusers UNet2DModel or DDPMPipeline folder, e.g. google/ddpm-cifar10-32 "
-                          "(no default: this or --to-diffusers is required)")
-    way.add_argument("--to-diffusers", metavar="CKPT",
-                     help="a ddpm.py checkpoint (no default: this or --from-diffusers is required)")
-    p.add_argument("-o", "--out", default=None,
-                   help="the checkpoint to write (default: ckpt.pt) or the folder to write "
-                        "(default: the checkpoint's name with -diffusers)")
-    p.add_argument("--no-ema", action="store_true",
-                   help="--to-diffusers: write the raw, not the EMA, weights (default: EMA)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing output checkpoint or folder (default: refuse)")
-    args = p.parse_args(argv)
+    args = parser().parse_args(argv)
     try:
         if args.from_diffusers:
             from_diffusers(args.from_diffusers, out=args.out or "ckpt.pt", overwrite=args.overwrite)
         else:
             out = args.out or os.path.splitext(args.to_diffusers)[0] + "-diffusers"
             to_diffusers(args.to_diffusers, out, ema=not args.no_ema, overwrite=args.overwrite)
-    except ValueError as e:
+    except (ValueError, files.WriteFailed) as e:  # a user's mistake, a full disk: one sentence
         raise SystemExit(f"error: {e}") from None
     except KeyboardInterrupt:
         raise SystemExit("\ninterrupted; nothing was written") from None

@@ -21,7 +21,8 @@ import torch
 from PIL import Image, ImageDraw
 
 import checkpoints
-import core
+import files
+import messages
 
 SHAPE_CLASSES = ("circle", "square", "triangle", "diamond", "cross",
                  "ring", "star", "hbar", "vbar", "ellipse")
@@ -133,19 +134,23 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 if not subdirs and dirpath != folder:
                     continue
                 candidates += [(os.path.join(dirpath, f), label) for f in sorted(files)]
-        self.items, skipped = [], 0
+        self.items, unreadable, others = [], [], 0
         for path, label in candidates:
-            # regular files only: a FIFO named x.png would block the open forever
-            if os.path.splitext(path)[1].lower() not in IMAGE_EXTENSIONS or not os.path.isfile(path) \
-                    or not _opens(path):
-                skipped += 1
-                continue
-            self.items.append((path, label))
-        self.skipped = skipped
+            if os.path.splitext(path)[1].lower() not in IMAGE_EXTENSIONS:
+                others += 1
+            elif not os.path.isfile(path):  # a FIFO named x.png would block the open forever
+                unreadable.append(f"'{os.path.relpath(path, root)}' (not a regular file)")
+            elif not _opens(path):
+                unreadable.append(f"'{os.path.relpath(path, root)}' (not a readable image)")
+            else:
+                self.items.append((path, label))
+        self.skipped = others + len(unreadable)
         if not self.items:
-            raise ValueError(f"no readable images in '{root}' ({skipped} other files skipped)")
-        if skipped:
-            core.say(f"data: skipped {skipped} files in '{root}' that are not readable images")
+            raise ValueError(f"no readable images in '{root}' ({self.skipped} other files skipped)")
+        if self.skipped:
+            named = ", ".join(unreadable[:5]) + (f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else "")
+            messages.say(f"data: skipped {self.skipped} files in '{root}' that are not readable images"
+                         + (f": {named}" if named else ""))
 
     def __len__(self):
         return len(self.items)
@@ -160,7 +165,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                     arr = center_crop_resize(img, self.size, self.channels)
                 return to_model_range(arr[None])[0], label
             except (OSError, ValueError, SyntaxError) as e:
-                core.warn(f"skipping unreadable image '{path}' ({type(e).__name__}: {e})", "data")
+                messages.warn(f"skipping unreadable image '{path}' ({type(e).__name__}: {e})", "data")
         raise ValueError(f"none of the {len(self.items)} images can be decoded")
 
 
@@ -205,7 +210,7 @@ def load_dataset(cfg, split="train", labelled=False):
     if cfg.data in DOWNLOADS:
         import torchvision
         url, filename = DOWNLOADS[cfg.data]
-        created = core.missing_folders(cfg.data_dir)  # the folders a download would create
+        created = files.missing_folders(cfg.data_dir)  # the folders a download would create
         try:
             with contextlib.redirect_stdout(sys.stderr):
                 if cfg.data == "cifar10":
@@ -217,7 +222,7 @@ def load_dataset(cfg, split="train", labelled=False):
                         "train" if labelled else "train+unlabeled",
                         download=True)
         except Exception as e:
-            core.remove_empty(created)  # a failed download leaves no empty folders behind
+            files.remove_empty(created)  # a failed download leaves no empty folders behind
             raise ValueError(
                 f"{cfg.data} is not in '{cfg.data_dir}' and could not be downloaded "
                 f"({type(e).__name__}: {str(e)[:120]}). Download {url} and put the file at "

@@ -1,35 +1,35 @@
 """Denoising Diffusion Probabilistic Models (Ho, Jain & Abbeel, 2020): the paper and its training
-loop in one file. The machinery they use lives in plainly named files beside it.
+loop in one file, in the paper's order. The machinery they use lives in plainly named files beside it.
 
 The forward process q adds Gaussian noise in T steps of variance beta_1 .. beta_T. With
 alpha_t = 1 - beta_t and abar_t = alpha_1 alpha_2 ... alpha_t it jumps to any t at once (eq. 4):
 
     q(x_t | x_0) = N(x_t; sqrt(abar_t) x_0, (1 - abar_t) I),   x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps
 
-A U-Net eps_theta(x_t, t) learns the noise that was added (Algorithm 1, eq. 14):
-
-    L_simple = E_{t, x_0, eps} || eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t) ||^2
-
-and the reverse process p_theta undoes it from x_T ~ N(0, I), for t = T .. 1 (Algorithm 2, eq. 11):
+The reverse process p_theta undoes it from x_T ~ N(0, I), for t = T .. 1 (Algorithm 2, eq. 11):
 
     x_{t-1} = (x_t - beta_t / sqrt(1 - abar_t) eps_theta(x_t, t)) / sqrt(alpha_t) + sigma_t z
 
-In this file, in that order:
-  Config          one dataclass, model presets
-  schedules       beta_t: linear (Ho et al. sec. 4), cosine (Nichol & Dhariwal 2021, eq. 17)
-  U-Net           Ho et al.'s architecture (appendix B) with the attribute names of their TF code
-                  as ported by pesser/pytorch_diffusion, so published weights load; an optional
-                  class embedding; its downsampling half as the noisy classifier
-  diffusion       q_sample (eq. 4), q_posterior (eqs. 6-7), p_sample (eq. 11), L_simple (eq. 14),
-                  the bound (eq. 5), DDIM (Song et al. 2021), DPM-Solver++(2M) (Lu et al. 2022),
-                  classifier-free (Ho & Salimans 2021) and classifier guidance (Dhariwal & Nichol)
-  training        Algorithm 1: Adam, warm-up, grad clipping, EMA, AMP, exact resume, DDP
-  sampling        a grid of samples from a checkpoint
-  command line    python ddpm.py {train,train-classifier,sample,distill,info}
+where a U-Net eps_theta(x_t, t) learns the noise that was added (Algorithm 1, eq. 14):
 
-Beside it: core.py (the torch-free numbers and pictures both samplers share), data.py,
-checkpoints.py, runlog.py, distributed.py; distill.py (progressive distillation, the command's
-rounds); convert.py, export.py, sample_ort.py, evaluate.py.
+    L_simple = E_{t, x_0, eps} || eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t) ||^2
+
+In this file, in that order:
+  Ho et al.       GaussianDiffusion: q_sample (eq. 4), q_posterior (eqs. 6-7), p_sample and its loop
+                  (eq. 11, Algorithm 2), L_simple (eq. 14); a reader who stops there has a DDPM
+  later papers    in the same class, each under its paper: v and x_0 prediction, min-SNR weights,
+                  learned variances and L_hybrid, the bound (eq. 5) in bits/dim, DDIM, DPM-Solver++(2M),
+                  the noisy classifier; then classifier-free and classifier guidance, and sample_loop
+  training        Algorithm 1: Adam, warm-up, grad clipping, EMA, AMP, exact resume, DDP (Run, train)
+  the U-Net       Ho et al.'s appendix B, with the attribute names of their TF code as ported by
+                  pesser/pytorch_diffusion, so published weights load; a class embedding; its
+                  downsampling half as the noisy classifier
+  sampling        a grid of samples from a checkpoint
+  command line    python ddpm.py {train,train-classifier,sample,info}
+
+Beside it: config.py (the Config dataclass and its presets), schedules.py (the torch-free numbers
+both samplers share), data.py, checkpoints.py, runlog.py, distributed.py, flags.py, sampling.py,
+pictures.py, files.py, messages.py; distill.py, convert.py, export.py, sample_ort.py, evaluate.py.
 
 Time convention: t is 0-indexed in code, t = 0 .. T-1; the code's t=0 is the paper's t=1.
 Images live in [-1, 1] everywhere inside this file; the data boundary converts.
@@ -37,17 +37,21 @@ Images live in [-1, 1] everywhere inside this file; the data boundary converts.
   python ddpm.py train --data cifar10 && python ddpm.py sample --ckpt ckpt.pt --n 64
 """
 
-import argparse
 import contextlib
 import copy
 import dataclasses
-import functools
 import math
 import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
+from typing import NamedTuple
+
+import flags  # the command line, torch-free
+
+if __name__ == "__main__":  # --help and a malformed flag are answered before torch loads (seconds)
+    flags.ddpm_parser().parse_args()
 
 import numpy as np
 import torch
@@ -57,120 +61,702 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 import checkpoints
-import core
 import data
 import distributed
-import flags
+import files
+import messages
+import pictures
+import sampling
+import schedules
 from checkpoints import Diverged, Stopped
-from core import get_betas
+from config import (DERIVED_FIELDS, INFO_FIELDS, MODEL_FIELDS, PRESET_BY_SIZE, PRESETS, Config, check_config,
+                    config_from_dict, make_config)
 from distributed import amp_dtype, pick_device, sampling_dtype
-from flags import DERIVED_FIELDS, check_config
 from runlog import RunLog
+from schedules import Sampler, get_betas
 
 # ----------------------------------------------------------------------------------------------
-# Config
+# Ho et al. 2020. The forward process q and its posterior (eqs. 4-7); the schedule beta_t and
+# every float64 table derived from it come from schedules.py (linear: Ho et al.'s 1e-4 .. 0.02)
 
 
-@dataclass
-class Config:
-    # model (a preset fills these; a flag overrides one)
-    preset: str = "cifar10"  # the flag --model
-    image_size: int = 32
-    in_channels: int = 3
-    ch: int = 128
-    ch_mult: tuple = (1, 2, 2, 2)
-    num_res_blocks: int = 2
-    attn_resolutions: tuple = (16,)
-    dropout: float = 0.1
-    norm_groups: int = 32  # GroupNorm groups (Ho et al.: 32)
-    # diffusion
-    T: int = 1000
-    schedule: str = "linear"
-    var_type: str = "fixed_large"
-    clip_x0: bool = True
-    prediction: str = "eps"  # Ho et al.: eps; v (Salimans & Ho 2022) and x0 are converted to eps
-    # class conditioning (Ho & Salimans 2021): num_classes and class_names come from the data
-    cond: bool = False
-    p_uncond: float = 0.1
-    num_classes: int = 0  # 0: unconditional; else the class embedding has num_classes + 1 rows
-    class_names: tuple = ()
-    kind: str = "denoiser"  # or "classifier": p(y | x_t, t) for classifier guidance
-    distilled_steps: int = 0  # set by distill.py (Salimans & Ho 2022): a student's DDIM steps; 0: none
-    distilled_guidance: float = 1.0  # the classifier-free guidance built into a student; 1: none
-    teacher: str = ""  # the checkpoint a distillation round started from
-    # training
-    data: str = "shapes"
-    data_dir: str = "data"
-    steps: int = 800_000  # optimizer steps (sampling steps are num_steps)
-    batch_size: int = 128  # the global batch, over all processes and micro-batches; 0: auto
-    grad_accum: int = 1  # 0: auto
-    grad_checkpoint: bool = False
-    optimizer: str = "adam"
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    warmup: int = 5000
-    cosine_lr: bool = False  # not in Ho et al.
-    min_snr: float = 0.0  # not in Ho et al.: min-SNR-gamma weights (Hang et al. 2023); 0 is L_simple
-    grad_clip: float = 1.0
-    ema_decay: float = 0.9999
-    flip: bool = True
-    amp: str = "auto"
-    compile: bool = False
-    seed: int = 0
-    ckpt: str = "ckpt.pt"
-    run_dir: str = ""  # the flag --out; "": runs/<data>
-    save_every: int = 5000
-    sample_every: int = 5000
-    log_every: int = 100
-    num_workers: int = -1
-    device: str = "auto"
-    tensorboard: bool = True
+class GaussianDiffusion(schedules.Schedule):
+    """The diffusion on a chain of betas: every table of schedules.Schedule (float64, computed once,
+    improved-diffusion's layout) and the torch side of the math, Ho et al.'s first, then the later
+    papers' additions, each under a heading that names its paper.
+
+    Arguments come in one order: the network where there is one, then the image (x_0 for the
+    forward process, the losses and the bound; x_t for the reverse process), then its index i in
+    this chain, then the rest. `timesteps[i]` is the network's t for index i: the identity for the
+    full chain, the kept original t's for a respaced one (`respace`).
+    """
+
+    def __init__(self, *, betas, var_type="fixed_large", clip_x0=True, prediction="eps",
+                 min_snr=0.0, timesteps=None):
+        super().__init__(betas, timesteps)
+        self.var_type, self.clip_x0 = var_type, clip_x0
+        self.prediction, self.min_snr = prediction, min_snr
+        self._tables = {}  # (table, device, dtype) -> the table as a tensor there (see at)
+
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(betas=get_betas(cfg.schedule, cfg.T), var_type=cfg.var_type, clip_x0=cfg.clip_x0,
+                   prediction=cfg.prediction, min_snr=cfg.min_snr)
+
+    def respace(self, kept):
+        """A shorter chain over the kept t's: beta_i = 1 - abar(t_i) / abar(t_{i-1})."""
+        betas, timesteps = self.respaced(kept)
+        return GaussianDiffusion(betas=betas, timesteps=timesteps, var_type=self.var_type,
+                                 clip_x0=self.clip_x0, prediction=self.prediction, min_snr=self.min_snr)
+
+    def at(self, table, i, x):
+        """table[i] as a (B, 1, 1, 1) tensor of x's dtype and device; i: (B,) index tensor. The
+        float64 table is copied to x's device and dtype once and indexed there, so a step on the
+        GPU copies nothing from the host and waits for nothing."""
+        return self._table(table, x.device, x.dtype)[i.to(x.device)].view(-1, 1, 1, 1)
+
+    def _table(self, table, device, dtype):
+        key = (id(table), device, dtype)
+        if key not in self._tables or self._tables[key][0] is not table:
+            self._tables[key] = (table, torch.from_numpy(table).to(device, dtype))
+        return self._tables[key][1]
+
+    def q_sample(self, x0, i, noise):
+        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (eq. 4)."""
+        return self.at(self.sqrt_alphas_cumprod, i, x0) * x0 + \
+            self.at(self.sqrt_one_minus_alphas_cumprod, i, x0) * noise
+
+    def q_posterior(self, x0, i, x_t):
+        """Mean and variance of q(x_{t-1} | x_t, x_0) (eqs. 6-7)."""
+        mean = self.at(self.posterior_mean_coef1, i, x_t) * x0 + \
+            self.at(self.posterior_mean_coef2, i, x_t) * x_t
+        return mean, self.at(self.posterior_variance, i, x_t)
+
+    def predict_x0_from_eps(self, x_t, i, eps):
+        """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) (eq. 4 solved for x_0, as eq. 15 uses it)."""
+        return self.at(self.sqrt_recip_alphas_cumprod, i, x_t) * x_t - \
+            self.at(self.sqrt_recipm1_alphas_cumprod, i, x_t) * eps
+
+    # -- the reverse process p_theta (eq. 11, Algorithm 2) --------------------------------------
+
+    def network_t(self, i, device):
+        """The t the network is fed for chain index i: the original t of a respaced chain."""
+        return self._table(self.timesteps, device, torch.long)[i.to(device)]
+
+    def model_output(self, model, x_t, i, classifier_grad=None):
+        """(eps_theta(x_t, t), the x_0 it implies, v) with the network fed the original t of index
+        i; v is the learned variance's interpolation weight in [-1, 1], None for Ho et al.'s fixed
+        variances. A network that predicts v or x_0 is converted (eps_from_output, x0_from_output,
+        Salimans & Ho below). classifier_grad(x_t, t), if given, is s grad log p(y | x_t), and eps
+        becomes eps - sqrt(1 - abar_t) s grad log p(y | x_t) (classifier guidance, Dhariwal &
+        Nichol 2021 eq. 14), whatever the sampler."""
+        t = self.network_t(i, x_t.device)
+        out, var_v = split_output(model(x_t, t).to(x_t.dtype), x_t.shape[1])
+        eps = self.eps_from_output(x_t, i, out)  # Ho et al.'s network: out itself
+        if classifier_grad is None:
+            return eps, self.x0_from_output(x_t, i, out), var_v
+        eps = eps - self.at(self.sqrt_one_minus_alphas_cumprod, i, x_t) * classifier_grad(x_t, t)
+        return eps, self.predict_x0_from_eps(x_t, i, eps), var_v
+
+    def clipped(self, x0, clip=None):
+        """The x_0 the samplers use: clipped to the data range [-1, 1] if clip_x0 (or clip)."""
+        return x0.clamp(-1, 1) if (self.clip_x0 if clip is None else clip) else x0
+
+    def p_mean_variance(self, x_t, i, x0, var_v=None):
+        """Mean and variance of p_theta(x_{t-1} | x_t) given the predicted x_0: q's posterior mean
+        (eq. 7) at it, which with x_0 from eps_theta is eq. 11's mean; sigma_t^2 = beta_t or
+        beta-tilde_t. Returns (mean, variance, the x_0 used: clipped if clip_x0)."""
+        pred_x0 = self.clipped(x0)
+        mean, posterior_variance = self.q_posterior(pred_x0, i, x_t)
+        if self.var_type == "fixed_large":
+            variance = self.at(self.betas, i, x_t)  # sigma_t^2 = beta_t (Ho et al.'s CIFAR-10)
+        elif self.var_type == "fixed_small":
+            variance = posterior_variance  # sigma_t^2 = beta-tilde_t
+        else:
+            variance = self.log_variance(x_t, i, var_v).exp()  # learned (Nichol & Dhariwal, below)
+        return mean, variance, pred_x0
+
+    def p_sample(self, x_t, i, x0, noise, var_v=None):
+        """x_{t-1} = mu + sigma z, with no noise at t = 0 (Algorithm 2, lines 3-4); x0: the
+        predicted x_0. Returns (x_{t-1}, the x_0 used)."""
+        mean, variance, pred_x0 = self.p_mean_variance(x_t, i, x0, var_v)
+        nonzero = (i != 0).to(x_t.device, x_t.dtype).view(-1, 1, 1, 1)  # a mask, not a branch: traces cleanly
+        return mean + nonzero * variance.sqrt() * noise, pred_x0
+
+    @torch.no_grad()
+    def p_sample_loop(self, model, x_T, noise_fn, sampler="ddpm", eta=0.0, callback=None, progress=False,
+                      classifier_grad=None):
+        """Algorithm 2 over this chain's indices N-1 .. 0, from x_T: x_{t-1} = p_sample(x_t, t), or
+        a later sampler's step (ddim, dpm++ below); returns x_0. noise_fn(k, shape): the k-th
+        step's z (k = 0 first), drawn for every sampler, so that all see one stream.
+        callback(k, t, x_t, pred_x0) at every step: its input x_t (network time t) and the x_0
+        predicted from it, e.g. for pictures of the process."""
+        x, pred_x0 = x_T, torch.zeros_like(x_T)  # dpm++ reads the previous x_0 (its first step does not)
+        indices = range(self.num_timesteps - 1, -1, -1)
+        if progress:
+            from tqdm import tqdm
+            indices = tqdm(indices, desc=f"{sampler} sampling", unit="step", leave=False)
+        for k, i_int in enumerate(indices):
+            i = torch.full((x.shape[0],), i_int, dtype=torch.long, device=x.device)  # a fill, no copy
+            noise = noise_fn(k, x.shape).to(x.device, x.dtype)
+            eps, x0, var_v = self.model_output(model, x, i, classifier_grad)
+            if sampler == "ddpm":
+                x_prev, pred_x0 = self.p_sample(x, i, x0, noise, var_v)
+            elif sampler == "ddim":
+                x_prev, pred_x0 = self.ddim_step(x, i, eps, x0, noise, eta)
+            else:  # deterministic: the noise was drawn all the same
+                x_prev, pred_x0 = self.dpm_solver_step(x, i, x0, pred_x0)
+            if callback is not None:
+                callback(k, int(self.timesteps[i_int]), x, pred_x0)
+            x = x_prev
+        return x
+
+    # -- the objective (eq. 14, Algorithm 1) ----------------------------------------------------
+
+    def training_loss(self, model, x0, i, noise, y=None):
+        """L_simple = || eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t) ||^2 (eq. 14),
+        averaged over pixels and images; y: the labels of a conditional model (None:
+        unconditional). Later papers' networks: the squared error on v or x_0, optionally min-SNR
+        weighted (weighted_mse), and with learned variances L_hybrid = L_simple + lambda L_vlb
+        (Nichol & Dhariwal sec. 3.1)."""
+        x_t = self.q_sample(x0, i, noise)
+        t = self.network_t(i, x_t.device)
+        out, var_v = split_output((model(x_t, t) if y is None else model(x_t, t, y)).float(), x0.shape[1])
+        if self.prediction == "eps" and not self.min_snr:
+            loss = F.mse_loss(out, noise.float())
+        else:
+            loss = self.weighted_mse(x0, i, noise, out)
+        return loss if var_v is None else loss + self.hybrid_vlb_term(x0, i, x_t, out, var_v)
+
+    # == The later papers' additions ============================================================
+    # -- networks that predict v (Salimans & Ho 2022) or x_0; min-SNR weights (Hang et al. 2023)
+
+    def eps_from_output(self, x_t, i, out):
+        """The eps a network output implies: eps itself; from v = sqrt(abar) eps - sqrt(1 - abar) x_0,
+        eps = sqrt(1 - abar) x_t + sqrt(abar) v; from x_0, eps = (x_t - sqrt(abar) x_0) / sqrt(1 - abar)
+        (eq. 4). export.py puts this in the graph."""
+        if self.prediction == "eps":
+            return out
+        if self.prediction == "v":
+            return self.at(self.sqrt_one_minus_alphas_cumprod, i, x_t) * x_t + \
+                self.at(self.sqrt_alphas_cumprod, i, x_t) * out
+        return (x_t - self.at(self.sqrt_alphas_cumprod, i, x_t) * out) / \
+            self.at(self.sqrt_one_minus_alphas_cumprod, i, x_t)
+
+    def x0_from_output(self, x_t, i, out):
+        """The x_0 a network output implies: from eps by predict_x0_from_eps; from v as
+        sqrt(abar) x_t - sqrt(1 - abar) v, and x_0 itself. Directly, not through eps: at the cosine
+        schedule's first step (abar 4.9e-5) x_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) loses
+        three digits of float32 (tests/test_core.py measures it), where v and x_0 lose none."""
+        if self.prediction == "eps":
+            return self.predict_x0_from_eps(x_t, i, out)
+        if self.prediction == "v":
+            return self.at(self.sqrt_alphas_cumprod, i, x_t) * x_t - \
+                self.at(self.sqrt_one_minus_alphas_cumprod, i, x_t) * out
+        return out
+
+    def weighted_mse(self, x0, i, noise, out):
+        """The squared error of the output against its target (eps, x_0 or v = sqrt(abar) eps -
+        sqrt(1 - abar) x_0), per image, weighted by min-SNR (Hang et al. eq. 10: the x_0-space
+        weight min(SNR, gamma), per target) where --min-snr is set, averaged over the images."""
+        abar = self.at(self.alphas_cumprod, i, out)
+        target = {"eps": noise, "x0": x0,
+                  "v": abar.sqrt() * noise - (1 - abar).sqrt() * x0}[self.prediction].float()
+        per_image = ((out - target) ** 2).mean(dim=(1, 2, 3))
+        if self.min_snr:
+            snr = (abar / (1 - abar)).view(-1)
+            clipped = snr.clamp(max=self.min_snr)
+            per_image = per_image * {"eps": clipped / snr, "v": clipped / (snr + 1), "x0": clipped}[self.prediction]
+        return per_image.mean()
+
+    # -- learned variances and L_hybrid (Nichol & Dhariwal 2021) --------------------------------
+
+    def log_variance(self, x_t, i, var_v=None):
+        """log sigma_t^2 as the bound uses it: log beta_t (fixed_large), log beta-tilde_t
+        (fixed_small), both with beta-tilde_1 at t = 0; or learned, Nichol & Dhariwal eq. 15:
+        log Sigma = w log beta_t + (1 - w) log beta-tilde_t with w = (v + 1) / 2."""
+        if self.var_type == "learned_range":
+            w = (var_v + 1) / 2
+            return w * self.at(self.log_betas, i, x_t) + (1 - w) * self.at(self.posterior_log_variance_clipped, i, x_t)
+        table = self.fixed_large_log_variance if self.var_type == "fixed_large" else self.posterior_log_variance_clipped
+        return self.at(table, i, x_t)
+
+    def hybrid_vlb_term(self, x0, i, x_t, out, var_v):
+        """lambda L_vlb with lambda = 1/1000: one uniformly drawn term of the bound, in bits/dim,
+        times T/1000 (L_vlb = T E_t[L_t]), with the gradient stopped on the mean so that it
+        trains only the variance (Nichol & Dhariwal sec. 3.1; improved-diffusion's rescaled MSE)."""
+        vb = self.vb_terms_bpd(x0, i, x_t, self.x0_from_output(x_t, i, out.detach()), var_v, clip=False)
+        return vb.mean() * self.num_timesteps / 1000.0
+
+    # -- the variational bound (Ho et al. eq. 5) in bits per dimension, as their code computes it
+
+    def prior_bpd(self, x0):
+        """L_T = KL(q(x_T | x_0) || N(0, I)) per image, bits/dim: no parameters, near 0."""
+        i = torch.full((x0.shape[0],), self.num_timesteps - 1, dtype=torch.long)
+        mean = self.at(self.sqrt_alphas_cumprod, i, x0) * x0
+        log_var = self.at(self.log_one_minus_alphas_cumprod, i, x0).expand_as(x0)
+        kl = normal_kl(mean, log_var, torch.zeros_like(x0), torch.zeros_like(x0))
+        return kl.mean(dim=(1, 2, 3)) / math.log(2.0)
+
+    def vb_terms_bpd(self, x0, i, x_t, pred_x0, var_v=None, clip=None):
+        """Per image, bits/dim: L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)) where
+        i > 0, and L_0 = -log p_theta(x_0 | x_1), the discretized decoder, where i = 0 (eq. 5);
+        pred_x0, var_v: the network's x_0 and v at (x_t, i). The KL is between the true posterior
+        and p_theta with the log-variances of `log_variance` (Ho et al.'s code, improved-diffusion)."""
+        true_mean, _ = self.q_posterior(x0, i, x_t)
+        true_log_var = self.at(self.posterior_log_variance_clipped, i, x_t).expand_as(x_t)
+        mean, _ = self.q_posterior(self.clipped(pred_x0, clip), i, x_t)  # p_theta's mean, eq. 11
+        log_var = self.log_variance(x_t, i, var_v).expand_as(x_t)
+        kl = normal_kl(true_mean, true_log_var, mean, log_var).mean(dim=(1, 2, 3))
+        nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var).mean(dim=(1, 2, 3))
+        return torch.where(i.to(x_t.device) == 0, nll, kl) / math.log(2.0)
+
+    @torch.no_grad()
+    def bits_per_dim(self, model, x0, generator=None, callback=None):
+        """The bound L_VLB = L_T + sum_{t>1} L_{t-1} + L_0 of each image in bits/dim, every term
+        evaluated at one x_t ~ q(x_t | x_0) (Ho et al.'s calc_bpd_loop). Returns (total (B,),
+        prior (B,), terms (B, T) with terms[:, 0] = L_0). callback(k) after each of the T terms."""
+        B, T = x0.shape[0], self.num_timesteps
+        terms = torch.zeros(B, T, dtype=torch.float64)
+        for k, i_int in enumerate(range(T - 1, -1, -1)):
+            i = torch.full((B,), i_int, dtype=torch.long)
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            x_t = self.q_sample(x0, i, noise)
+            _, pred_x0, var_v = self.model_output(model, x_t, i)
+            terms[:, i_int] = self.vb_terms_bpd(x0, i, x_t, pred_x0, var_v).double().cpu()
+            if callback is not None:
+                callback(k)
+        prior = self.prior_bpd(x0).double().cpu()
+        return terms.sum(dim=1) + prior, prior, terms
+
+    # -- DDIM (Song et al. 2021) ----------------------------------------------------------------
+
+    def predict_eps_from_x0(self, x_t, i, x0):
+        """eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t), eq. 4 solved for eps."""
+        return (self.at(self.sqrt_recip_alphas_cumprod, i, x_t) * x_t - x0) / \
+            self.at(self.sqrt_recipm1_alphas_cumprod, i, x_t)
+
+    def ddim_step(self, x_t, i, eps, x0, noise, eta=0.0):
+        """x_{t-1} = sqrt(abar_{t-1}) x_0 + sqrt(1 - abar_{t-1} - sigma_t^2) eps + sigma_t z (Song et
+        al. eq. 12), the eps consistent with the clipped x_0 where it is clipped; sigma_t from eta
+        (schedules.Schedule.ddim_sigma): 1 is DDPM's noise, 0 none. Returns (x_{t-1}, the x_0 used)."""
+        pred_x0 = self.clipped(x0)
+        if self.clip_x0:
+            eps = self.predict_eps_from_x0(x_t, i, pred_x0)
+        sigma, eps_coef = self.ddim_sigma(eta)
+        x_prev = self.at(self.sqrt_alphas_cumprod_prev, i, x_t) * pred_x0 + self.at(eps_coef, i, x_t) * eps
+        return x_prev + self.at(sigma, i, x_t) * noise, pred_x0
+
+    # -- DPM-Solver++(2M) (Lu et al. 2022b) -----------------------------------------------------
+
+    def dpm_solver_step(self, x_t, i, x0, prev_x0):
+        """x_{t-1} from x_t by DPM-Solver++(2M) (Algorithm 2, the midpoint form diffusers'
+        DPMSolverMultistepScheduler uses): a multistep solver of the probability-flow ODE in the
+        data prediction x_0, second order from the previous step's x_0 (prev_x0), first order at
+        the first and the last step. Returns (x_prev, the x_0 used), the next step's prev_x0."""
+        pred_x0 = self.clipped(x0)
+        D = pred_x0 + self.at(self.dpm_half_ratio, i, x_t) * (pred_x0 - prev_x0)
+        return self.at(self.dpm_sigma_ratio, i, x_t) * x_t + self.at(self.dpm_w, i, x_t) * D, pred_x0
+
+    # -- the noisy classifier of classifier guidance (Dhariwal & Nichol 2021) -------------------
+
+    def classifier_loss(self, classifier, x0, i, noise, y):
+        """-log p_phi(y | x_t, t) on x_t = q_sample(x_0, t, eps): the noisy classifier's cross
+        entropy (Dhariwal & Nichol 2021 sec. 4.1), t drawn over the whole chain as for the denoiser."""
+        x_t = self.q_sample(x0, i, noise)
+        return F.cross_entropy(classifier(x_t, self.network_t(i, x_t.device)).float(), y)
 
 
-# Named model presets. Ho et al. use 4 resolutions (32 -> 4) for CIFAR-10 and 6 (256 -> 8) at
-# 256x256, attention at 16x16 in all of them; the 64 and 96 presets follow that: one more level
-# per doubling of the image size, attention at the level nearest 16x16 (12x12 for 96 = 3 * 2^5).
-PRESETS = {
-    "cifar10": dict(image_size=32, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
-                    attn_resolutions=(16,), dropout=0.1),
-    "res64": dict(image_size=64, ch=128, ch_mult=(1, 2, 2, 2, 2), num_res_blocks=2,
-                  attn_resolutions=(16,), dropout=0.1),
-    "stl10": dict(image_size=96, ch=128, ch_mult=(1, 2, 2, 2, 2), num_res_blocks=2,
-                  attn_resolutions=(12,), dropout=0.1),
-    # Not from the paper: small enough to train on a 2-core CPU in minutes.
-    "tiny": dict(image_size=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
-                 attn_resolutions=(16,), dropout=0.0),
-}
-PRESET_BY_SIZE = {32: "cifar10", 64: "res64", 96: "stl10"}
-MODEL_FIELDS = ("image_size", "in_channels", "ch", "ch_mult", "num_res_blocks",
-                "attn_resolutions", "dropout", "norm_groups", "num_classes")
-INFO_FIELDS = ("preset",) + MODEL_FIELDS + ("T", "schedule", "var_type", "clip_x0", "prediction")  # info of a preset
-RENAMED_FIELDS = {"model": "preset", "out": "run_dir"}  # their names in checkpoints before 2026-12-02
+def split_output(out, channels):
+    """The network's output as (its prediction: the first `channels` channels, the learned
+    variance's v: the other `channels`, Nichol & Dhariwal eq. 15; None for a fixed variance)."""
+    return out[:, :channels], (out[:, channels:] if out.shape[1] > channels else None)
 
 
-def make_config(preset="cifar10", **overrides):
-    """Config from a preset, with explicit overrides (None means 'not given')."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown model preset '{preset}'; choose one of {', '.join(PRESETS)}")
-    given = {k: v for k, v in overrides.items() if v is not None}
-    settings = {**PRESETS[preset], **given}
-    levels = [settings["image_size"] // 2 ** k for k in range(len(settings["ch_mult"]))]
-    if "attn_resolutions" not in given and not set(settings["attn_resolutions"]) & set(levels):
-        # another image size: attention at the level nearest 16x16, as the presets place it
-        settings["attn_resolutions"] = (min(levels, key=lambda r: abs(r - 16)),)
-    cfg = Config(preset=preset, **settings)
-    check_config(cfg)
-    return cfg
+def normal_kl(mean1, log_var1, mean2, log_var2):
+    """KL(N(mean1, e^log_var1) || N(mean2, e^log_var2)) per element, in nats."""
+    return 0.5 * (-1.0 + log_var2 - log_var1 + torch.exp(log_var1 - log_var2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-log_var2))
+
+
+def standard_normal_cdf(x):
+    """Phi(x) by the tanh approximation that Ho et al.'s and improved-diffusion's decoders use."""
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def discretized_gaussian_log_likelihood(x0, mean, log_scale):
+    """log p(x_0) per element of 8-bit data scaled to [-1, 1] under N(mean, e^(2 log_scale)): the
+    mass on the pixel's bin [x - 1/255, x + 1/255], the first and last bins reaching to -inf and
+    +inf (Ho et al. eq. 13). Probabilities are floored at 1e-12, as in both reference codes."""
+    inv_std = torch.exp(-log_scale)
+    cdf_plus = standard_normal_cdf(inv_std * (x0 - mean + 1.0 / 255))
+    cdf_min = standard_normal_cdf(inv_std * (x0 - mean - 1.0 / 255))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_bin = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(x0 < -0.999, log_cdf_plus, torch.where(x0 > 0.999, log_one_minus_cdf_min, log_bin))
 
 
 # ----------------------------------------------------------------------------------------------
-# Noise schedules: beta_t as float64 numpy in core.get_betas (linear: Ho et al.'s 1e-4 .. 0.02 for
-# T = 1000; cosine: Nichol & Dhariwal's abar(t) = f(t) / f(0), f(t) = cos((t/T + s)/(1 + s) pi/2)^2),
-# and every table derived from them in core.Schedule, which sample_ort.py shares without torch.
+# Guidance: classifier-free (Ho & Salimans 2021) and by a noisy classifier (Dhariwal & Nichol 2021)
+
+
+class ClassifierFreeGuidance(nn.Module):
+    """The network of a conditional model as a function of (x_t, t) alone, with classifier-free
+    guidance (Ho & Salimans 2021, eq. 6): out = out(x_t, t) + s (out(x_t, t, y) - out(x_t, t)),
+    the unconditional branch fed the 'no label' class. s = 0 is the unconditional model, 1 the
+    plain conditional one (one branch each), s > 1 follows y more strictly; otherwise both
+    branches go through the network in one batched call. The combination is linear, so guiding
+    v or x_0 equals guiding the eps they imply; a learned variance comes from the conditional
+    branch. y None: unconditional."""
+
+    def __init__(self, model, y, guidance_scale):
+        super().__init__()
+        self.model, self.y, self.s = model, y, guidance_scale
+
+    def forward(self, x_t, t):
+        null = torch.full_like(t, self.model.num_classes)
+        if self.y is None or self.s == 0:
+            return self.model(x_t, t, null)
+        labels = self.y.to(t.device)
+        if self.s == 1:
+            return self.model(x_t, t, labels)
+        out_c, out_u = self.model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, null])).chunk(2)
+        (pred_c, var_c), (pred_u, _) = split_output(out_c, x_t.shape[1]), split_output(out_u, x_t.shape[1])
+        guided = pred_u + self.s * (pred_c - pred_u)
+        return guided if var_c is None else torch.cat([guided, var_c], dim=1)
+
+
+class ClassifierGradient:
+    """(x_t, t) -> s grad_{x_t} log p_phi(y | x_t, t), the classifier-guidance term (Dhariwal &
+    Nichol 2021, Algorithm 1 and eq. 14); model_output subtracts it from eps scaled by
+    sqrt(1 - abar_t)."""
+
+    def __init__(self, classifier, y, classifier_scale):
+        self.classifier, self.y, self.s = classifier, y, classifier_scale
+
+    def __call__(self, x_t, t):
+        with torch.enable_grad():
+            x = x_t.detach().requires_grad_(True)
+            log_p = F.log_softmax(self.classifier(x, t).double(), dim=1)
+            chosen = log_p[torch.arange(len(x)), self.y.to(x.device)].sum()  # images are independent
+            return self.s * torch.autograd.grad(chosen, x)[0]
+
+
+class Guidance(NamedTuple):
+    """What sample_loop guides towards: labels y (B,) that a conditional model samples with
+    classifier-free guidance of `scale`, and that a noisy `classifier` guides any model towards
+    with `classifier_scale`. The default: none (a conditional model samples 'no label')."""
+    y: torch.Tensor = None
+    scale: float = 1.0
+    classifier: nn.Module = None
+    classifier_scale: float = 1.0
+
+    def network(self, model):
+        """(the network as a function of (x_t, t), the classifier's gradient term or None)."""
+        if getattr(model, "num_classes", 0):
+            model = ClassifierFreeGuidance(model, self.y, self.scale)
+        elif self.y is not None and self.classifier is None:
+            raise ValueError("this model is unconditional (trained without --cond): labels need a "
+                             "conditional model or a classifier (--classifier)")
+        if self.classifier is None:
+            return model, None
+        if self.y is None:
+            raise ValueError("classifier guidance needs the classes to guide towards (--class)")
+        return model, ClassifierGradient(self.classifier, self.y, self.classifier_scale)
 
 
 # ----------------------------------------------------------------------------------------------
-# U-Net building blocks (bottom-up)
+# Sampling: a sampler's chain from x_T
+
+
+class GaussianNoise:
+    """noise_fn(k, shape) -> z ~ N(0, I), drawn from `generator` (None: torch's global one) on its
+    device (or `device`), in `dtype`: the noise of sample_loop unless the caller feeds its own."""
+
+    def __init__(self, generator=None, device=None, dtype=torch.float32):
+        self.generator, self.dtype = generator, dtype
+        self.device = generator.device if generator is not None else device
+
+    def __call__(self, k, shape):
+        return torch.randn(shape, generator=self.generator, device=self.device, dtype=self.dtype)
+
+
+def sample_loop(model, diffusion, x_T, sampler=Sampler(), *, noise_fn=None, callback=None, progress=False,
+                guidance=Guidance()):
+    """Run the reverse process from x_T and return x_0: the schedules.Sampler's chain (Algorithm 2,
+    DDIM or DPM-Solver++(2M); fewer steps than T respace it, the network still fed the original
+    t's, schedules.kept_timesteps), walked by p_sample_loop, guided as `guidance` says.
+
+    noise_fn:  noise_fn(k, shape) -> the k-th step's noise (k = 0 first); default GaussianNoise
+               from torch's global generator. Two implementations fed the same noise_fn agree.
+    callback:  callback(k, t, x_t, pred_x0) at every step (p_sample_loop).
+    """
+    sampling.check_sampler(sampler, diffusion.num_timesteps)
+    network, classifier_grad = guidance.network(model)
+    kept = schedules.kept_timesteps(diffusion.num_timesteps, sampler)
+    chain = diffusion if kept is None else diffusion.respace(kept)
+    noise_fn = noise_fn or GaussianNoise(None, x_T.device, x_T.dtype)
+    return chain.p_sample_loop(network, x_T, noise_fn, sampler.name, sampler.eta, callback, progress, classifier_grad)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training (Algorithm 1)
+
+
+def autocast(dtype, device):
+    """Autocast to dtype on the device, or nothing for dtype None (float32)."""
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def learning_rate(cfg, step):
+    """Linear warm-up (Ho et al.), then constant, or a cosine decay to 0 with --cosine-lr."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    if cfg.cosine_lr:
+        progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr
+
+
+def micro_batch_seed(seed, step, micro):
+    """The seed of micro-batch `micro` of optimizer step `step`. t, eps, flips and dropout are
+    drawn after seeding with it, so they depend on (seed, step, micro) alone: a resumed run draws
+    exactly what an uninterrupted one would, with no RNG state to save."""
+    return int(np.random.SeedSequence([seed, step, micro]).generate_state(1, np.uint64)[0])
+
+
+def make_optimizer(cfg, params):
+    """Adam (Ho et al.) or AdamW. --weight-decay is an L2 term in Adam's gradient; AdamW decays
+    the weights directly, apart from the adaptive step (Loshchilov & Hutter 2019)."""
+    kind = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return kind(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def ema_update(ema, model, decay):
+    """theta_ema <- decay theta_ema + (1 - decay) theta, for all parameters in one fused call."""
+    with torch.no_grad():
+        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+
+
+class Run:
+    """What a training run carries, in one order: its config; the diffusion whose training_loss it
+    minimises over its num_timesteps indices; raw_model, the network itself (its weights are what
+    is saved), and model, the same network as it trains (compiled with --compile, wrapped by DDP
+    under torchrun); the EMA of the weights; the optimizer and the loss scaler (fp16 only); the
+    device and the autocast dtype there (None: float32); and this process's rank of `world`.
+    init: a network to start from (a distillation's teacher); default a new one."""
+
+    def __init__(self, cfg, diffusion, device, dtype=None, rank=0, world=1, init=None):
+        self.cfg, self.diffusion, self.device, self.dtype = cfg, diffusion, device, dtype
+        self.rank, self.world = rank, world
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
+        torch.manual_seed(cfg.seed)  # the initial weights, the same in every process
+        raw = (build_model(cfg) if init is None else copy.deepcopy(init).train().requires_grad_()).to(device)
+        raw.grad_checkpoint = cfg.grad_checkpoint
+        self.raw_model = raw.to(memory_format=torch.channels_last) if device.type == "cuda" else raw
+        self.ema = copy.deepcopy(self.raw_model).eval().requires_grad_(False)
+        self.optimizer = make_optimizer(cfg, self.raw_model.parameters())
+        self.model = torch.compile(self.raw_model) if cfg.compile else self.raw_model
+
+    def micro_batch_loss(self, model, x0, y, step, micro):
+        """Algorithm 1, lines 2-5, on micro-batch `micro` of a step through `model`: x_0 (randomly
+        flipped), t ~ Uniform({1..T}), eps ~ N(0, I), the loss; all drawn from the micro-batch's
+        own seed. The network is told the labels y not at all (unconditional), all (the
+        classifier), or, with --cond, each replaced by 'no label' with probability p_uncond (Ho &
+        Salimans)."""
+        cfg, device = self.cfg, x0.device
+        torch.manual_seed(micro_batch_seed(cfg.seed, step, micro))
+        if cfg.flip:
+            flip = torch.rand(x0.shape[0], device=device) < 0.5
+            x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
+        i = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=device)  # t: T, or a student's steps
+        noise = torch.randn_like(x0)
+        with autocast(self.dtype, device):
+            if cfg.kind == "classifier":
+                return self.diffusion.classifier_loss(model, x0, i, noise, y.to(device))
+            if cfg.cond:
+                dropped = torch.rand(y.shape[0]) < cfg.p_uncond
+                return self.diffusion.training_loss(model, x0, i, noise, torch.where(dropped, cfg.num_classes, y).to(device))
+            return self.diffusion.training_loss(model, x0, i, noise)
+
+    def train_step(self, batch, labels, step, stop=None):
+        """One optimizer step on this process's share of a batch: the gradient of the mean loss over
+        its grad_accum micro-batches (DDP averages it over the processes, once, in the backward of
+        the last micro-batch), clipped, an Adam step, the EMA. Returns (the loss averaged over the
+        job, the gradient norm, whether any process was asked to stop), agreed in one all-reduce
+        after the micro-batches, so a signal that arrives during them counts for this step."""
+        cfg, optimizer, scaler = self.cfg, self.optimizer, self.scaler
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, step)
+        micro = batch.shape[0] // cfg.grad_accum
+        loss_sum = torch.zeros((), device=batch.device)
+        for k, (x0, y) in enumerate(zip(batch.split(micro), labels.split(micro))):
+            if batch.device.type == "cuda":
+                x0 = x0.contiguous(memory_format=torch.channels_last)
+            last = k == cfg.grad_accum - 1
+            with contextlib.nullcontext() if self.world == 1 or last else self.model.no_sync():
+                loss = self.micro_batch_loss(self.model, x0, y, step, self.rank * cfg.grad_accum + k) / cfg.grad_accum
+                scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        loss, stop_asked = distributed.agree(loss_sum, stop and stop.signal, self.world)
+        if not math.isfinite(loss):
+            raise Diverged(f"the loss became {loss} at step {step + 1}")
+        scaler.unscale_(optimizer)
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")  # 0: no clipping
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm))
+        if not math.isfinite(grad_norm) and not scaler.is_enabled():  # fp16 skips such steps
+            raise Diverged(f"the gradient norm became {grad_norm} at step {step + 1}")
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        ema_update(self.ema, self.raw_model, cfg.ema_decay)
+        return loss, grad_norm, stop_asked
+
+    def resume(self, path):
+        """The step the run saved in `path` stopped at, its state loaded into this run."""
+        state = checkpoints.read_checkpoint(path)
+        saved_cfg = config_from_dict(state["config"], f"'{path}'")
+        return checkpoints.restore(state, path, saved_cfg, self, MODEL_FIELDS + ("T", "schedule", "kind"))
+
+    def preflight(self, dataset, micro, step):
+        """One batch through data, model and backward, so a broken setup fails in seconds. Its
+        gradients are dropped, and every step seeds its own draws, so it changes nothing."""
+        first, first_y = next(iter(torch.utils.data.DataLoader(dataset, batch_size=micro)))
+        t0 = time.time()
+        loss = self.micro_batch_loss(self.model, first.to(self.device), first_y, step, 0)
+        loss.backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        messages.say(f"pre-flight ok: one step on one batch, loss {loss.item():.4f}, {time.time() - t0:.1f}s")
+
+    def save(self, step, x0, y, final, saved_step):
+        """Save the run at `step`; returns the step now on disk. Only weights whose loss on x0 is
+        finite are saved: a model that diverged in its last step (finite weights, NaN outputs) never
+        replaces a good checkpoint. A periodic save that fails warns; the last one must work."""
+        cfg, diffusion = self.cfg, self.diffusion
+        i, noise = torch.full((x0.shape[0],), diffusion.num_timesteps // 2), torch.randn_like(x0)
+        with torch.no_grad(), autocast(self.dtype, x0.device):
+            check = (diffusion.classifier_loss(self.raw_model, x0, i, noise, y.to(x0.device)) if cfg.kind == "classifier"
+                     else diffusion.training_loss(self.raw_model, x0, i, noise))
+        if not torch.isfinite(check):
+            raise Diverged(f"the weights after step {step} give a loss of {check.item()}")
+        state = checkpoints.checkpoint_state(cfg, self.raw_model, self.ema, step, self.optimizer, self.scaler)
+        return checkpoints.save_during_run(cfg.ckpt, state, final, saved_step)
+
+
+def sample_grid(ema, diffusion, cfg, step, log):
+    """64 DDIM samples of the EMA model (a conditional one: the classes in turn, unguided), in
+    the run directory and TensorBoard."""
+    device = next(ema.parameters()).device
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    x_T = torch.randn(64, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g, device=device)
+    y = torch.arange(64) % cfg.num_classes if cfg.num_classes else None
+    x0 = sample_loop(ema, diffusion, x_T, Sampler("ddim", min(50, diffusion.num_timesteps)), noise_fn=GaussianNoise(g),
+                     progress=True, guidance=Guidance(y))
+    images = pictures.to_uint8(x0)
+    log.image(step, pictures.grid_of(images))
+    try:
+        pictures.save_grid(images, os.path.join(cfg.run_dir, f"samples_{step:07d}.png"))
+    except OSError as e:
+        log.warn(e)  # the run folder's one warning
+
+
+def train(cfg, *, resume=None, overwrite=False, diffusion=None, init=None):
+    """Algorithm 1 for cfg.steps optimizer steps. resume: a checkpoint to continue exactly.
+    Files a previous run left at cfg.ckpt or in the run directory are refused unless resume
+    continues them or overwrite is set. Under torchrun, one of the job's processes (rank 0 writes
+    the files). diffusion: whose training_loss to minimise over its num_timesteps indices (default
+    the config's; distill.py passes a Distillation); init: a model to start from (default: new)."""
+    rank, world, device = distributed.init(pick_device(cfg.device), cfg.device)
+    lead = rank == 0  # the process that writes the checkpoint, the log and the pictures
+    if not (cfg.batch_size and cfg.grad_accum) and device.type != "cuda":
+        raise ValueError("--batch-size auto and --grad-accum auto measure GPU memory, so they "
+                         "need CUDA; on a CPU give numbers")
+    cfg = dataclasses.replace(cfg, run_dir=cfg.run_dir or checkpoints.default_run_dir(cfg))
+    if lead:
+        checkpoints.check_run_files(cfg, resume, overwrite)
+        if cfg.steps < cfg.warmup:
+            messages.warn(f"--steps {cfg.steps} ends inside the {cfg.warmup}-step warm-up, so the learning "
+                          f"rate never reaches --lr {cfg.lr} (it ends at {learning_rate(cfg, cfg.steps - 1):.2g}); "
+                          "lower --warmup")
+    dtype = amp_dtype(cfg.amp, device)
+    labelled = cfg.cond or cfg.kind == "classifier"
+    dataset = data.load_dataset(cfg, labelled=labelled)
+    names = data.class_names(dataset, cfg.data) if labelled else ()
+    cfg = dataclasses.replace(cfg, num_classes=len(names), class_names=names)
+    run = Run(cfg, diffusion or GaussianDiffusion.from_config(cfg), device, dtype, rank, world, init)
+    if lead:
+        checkpoints.check_free_space(cfg.ckpt, count_params(run.raw_model))
+    if not (cfg.batch_size and cfg.grad_accum):  # auto: find by trial what fits in GPU memory
+        batch_size, grad_accum = distributed.auto_batch(run, len(dataset))
+        run.cfg = cfg = dataclasses.replace(cfg, batch_size=batch_size, grad_accum=grad_accum)
+    distributed.check_batch(cfg.batch_size, cfg.grad_accum, world, len(dataset))
+    messages.say(f"data: {cfg.data}, {len(dataset)} images at {cfg.image_size}x{cfg.image_size}"
+                 f"{f', {len(names)} classes' if names else ''}; run directory {cfg.run_dir}; device {device}"
+                 f"{f'; {world} processes' if world > 1 else ''}")
+
+    step = run.resume(resume) if resume is not None else 0
+    if step >= cfg.steps:
+        messages.say(f"nothing to do: the checkpoint is at step {step}, --steps is {cfg.steps}")
+        return
+    first_step, micro = step, cfg.batch_size // (world * cfg.grad_accum)
+    loader = data.step_loader(dataset, cfg, step, rank, world, device)
+    continuing = resume is not None and os.path.exists(cfg.ckpt) and os.path.samefile(resume, cfg.ckpt)
+    saved_step = step if continuing else None  # what cfg.ckpt holds, for the messages of a stop
+    run.preflight(dataset, micro, step)
+    if world > 1:  # DDP averages the gradients in backward(); it starts from rank 0's weights
+        run.model = torch.nn.parallel.DistributedDataParallel(
+            run.model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    from tqdm import tqdm
+    log = RunLog(cfg.run_dir if lead else None, step if resume is not None else None, cfg.tensorboard)
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not lead)
+    run.model.train()
+    try:
+        with checkpoints.StopSignals() as stop:
+            for batch, labels in loader:
+                batch = batch.to(device, non_blocking=True)
+                loss, grad_norm, stop_asked = run.train_step(batch, labels, step, stop)
+                step += 1
+                log.trained(cfg.batch_size)
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    row = log.write({"step": step, "loss": loss, "lr": run.optimizer.param_groups[0]["lr"],
+                                     "grad_norm": grad_norm})
+                    bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{row['img_per_s']:.1f}")
+                with log.paused():  # saving and sampling are not training: the images/s leave them out
+                    if stop_asked or step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
+                        if lead:
+                            saved_step = run.save(step, batch[-micro:], labels[-micro:],
+                                                  stop_asked or step == cfg.steps, saved_step)
+                        if world > 1:  # the others wait: torchrun ends the job when one process exits
+                            dist.barrier()
+                    if lead and cfg.sample_every and cfg.kind == "denoiser" and \
+                            (step % cfg.sample_every == 0 or step == cfg.steps):
+                        sample_grid(run.ema, run.diffusion, cfg, step, log)
+                if stop_asked:
+                    signum = stop.signal or signal.SIGTERM  # another process may have been the one asked
+                    raise Stopped(f"\n{signal.Signals(signum).name}: saved step {step} to '{cfg.ckpt}'; "
+                                  f"continue with --resume {cfg.ckpt}" if lead else "", 128 + signum)
+    except Diverged as e:
+        raise Stopped(f"error: {e}; training stopped, and {checkpoints.on_disk(cfg.ckpt, saved_step)} "
+                      "(only weights that give a finite loss are saved). Try a lower --lr, --amp bf16 "
+                      "instead of fp16, or check the data" if lead else "", 1) from None
+    except KeyboardInterrupt:
+        hint = f"; continue with --resume {cfg.ckpt}" if saved_step is not None else ""
+        raise Stopped(f"\nstopped at once during step {step + 1}, without saving; "
+                      f"{checkpoints.on_disk(cfg.ckpt, saved_step)}{hint}", 130) from None
+    finally:
+        bar.close()
+        log.close()
+    if world > 1:  # rank 0 finishes its last grid before the job ends
+        dist.barrier()
+    written = [f for f in ("metrics.jsonl", "loss.png", f"samples_{step:07d}.png") if os.path.exists(os.path.join(cfg.run_dir, f))]
+    messages.say(f"done: steps {first_step}..{step}; checkpoint '{cfg.ckpt}'; {', '.join(written)} in {cfg.run_dir}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Appendix B: Ho et al.'s U-Net. Its building blocks (bottom-up)
 
 
 def get_timestep_embedding(t, dim):
@@ -415,382 +1001,7 @@ def count_flops(model, cfg, batch=1):
 
 
 # ----------------------------------------------------------------------------------------------
-# The diffusion: forward process q, reverse process p, losses, the bound, samplers
-
-
-class GaussianDiffusion(core.Schedule):
-    """The diffusion on a chain of betas, with every table of core.Schedule (float64, computed
-    once, improved-diffusion's layout) and the torch side of the math.
-
-    Arguments come in one order: the network where there is one, then the image (x_0 for the
-    forward process, the losses and the bound; x_t for the reverse process), then its index i in
-    this chain, then the rest. `timesteps[i]` is the network's t for index i: the identity for the
-    full chain, the kept original t's for a respaced one (`respace`).
-    """
-
-    def __init__(self, *, betas, var_type="fixed_large", clip_x0=True, prediction="eps",
-                 min_snr=0.0, timesteps=None):
-        super().__init__(betas, timesteps)
-        self.var_type, self.clip_x0 = var_type, clip_x0
-        self.prediction, self.min_snr = prediction, min_snr
-        self._tables = {}  # (table, device, dtype) -> the table as a tensor there (see _at)
-
-    @classmethod
-    def from_config(cls, cfg):
-        return cls(betas=get_betas(cfg.schedule, cfg.T), var_type=cfg.var_type, clip_x0=cfg.clip_x0,
-                   prediction=cfg.prediction, min_snr=cfg.min_snr)
-
-    def respace(self, kept):
-        """A shorter chain over the kept t's: beta_i = 1 - abar(t_i) / abar(t_{i-1})."""
-        betas, timesteps = self.respaced(kept)
-        return GaussianDiffusion(betas=betas, timesteps=timesteps, var_type=self.var_type,
-                                 clip_x0=self.clip_x0, prediction=self.prediction, min_snr=self.min_snr)
-
-    def _at(self, arr, i, x):
-        """arr[i] as a (B, 1, 1, 1) tensor of x's dtype and device; i: (B,) index tensor. The
-        float64 table is copied to x's device and dtype once and indexed there, so a step on the
-        GPU copies nothing from the host and waits for nothing."""
-        return self._table(arr, x.device, x.dtype)[i.to(x.device)].view(-1, 1, 1, 1)
-
-    def _table(self, arr, device, dtype):
-        key = (id(arr), device, dtype)
-        if key not in self._tables or self._tables[key][0] is not arr:
-            self._tables[key] = (arr, torch.from_numpy(arr).to(device, dtype))
-        return self._tables[key][1]
-
-    # -- forward process ------------------------------------------------------------------------
-
-    def q_sample(self, x0, i, noise):
-        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (eq. 4)."""
-        return self._at(self.sqrt_alphas_cumprod, i, x0) * x0 + \
-            self._at(self.sqrt_one_minus_alphas_cumprod, i, x0) * noise
-
-    def q_posterior(self, x0, i, x_t):
-        """Mean and variance of q(x_{t-1} | x_t, x_0) (eqs. 6-7)."""
-        mean = self._at(self.posterior_mean_coef1, i, x_t) * x0 + \
-            self._at(self.posterior_mean_coef2, i, x_t) * x_t
-        return mean, self._at(self.posterior_variance, i, x_t)
-
-    def predict_x0_from_eps(self, x_t, i, eps):
-        """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) (eq. 15)."""
-        return self._at(self.sqrt_recip_alphas_cumprod, i, x_t) * x_t - \
-            self._at(self.sqrt_recipm1_alphas_cumprod, i, x_t) * eps
-
-    def predict_eps_from_x0(self, x_t, i, x0):
-        """eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t), the same relation solved for eps."""
-        return (self._at(self.sqrt_recip_alphas_cumprod, i, x_t) * x_t - x0) / \
-            self._at(self.sqrt_recipm1_alphas_cumprod, i, x_t)
-
-    # -- reverse process ------------------------------------------------------------------------
-
-    def network_t(self, i, device):
-        """The t the network is fed for chain index i: the original t of a respaced chain."""
-        return self._table(self.timesteps, device, torch.long)[i.to(device)]
-
-    def model_output(self, model, x_t, i, classifier_grad=None):
-        """(eps_theta(x_t, t), v) with the network fed the original t of index i: its output
-        converted to eps if it predicts v or x_0, and v the learned variance's interpolation
-        weight in [-1, 1] (None for fixed variances). classifier_grad(x_t, t), if given, is
-        s grad log p(y | x_t), and eps becomes eps - sqrt(1 - abar_t) s grad log p(y | x_t)
-        (classifier guidance, Dhariwal & Nichol 2021 eq. 14), whatever the sampler."""
-        t = self.network_t(i, x_t.device)
-        out = model(x_t, t).to(x_t.dtype)
-        var_v = None
-        if self.var_type == "learned_range":
-            out, var_v = out.chunk(2, dim=1)
-        eps = eps_from_prediction(self.prediction, x_t, out, self._at(self.alphas_cumprod, i, x_t))
-        if classifier_grad is not None:
-            eps = eps - self._at(self.sqrt_one_minus_alphas_cumprod, i, x_t) * classifier_grad(x_t, t)
-        return eps, var_v
-
-    def predict_x0(self, x_t, i, eps, clip=None):
-        """The x_0 the samplers use: from eps, clipped to the data range [-1, 1] if clip_x0."""
-        pred_x0 = self.predict_x0_from_eps(x_t, i, eps)
-        return pred_x0.clamp(-1, 1) if (self.clip_x0 if clip is None else clip) else pred_x0
-
-    def log_variance(self, x_t, i, var_v=None):
-        """log sigma_t^2 as the bound uses it: log beta_t (fixed_large), log beta-tilde_t
-        (fixed_small), both with beta-tilde_1 at t = 0; or learned, Nichol & Dhariwal eq. 15:
-        log Sigma = w log beta_t + (1 - w) log beta-tilde_t with w = (v + 1) / 2."""
-        if self.var_type == "learned_range":
-            w = (var_v + 1) / 2
-            return w * self._at(self.log_betas, i, x_t) + (1 - w) * self._at(self.posterior_log_variance_clipped, i, x_t)
-        table = self.fixed_large_log_variance if self.var_type == "fixed_large" else self.posterior_log_variance_clipped
-        return self._at(table, i, x_t)
-
-    def p_mean_variance(self, x_t, i, eps, var_v=None):
-        """Mean and variance of p_theta(x_{t-1} | x_t) given eps_theta (eq. 11 via eq. 15 + 7),
-        and the predicted x_0."""
-        pred_x0 = self.predict_x0(x_t, i, eps)
-        mean, posterior_variance = self.q_posterior(pred_x0, i, x_t)
-        if self.var_type == "fixed_large":
-            variance = self._at(self.betas, i, x_t)  # sigma_t^2 = beta_t (Ho et al.'s CIFAR-10)
-        elif self.var_type == "fixed_small":
-            variance = posterior_variance  # sigma_t^2 = beta-tilde_t
-        else:
-            variance = self.log_variance(x_t, i, var_v).exp()
-        return mean, variance, pred_x0
-
-    def p_sample(self, x_t, i, eps, noise, var_v=None):
-        """x_{t-1} = mu + sigma z, with no noise at t = 0 (Algorithm 2, lines 3-4)."""
-        mean, variance, pred_x0 = self.p_mean_variance(x_t, i, eps, var_v)
-        nonzero = (i != 0).to(x_t.device, x_t.dtype).view(-1, 1, 1, 1)  # a mask, not a branch: traces cleanly
-        return mean + nonzero * variance.sqrt() * noise, pred_x0
-
-    def ddim_step(self, x_t, i, eps, noise, eta=0.0):
-        """x_{t-1} = sqrt(abar_{t-1}) x_0 + sqrt(1 - abar_{t-1} - sigma_t^2) eps + sigma_t z (Song et
-        al. eq. 12); sigma_t from eta (core.Schedule.ddim_sigma): 1 is DDPM's noise, 0 none."""
-        pred_x0 = self.predict_x0(x_t, i, eps)
-        if self.clip_x0:
-            eps = self.predict_eps_from_x0(x_t, i, pred_x0)  # the eps consistent with the clipped x_0
-        sigma, eps_coef = self.ddim_sigma(eta)
-        x_prev = self._at(self.sqrt_alphas_cumprod_prev, i, x_t) * pred_x0 + self._at(eps_coef, i, x_t) * eps
-        return x_prev + self._at(sigma, i, x_t) * noise, pred_x0
-
-    def dpm_solver_step(self, x_t, i, eps, prev_x0):
-        """x_{t-1} from x_t by DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2, the midpoint form
-        diffusers' DPMSolverMultistepScheduler uses): a multistep solver of the probability-flow
-        ODE in the data prediction x_0, second order from the previous step's x_0 (prev_x0),
-        first order at the first and the last step. Returns (x_prev, pred_x0); pred_x0 is the
-        next step's prev_x0."""
-        pred_x0 = self.predict_x0(x_t, i, eps)
-        D = pred_x0 + self._at(self.dpm_half_ratio, i, x_t) * (pred_x0 - prev_x0)
-        return self._at(self.dpm_sigma_ratio, i, x_t) * x_t + self._at(self.dpm_w, i, x_t) * D, pred_x0
-
-    # -- losses ---------------------------------------------------------------------------------
-
-    def training_loss(self, model, x0, i, noise, y=None):
-        """L_simple = || eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t) ||^2 (eq. 14),
-        or the same squared error on v or x_0 for those targets, optionally min-SNR weighted; with
-        learned variances L_hybrid = L_simple + lambda L_vlb (Nichol & Dhariwal sec. 3.1). y: the
-        labels of a conditional model (None: unconditional)."""
-        x_t = self.q_sample(x0, i, noise)
-        t = self.network_t(i, x_t.device)
-        out = (model(x_t, t) if y is None else model(x_t, t, y)).float()
-        if self.var_type == "learned_range":
-            out, var_v = out.chunk(2, dim=1)
-            return self.mse_loss(x0, i, noise, out) + self.hybrid_vlb_term(x0, i, x_t, out, var_v)
-        return self.mse_loss(x0, i, noise, out)
-
-    def classifier_loss(self, classifier, x0, i, noise, y):
-        """-log p_phi(y | x_t, t) on x_t = q_sample(x_0, t, eps): the noisy classifier's cross
-        entropy (Dhariwal & Nichol 2021 sec. 4.1), t drawn over the whole chain as for the denoiser."""
-        x_t = self.q_sample(x0, i, noise)
-        return F.cross_entropy(classifier(x_t, self.network_t(i, x_t.device)).float(), y)
-
-    def mse_loss(self, x0, i, noise, out):
-        """The squared error of the output against its target, averaged over pixels and images."""
-        if self.prediction == "eps" and not self.min_snr:
-            return F.mse_loss(out, noise.float())
-        abar = self._at(self.alphas_cumprod, i, out)
-        target = {"eps": noise, "x0": x0,
-                  "v": abar.sqrt() * noise - (1 - abar).sqrt() * x0}[self.prediction].float()
-        per_image = ((out - target) ** 2).mean(dim=(1, 2, 3))
-        if self.min_snr:  # Hang et al. eq. 10: the x_0-space weight min(SNR, gamma), per target
-            snr = (abar / (1 - abar)).view(-1)
-            clipped = snr.clamp(max=self.min_snr)
-            per_image = per_image * {"eps": clipped / snr, "v": clipped / (snr + 1), "x0": clipped}[self.prediction]
-        return per_image.mean()
-
-    def hybrid_vlb_term(self, x0, i, x_t, out, var_v):
-        """lambda L_vlb with lambda = 1/1000: one uniformly drawn term of the bound, in bits/dim,
-        times T/1000 (L_vlb = T E_t[L_t]), with the gradient stopped on the mean so that it
-        trains only the variance (Nichol & Dhariwal sec. 3.1; improved-diffusion's rescaled MSE)."""
-        eps = eps_from_prediction(self.prediction, x_t, out.detach(), self._at(self.alphas_cumprod, i, x_t))
-        vb = self.vb_terms_bpd(x0, i, x_t, eps, var_v, clip=False)
-        return vb.mean() * self.num_timesteps / 1000.0
-
-    # -- the variational bound (eq. 5), in bits per dimension -----------------------------------
-
-    def prior_bpd(self, x0):
-        """L_T = KL(q(x_T | x_0) || N(0, I)) per image, bits/dim: no parameters, near 0."""
-        i = torch.full((x0.shape[0],), self.num_timesteps - 1, dtype=torch.long)
-        mean = self._at(self.sqrt_alphas_cumprod, i, x0) * x0
-        log_var = self._at(self.log_one_minus_alphas_cumprod, i, x0).expand_as(x0)
-        kl = normal_kl(mean, log_var, torch.zeros_like(x0), torch.zeros_like(x0))
-        return kl.mean(dim=(1, 2, 3)) / math.log(2.0)
-
-    def vb_terms_bpd(self, x0, i, x_t, eps, var_v=None, clip=None):
-        """Per image, bits/dim: L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)) where
-        i > 0, and L_0 = -log p_theta(x_0 | x_1), the discretized decoder, where i = 0 (eq. 5);
-        eps, var_v: the network's output at (x_t, i). The KL is between the true posterior and
-        p_theta with the log-variances of `log_variance` (Ho et al.'s code, improved-diffusion)."""
-        true_mean, _ = self.q_posterior(x0, i, x_t)
-        true_log_var = self._at(self.posterior_log_variance_clipped, i, x_t).expand_as(x_t)
-        mean, _ = self.q_posterior(self.predict_x0(x_t, i, eps, clip), i, x_t)  # p_theta's mean, eq. 11
-        log_var = self.log_variance(x_t, i, var_v).expand_as(x_t)
-        kl = normal_kl(true_mean, true_log_var, mean, log_var).mean(dim=(1, 2, 3))
-        nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var).mean(dim=(1, 2, 3))
-        return torch.where(i.to(x_t.device) == 0, nll, kl) / math.log(2.0)
-
-    @torch.no_grad()
-    def bits_per_dim(self, model, x0, generator=None, callback=None):
-        """The bound L_VLB = L_T + sum_{t>1} L_{t-1} + L_0 of each image in bits/dim, every term
-        evaluated at one x_t ~ q(x_t | x_0) (Ho et al.'s calc_bpd_loop). Returns (total (B,),
-        prior (B,), terms (B, T) with terms[:, 0] = L_0). callback(k) after each of the T terms."""
-        B, T = x0.shape[0], self.num_timesteps
-        terms = torch.zeros(B, T, dtype=torch.float64)
-        for k, i_int in enumerate(range(T - 1, -1, -1)):
-            i = torch.full((B,), i_int, dtype=torch.long)
-            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-            x_t = self.q_sample(x0, i, noise)
-            eps, var_v = self.model_output(model, x_t, i)
-            terms[:, i_int] = self.vb_terms_bpd(x0, i, x_t, eps, var_v).double().cpu()
-            if callback is not None:
-                callback(k)
-        prior = self.prior_bpd(x0).double().cpu()
-        return terms.sum(dim=1) + prior, prior, terms
-
-
-def normal_kl(mean1, log_var1, mean2, log_var2):
-    """KL(N(mean1, e^log_var1) || N(mean2, e^log_var2)) per element, in nats."""
-    return 0.5 * (-1.0 + log_var2 - log_var1 + torch.exp(log_var1 - log_var2)
-                  + (mean1 - mean2) ** 2 * torch.exp(-log_var2))
-
-
-def standard_normal_cdf(x):
-    """Phi(x) by the tanh approximation that Ho et al.'s and improved-diffusion's decoders use."""
-    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
-
-
-def discretized_gaussian_log_likelihood(x0, mean, log_scale):
-    """log p(x_0) per element of 8-bit data scaled to [-1, 1] under N(mean, e^(2 log_scale)): the
-    mass on the pixel's bin [x - 1/255, x + 1/255], the first and last bins reaching to -inf and
-    +inf (Ho et al. eq. 13). Probabilities are floored at 1e-12, as in both reference codes."""
-    inv_std = torch.exp(-log_scale)
-    cdf_plus = standard_normal_cdf(inv_std * (x0 - mean + 1.0 / 255))
-    cdf_min = standard_normal_cdf(inv_std * (x0 - mean - 1.0 / 255))
-    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
-    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
-    log_bin = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
-    return torch.where(x0 < -0.999, log_cdf_plus, torch.where(x0 > 0.999, log_one_minus_cdf_min, log_bin))
-
-
-def eps_from_prediction(prediction, x_t, out, abar):
-    """The eps a network output implies, with abar = alpha-bar_t: eps itself; v = sqrt(abar) eps -
-    sqrt(1 - abar) x_0 (Salimans & Ho 2022), so eps = sqrt(1 - abar) x_t + sqrt(abar) v; or x_0,
-    so eps = (x_t - sqrt(abar) x_0) / sqrt(1 - abar) (eq. 4). export.py puts this in the graph."""
-    if prediction == "eps":
-        return out
-    if prediction == "v":
-        return (1 - abar).sqrt() * x_t + abar.sqrt() * out
-    return (x_t - abar.sqrt() * out) / (1 - abar).sqrt()
-
-
-class ClassifierFreeGuidance(nn.Module):
-    """The network of a conditional model as a function of (x_t, t) alone, with classifier-free
-    guidance (Ho & Salimans 2021, eq. 6): out = out(x_t, t) + s (out(x_t, t, y) - out(x_t, t)),
-    the unconditional branch fed the 'no label' class. s = 0 is the unconditional model, 1 the
-    plain conditional one (one branch each), s > 1 follows y more strictly; otherwise both
-    branches go through the network in one batched call. The combination is linear, so guiding
-    v or x_0 equals guiding the eps they imply; a learned variance comes from the conditional
-    branch. y None: unconditional."""
-
-    def __init__(self, model, y, guidance_scale):
-        super().__init__()
-        self.model, self.y, self.s = model, y, guidance_scale
-
-    def forward(self, x_t, t):
-        null = torch.full_like(t, self.model.num_classes)
-        if self.y is None or self.s == 0:
-            return self.model(x_t, t, null)
-        labels = self.y.to(t.device)
-        if self.s == 1:
-            return self.model(x_t, t, labels)
-        out_c, out_u = self.model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, null])).chunk(2)
-        C = x_t.shape[1]
-        eps = out_u[:, :C] + self.s * (out_c[:, :C] - out_u[:, :C])
-        return torch.cat([eps, out_c[:, C:]], dim=1)
-
-
-class ClassifierGradient:
-    """(x_t, t) -> s grad_{x_t} log p_phi(y | x_t, t), the classifier-guidance term (Dhariwal &
-    Nichol 2021, Algorithm 1 and eq. 14); model_output subtracts it from eps scaled by
-    sqrt(1 - abar_t)."""
-
-    def __init__(self, classifier, y, classifier_scale):
-        self.classifier, self.y, self.s = classifier, y, classifier_scale
-
-    def __call__(self, x_t, t):
-        with torch.enable_grad():
-            x = x_t.detach().requires_grad_(True)
-            log_p = F.log_softmax(self.classifier(x, t).double(), dim=1)
-            chosen = log_p[torch.arange(len(x)), self.y.to(x.device)].sum()  # images are independent
-            return self.s * torch.autograd.grad(chosen, x)[0]
-
-
-@torch.no_grad()
-def sample_loop(model, diffusion, x_T, sampler="ddpm", num_steps=None, *, eta=0.0, noise_fn=None,
-                generator=None, callback=None, progress=False, spacing=None, y=None,
-                guidance_scale=1.0, classifier=None, classifier_scale=1.0):
-    """Run the reverse process from x_T (Algorithm 2, DDIM, or DPM-Solver++(2M)) and return x_0.
-
-    num_steps: sampling steps; fewer than T respaces the schedule (network sees original t),
-               keeping the t's `spacing` names (core.ddim_timesteps; None: core.default_spacing).
-    noise_fn:  noise_fn(k, shape) -> tensor, the fresh noise for the k-th step (k = 0 first);
-               default randn from `generator`. Two implementations fed the same noise_fn agree.
-    callback:  callback(k, t, x_t, pred_x0) at every step: the step's input x_t (network time t)
-               and the x_0 predicted from it, e.g. for pictures of the process.
-    y:         (B,) class labels: a conditional model samples them with classifier-free guidance
-               of scale `guidance_scale` (None: unconditional), and a classifier p(y | x_t, t)
-               guides any model towards them with scale `classifier_scale`.
-    """
-    T = diffusion.num_timesteps
-    core.check_sampler(sampler, num_steps, eta, T, spacing)
-    if getattr(model, "num_classes", 0):
-        model = ClassifierFreeGuidance(model, y, guidance_scale)
-    elif y is not None and classifier is None:
-        raise ValueError("this model is unconditional (trained without --cond): labels need a "
-                         "conditional model or a classifier (--classifier)")
-    classifier_grad = None
-    if classifier is not None:
-        if y is None:
-            raise ValueError("classifier guidance needs the classes to guide towards (--class)")
-        classifier_grad = ClassifierGradient(classifier, y, classifier_scale)
-    kept = core.kept_timesteps(T, sampler, num_steps, spacing)
-    chain = diffusion if kept is None else diffusion.respace(kept)
-    x = x_T
-    prev_x0 = torch.zeros_like(x)  # dpm++: the previous step's x_0 (the first step does not use it)
-    indices = range(chain.num_timesteps - 1, -1, -1)
-    if progress:
-        from tqdm import tqdm
-        indices = tqdm(indices, desc=f"{sampler} sampling", unit="step", leave=False)
-    for k, i_int in enumerate(indices):
-        i = torch.full((x.shape[0],), i_int, dtype=torch.long, device=x.device)  # a fill, no copy
-        if noise_fn is not None:
-            noise = noise_fn(k, x.shape).to(x.device, x.dtype)
-        else:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        eps, var_v = chain.model_output(model, x, i, classifier_grad)
-        if sampler == "ddpm":
-            x_prev, pred_x0 = chain.p_sample(x, i, eps, noise, var_v)
-        elif sampler == "ddim":
-            x_prev, pred_x0 = chain.ddim_step(x, i, eps, noise, eta)
-        else:  # deterministic: the step's noise is drawn all the same, so every sampler sees one stream
-            x_prev, pred_x0 = chain.dpm_solver_step(x, i, eps, prev_x0)
-            prev_x0 = pred_x0
-        if callback is not None:
-            callback(k, int(chain.timesteps[i_int]), x, pred_x0)
-        x = x_prev
-    return x
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints: the file format and its safe reading live in checkpoints.py; a model from one here
-
-
-def config_from_dict(d, path="the checkpoint"):
-    """The Config a checkpoint describes; ValueError if the values cannot build a model. Field
-    names of earlier versions (model, out) are read as today's (preset, run_dir)."""
-    d = {RENAMED_FIELDS.get(k, k) if RENAMED_FIELDS.get(k, k) not in d else k: v for k, v in d.items()}
-    known = {f.name for f in dataclasses.fields(Config)}
-    d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known}
-    try:
-        cfg = Config(**d)
-        check_config(cfg)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path} has an unusable config: {e}") from None
-    return cfg
+# Checkpoints (the file format and its safe reading live in checkpoints.py), and sampling from one
 
 
 def load_checkpoint(path, ema=True, kind="denoiser"):
@@ -809,274 +1020,6 @@ def load_checkpoint(path, ema=True, kind="denoiser"):
     return model.eval(), cfg
 
 
-# ----------------------------------------------------------------------------------------------
-# Training (Algorithm 1)
-
-
-def autocast(dtype, device):
-    """Autocast to dtype on the device, or nothing for dtype None (float32)."""
-    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
-
-
-def learning_rate(cfg, step):
-    """Linear warm-up (Ho et al.), then constant, or a cosine decay to 0 with --cosine-lr."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    if cfg.cosine_lr:
-        progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
-    return cfg.lr
-
-
-def micro_batch_seed(seed, step, micro):
-    """The seed of micro-batch `micro` of optimizer step `step`. t, eps, flips and dropout are
-    drawn after seeding with it, so they depend on (seed, step, micro) alone: a resumed run draws
-    exactly what an uninterrupted one would, with no RNG state to save."""
-    return int(np.random.SeedSequence([seed, step, micro]).generate_state(1, np.uint64)[0])
-
-
-def make_optimizer(cfg, params):
-    """Adam (Ho et al.) or AdamW. --weight-decay is an L2 term in Adam's gradient; AdamW decays
-    the weights directly, apart from the adaptive step (Loshchilov & Hutter 2019)."""
-    kind = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return kind(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def ema_update(ema, model, decay):
-    """theta_ema <- decay theta_ema + (1 - decay) theta, for all parameters in one fused call."""
-    with torch.no_grad():
-        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
-
-
-def micro_batch_loss(model, x0, y, step, micro, *, cfg, diffusion, dtype):
-    """Algorithm 1, lines 2-5, on micro-batch `micro` of a step: x_0 (randomly flipped), t ~
-    Uniform({1..T}), eps ~ N(0, I), the loss; all drawn from the micro-batch's own seed. The
-    network is told the labels y not at all (unconditional), all (the classifier), or, with
-    --cond, each replaced by 'no label' with probability p_uncond (Ho & Salimans)."""
-    torch.manual_seed(micro_batch_seed(cfg.seed, step, micro))
-    device = x0.device
-    if cfg.flip:
-        flip = torch.rand(x0.shape[0], device=device) < 0.5
-        x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
-    i = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), device=device)  # t: T, or a student's steps
-    noise = torch.randn_like(x0)
-    with autocast(dtype, device):
-        if cfg.kind == "classifier":
-            return diffusion.classifier_loss(model, x0, i, noise, y.to(device))
-        if cfg.cond:
-            dropped = torch.rand(y.shape[0]) < cfg.p_uncond
-            return diffusion.training_loss(model, x0, i, noise, torch.where(dropped, cfg.num_classes, y).to(device))
-        return diffusion.training_loss(model, x0, i, noise)
-
-
-def train_step(model, raw_model, ema, optimizer, scaler, batch, labels, step, *, cfg, diffusion,
-               dtype, rank=0, world=1, stop=None):
-    """One optimizer step on this process's share of a batch: the gradient of the mean loss over
-    its grad_accum micro-batches (DDP averages it over the processes, once, in the backward of
-    the last micro-batch), clipped, an Adam step, the EMA. Returns (the loss averaged over the
-    job, the gradient norm, whether any process was asked to stop), agreed in one all-reduce
-    after the micro-batches, so a signal that arrives during them counts for this step."""
-    for group in optimizer.param_groups:
-        group["lr"] = learning_rate(cfg, step)
-    micro = batch.shape[0] // cfg.grad_accum
-    loss_sum = torch.zeros((), device=batch.device)
-    for k, (x0, y) in enumerate(zip(batch.split(micro), labels.split(micro))):
-        if batch.device.type == "cuda":
-            x0 = x0.contiguous(memory_format=torch.channels_last)
-        last = k == cfg.grad_accum - 1
-        with contextlib.nullcontext() if world == 1 or last else model.no_sync():
-            loss = micro_batch_loss(model, x0, y, step, rank * cfg.grad_accum + k, cfg=cfg,
-                                    diffusion=diffusion, dtype=dtype) / cfg.grad_accum
-            scaler.scale(loss).backward()
-        loss_sum += loss.detach()
-    loss, stop_asked = distributed.agree(loss_sum, stop and stop.signal, world)
-    if not math.isfinite(loss):
-        raise Diverged(f"the loss became {loss} at step {step + 1}")
-    scaler.unscale_(optimizer)
-    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")  # 0: no clipping
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm))
-    if not math.isfinite(grad_norm) and not scaler.is_enabled():  # fp16 skips such steps
-        raise Diverged(f"the gradient norm became {grad_norm} at step {step + 1}")
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    ema_update(ema, raw_model, cfg.ema_decay)
-    return loss, grad_norm, stop_asked
-
-
-def resume_training(path, cfg, raw_model, ema, optimizer, scaler):
-    """The step the run saved in `path` stopped at, its state loaded into the given objects."""
-    state = checkpoints.read_checkpoint(path)
-    saved_cfg = config_from_dict(state["config"], f"'{path}'")
-    return checkpoints.restore(state, path, saved_cfg, cfg, MODEL_FIELDS + ("T", "schedule", "kind"),
-                               raw_model, ema, optimizer, scaler)
-
-
-def preflight(model, optimizer, dataset, micro, step, *, cfg, diffusion, dtype, device):
-    """One batch through data, model and backward, so a broken setup fails in seconds. Its
-    gradients are dropped, and every step seeds its own draws, so it changes nothing."""
-    first, first_y = next(iter(torch.utils.data.DataLoader(dataset, batch_size=micro)))
-    t0 = time.time()
-    loss = micro_batch_loss(model, first.to(device), first_y, step, 0, cfg=cfg, diffusion=diffusion, dtype=dtype)
-    loss.backward()
-    optimizer.zero_grad(set_to_none=True)
-    core.say(f"pre-flight ok: one step on one batch, loss {loss.item():.4f}, {time.time() - t0:.1f}s")
-
-
-def save_training_state(cfg, step, *, raw_model, ema, optimizer, scaler, diffusion, dtype, x0, y,
-                        final, saved_step):
-    """Save the run at `step`; returns the step now on disk. Only weights whose loss on x0 is
-    finite are saved: a model that diverged in its last step (finite weights, NaN outputs) never
-    replaces a good checkpoint. A periodic save that fails warns; the last one must work."""
-    i, noise = torch.full((x0.shape[0],), diffusion.num_timesteps // 2), torch.randn_like(x0)
-    with torch.no_grad(), autocast(dtype, x0.device):
-        check = (diffusion.classifier_loss(raw_model, x0, i, noise, y.to(x0.device)) if cfg.kind == "classifier"
-                 else diffusion.training_loss(raw_model, x0, i, noise))
-    if not torch.isfinite(check):
-        raise Diverged(f"the weights after step {step} give a loss of {check.item()}")
-    state = checkpoints.checkpoint_state(cfg, raw_model, ema, step, optimizer, scaler)
-    return checkpoints.save_during_run(cfg.ckpt, state, final, saved_step)
-
-
-def sample_grid(ema, diffusion, cfg, step, log):
-    """64 DDIM samples of the EMA model (a conditional one: the classes in turn, unguided), in
-    the run directory and TensorBoard."""
-    device = next(ema.parameters()).device
-    g = torch.Generator(device=device).manual_seed(cfg.seed)
-    x_T = torch.randn(64, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g, device=device)
-    y = torch.arange(64) % cfg.num_classes if cfg.num_classes else None
-    x0 = sample_loop(ema, diffusion, x_T, sampler="ddim", num_steps=min(50, diffusion.num_timesteps), generator=g, y=y, progress=True)
-    images = core.to_uint8(x0)
-    log.image(step, core.grid_of(images))
-    try:
-        core.save_grid(images, os.path.join(cfg.run_dir, f"samples_{step:07d}.png"))
-    except OSError as e:
-        core.warn(f"cannot write a sample grid in '{cfg.run_dir}' ({e.strerror or e})")
-
-
-def train(cfg, *, resume=None, overwrite=False, diffusion=None, init=None):
-    """Algorithm 1 for cfg.steps optimizer steps. resume: a checkpoint to continue exactly.
-    Files a previous run left at cfg.ckpt or in the run directory are refused unless resume
-    continues them or overwrite is set. Under torchrun, one of the job's processes (rank 0 writes
-    the files). diffusion: whose training_loss to minimise over its num_timesteps indices (default
-    the config's; distill.py passes a Distillation); init: a model to start from (default: new)."""
-    rank, world, device = distributed.init(pick_device(cfg.device), cfg.device)
-    lead = rank == 0  # the process that writes the checkpoint, the log and the pictures
-    if not (cfg.batch_size and cfg.grad_accum) and device.type != "cuda":
-        raise ValueError("--batch-size auto and --grad-accum auto measure GPU memory, so they "
-                         "need CUDA; on a CPU give numbers")
-    cfg = dataclasses.replace(cfg, run_dir=cfg.run_dir or checkpoints.default_run_dir(cfg))
-    if lead:
-        checkpoints.check_run_files(cfg, resume, overwrite)
-        if cfg.steps < cfg.warmup:
-            core.warn(f"--steps {cfg.steps} ends inside the {cfg.warmup}-step warm-up, so the learning "
-                      f"rate never reaches --lr {cfg.lr} (it ends at {learning_rate(cfg, cfg.steps - 1):.2g}); "
-                      "lower --warmup")
-    dtype = amp_dtype(cfg.amp, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-
-    labelled = cfg.cond or cfg.kind == "classifier"
-    dataset = data.load_dataset(cfg, labelled=labelled)
-    names = data.class_names(dataset, cfg.data) if labelled else ()
-    cfg = dataclasses.replace(cfg, num_classes=len(names), class_names=names)
-
-    torch.manual_seed(cfg.seed)  # the initial weights, the same in every process
-    raw_model = (build_model(cfg) if init is None else copy.deepcopy(init).train().requires_grad_()).to(device)
-    raw_model.grad_checkpoint = cfg.grad_checkpoint
-    if device.type == "cuda":
-        raw_model = raw_model.to(memory_format=torch.channels_last)
-    ema = copy.deepcopy(raw_model).eval().requires_grad_(False)
-    optimizer = make_optimizer(cfg, raw_model.parameters())
-    diffusion = diffusion or GaussianDiffusion.from_config(cfg)
-    model = torch.compile(raw_model) if cfg.compile else raw_model
-    if lead:
-        checkpoints.check_free_space(cfg.ckpt, count_params(raw_model))
-    if not (cfg.batch_size and cfg.grad_accum):  # auto: find by trial what fits in GPU memory
-        loss = functools.partial(micro_batch_loss, cfg=cfg, diffusion=diffusion, dtype=dtype)
-        batch_size, grad_accum = distributed.auto_batch(
-            loss, raw_model, (cfg.in_channels, cfg.image_size, cfg.image_size), count_params(raw_model),
-            len(dataset), cfg.batch_size, cfg.grad_accum, world, device)
-        cfg = dataclasses.replace(cfg, batch_size=batch_size, grad_accum=grad_accum)
-    distributed.check_batch(cfg.batch_size, cfg.grad_accum, world, len(dataset))
-    core.say(f"data: {cfg.data}, {len(dataset)} images at {cfg.image_size}x{cfg.image_size}"
-             f"{f', {len(names)} classes' if names else ''}; run directory {cfg.run_dir}; device {device}"
-             f"{f'; {world} processes' if world > 1 else ''}")
-
-    step = resume_training(resume, cfg, raw_model, ema, optimizer, scaler) if resume is not None else 0
-    if step >= cfg.steps:
-        core.say(f"nothing to do: the checkpoint is at step {step}, --steps is {cfg.steps}")
-        return
-    first_step, micro = step, cfg.batch_size // (world * cfg.grad_accum)
-    loader = data.step_loader(dataset, cfg, step, rank, world, device)
-    continuing = resume is not None and os.path.exists(cfg.ckpt) and os.path.samefile(resume, cfg.ckpt)
-    saved_step = step if continuing else None  # what cfg.ckpt holds, for the messages of a stop
-    preflight(model, optimizer, dataset, micro, step, cfg=cfg, diffusion=diffusion, dtype=dtype, device=device)
-    if world > 1:  # DDP averages the gradients in backward(); it starts from rank 0's weights
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    from tqdm import tqdm
-    log = RunLog(cfg.run_dir, step if resume is not None else None, cfg.tensorboard) if lead else None
-    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not lead)
-    model.train()
-    t_last, imgs_since, paused = time.time(), 0, 0.0  # paused: saving and sampling, not training
-    try:
-        with checkpoints.StopSignals() as stop:
-            for batch, labels in loader:
-                batch = batch.to(device, non_blocking=True)
-                loss, grad_norm, stop_asked = train_step(
-                    model, raw_model, ema, optimizer, scaler, batch, labels, step, cfg=cfg,
-                    diffusion=diffusion, dtype=dtype, rank=rank, world=world, stop=stop)
-                step += 1
-                imgs_since += cfg.batch_size
-                bar.update(1)
-                t_pause = time.time()
-                if lead and (step % cfg.log_every == 0 or step == cfg.steps):
-                    ips = imgs_since / max(t_pause - t_last - paused, 1e-9)
-                    log.write({"step": step, "loss": loss, "lr": optimizer.param_groups[0]["lr"],
-                               "grad_norm": grad_norm, "img_per_s": ips})
-                    bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.1f}")
-                    t_last, imgs_since, paused = time.time(), 0, 0.0
-                    t_pause = t_last
-                if stop_asked or step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
-                    if lead:
-                        saved_step = save_training_state(
-                            cfg, step, raw_model=raw_model, ema=ema, optimizer=optimizer, scaler=scaler,
-                            diffusion=diffusion, dtype=dtype, x0=batch[-micro:], y=labels[-micro:],
-                            final=stop_asked or step == cfg.steps, saved_step=saved_step)
-                    if world > 1:  # the others wait: torchrun ends the job when one process exits
-                        dist.barrier()
-                if lead and cfg.sample_every and cfg.kind == "denoiser" and \
-                        (step % cfg.sample_every == 0 or step == cfg.steps):
-                    sample_grid(ema, diffusion, cfg, step, log)
-                paused += time.time() - t_pause
-                if stop_asked:
-                    signum = stop.signal or signal.SIGTERM  # another process may have been the one asked
-                    raise Stopped(f"\n{signal.Signals(signum).name}: saved step {step} to '{cfg.ckpt}'; "
-                                  f"continue with --resume {cfg.ckpt}" if lead else "", 128 + signum)
-    except Diverged as e:
-        raise Stopped(f"error: {e}; training stopped, and {checkpoints.on_disk(cfg.ckpt, saved_step)} "
-                      "(only weights that give a finite loss are saved). Try a lower --lr, --amp bf16 "
-                      "instead of fp16, or check the data" if lead else "", 1) from None
-    except KeyboardInterrupt:
-        hint = f"; continue with --resume {cfg.ckpt}" if saved_step is not None else ""
-        raise Stopped(f"\nstopped at once during step {step + 1}, without saving; "
-                      f"{checkpoints.on_disk(cfg.ckpt, saved_step)}{hint}", 130) from None
-    finally:
-        bar.close()
-        if log is not None:
-            log.draw()
-            log.close()
-    if world > 1:  # rank 0 finishes its last grid before the job ends
-        dist.barrier()
-    written = [f for f in ("metrics.jsonl", "loss.png", f"samples_{step:07d}.png") if os.path.exists(os.path.join(cfg.run_dir, f))]
-    core.say(f"done: steps {first_step}..{step}; checkpoint '{cfg.ckpt}'; {', '.join(written)} in {cfg.run_dir}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Sampling
-
-
 def load_classifier(path, cfg):
     """The noisy classifier at `path` (raw weights: Dhariwal & Nichol keep no EMA of it), checked
     against the denoiser's config: same image shape and schedule, and the same classes."""
@@ -1085,42 +1028,43 @@ def load_classifier(path, cfg):
     return classifier, clf_cfg
 
 
-def sample(ckpt, *, n=64, num_steps=None, sampler=None, eta=0.0, seed=0, out="samples.png",
-           outdir=None, ema=True, batch=None, device="auto", progress=(), spacing=None,
-           classes=None, guidance_scale=None, classifier=None, classifier_scale=1.0, amp="none"):
-    """n images from the checkpoint's model into one grid (and one PNG each in outdir, and the
-    reverse process of the first batch as a picture or animation in each path of progress).
-    classes: --class's text (names or indices, a comma list, or all: a grid row per class),
-    sampled with classifier-free guidance of scale `guidance_scale` if the model is conditional,
-    and guided by the noisy classifier at path `classifier` with scale `classifier_scale`."""
-    progress = core.check_sampling_request(n, batch, guidance_scale, out, progress, outdir, (ckpt,), seed)
+def sample(ckpt, request=sampling.Request(), *, ema=True, device="auto", classifier=None, classifier_scale=1.0,
+           amp="none"):
+    """request.n images from the checkpoint's model into one grid (and one PNG each in outdir, and
+    the reverse process of the first batch as a picture or animation in each path of progress):
+    a sampling.Request, the flags sample_ort.py shares. Its classes (--class's text: names or
+    indices, a comma list, or all: a grid row per class) are sampled with classifier-free guidance
+    of its guidance scale if the model is conditional, and guided by the noisy classifier at path
+    `classifier` with scale `classifier_scale`."""
+    request = sampling.check_request(request, (ckpt,))
     if not math.isfinite(classifier_scale):
         raise ValueError(f"--classifier-scale {classifier_scale}: use a finite number")
     device = pick_device(device)
     dtype = sampling_dtype(amp, device)
     model, cfg = load_checkpoint(ckpt, ema=ema)
-    sampler, num_steps, spacing = core.distilled_sampler(cfg.distilled_steps, sampler, num_steps, eta, spacing)
-    core.check_sampler(sampler, num_steps, eta, cfg.T, spacing)
-    clf, names, labels, nrow = None, cfg.class_names, None, None
+    sampler = sampling.distilled_sampler(cfg.distilled_steps, request.sampler)
+    sampling.check_sampler(sampler, cfg.T)
+    clf, names, labels, nrow, n = None, cfg.class_names, None, None, request.n
     if classifier is not None:
         clf, clf_cfg = load_classifier(classifier, cfg)
         clf.to(device)
         names = clf_cfg.class_names
-    if classes is not None:
+    if request.classes is not None:
         if not names:
             raise ValueError(f"--class: '{ckpt}' is unconditional (trained without --cond); pass "
                              "a noisy classifier with --classifier, or train with --cond")
-        labels, nrow = core.class_labels(core.parse_classes(classes, names), n)
+        labels, nrow = sampling.class_labels(sampling.parse_classes(request.classes, names), n)
         n = len(labels)
     elif clf is not None:
         raise ValueError("--classifier guides towards the classes given by --class")
     model.to(device)
     diffusion = GaussianDiffusion.from_config(cfg)
-    guidance_scale, shown = core.distilled_guidance(cfg.distilled_guidance, guidance_scale, cfg.num_classes > 0, classes)
-    g = torch.Generator(device=device).manual_seed(seed)
-    batch = batch or n
-    n_steps = num_steps or cfg.T
-    process = core.ProcessFrames(progress, n_steps)
+    guidance_scale, shown = sampling.distilled_guidance(cfg.distilled_guidance, request.guidance,
+                                                        cfg.num_classes > 0, request.classes)
+    g = torch.Generator(device=device).manual_seed(request.seed)
+    batch = request.batch or n
+    n_steps = sampler.steps or cfg.T
+    process = pictures.ProcessFrames(request.progress, n_steps)
     images = []
     t0 = time.time()
     for start in range(0, n, batch):
@@ -1128,23 +1072,23 @@ def sample(ckpt, *, n=64, num_steps=None, sampler=None, eta=0.0, seed=0, out="sa
         x_T = torch.randn(b, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g, device=device)
         y = torch.as_tensor(labels[start:start + b], device=device) if labels is not None else None
         with autocast(dtype, device):
-            x0 = sample_loop(model, diffusion, x_T, sampler=sampler, num_steps=num_steps, eta=eta,
-                             generator=g, callback=process, progress=True, spacing=spacing, y=y,
-                             guidance_scale=guidance_scale, classifier=clf, classifier_scale=classifier_scale)
+            x0 = sample_loop(model, diffusion, x_T, sampler, noise_fn=GaussianNoise(g), callback=process, progress=True,
+                             guidance=Guidance(y, guidance_scale, clf, classifier_scale))
         process.done = True  # the pictures show the first batch
-        images.append(core.to_uint8(x0, source=ckpt))
-    elapsed, written = time.time() - t0, core.write_samples(np.concatenate(images), out, nrow, outdir, process, min(batch, n))
+        images.append(pictures.to_uint8(x0, source=ckpt))
+    elapsed = time.time() - t0
+    written = sampling.write_samples(np.concatenate(images), request.out, nrow, request.outdir, process, min(batch, n))
     guided = ""
     if labels is not None:
         shown_classes = ", ".join(names[c] for c in dict.fromkeys(labels.tolist()))
         guided = (f"; classes {shown_classes}" + (f", guidance {shown:g}" if cfg.num_classes else "")
                   + (f", classifier scale {classifier_scale:g}" if clf is not None else ""))
-    core.say(f"{written}; {n * n_steps / elapsed:.1f} image-steps/s on {device} ({sampler}, {n_steps} "
-             f"steps, {'bf16' if dtype == torch.bfloat16 else 'fp16' if dtype else 'fp32'}){guided}")
+    messages.say(f"{written}; {n * n_steps / elapsed:.1f} image-steps/s on {device} ({sampler.name}, {n_steps} "
+                 f"steps, {'bf16' if dtype == torch.bfloat16 else 'fp16' if dtype else 'fp32'}){guided}")
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line (the flags' help text and checks: flags.py)
+# Command line (its flags, their help text and checks: flags.py and config.py)
 
 
 def train_config(given, resume):
@@ -1172,65 +1116,58 @@ def train_config(given, resume):
     return make_config(**given), None
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="ddpm.py", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+def train_command(args):
+    """`train` and `train-classifier` with their parsed flags."""
+    given = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(Config) if f.name not in DERIVED_FIELDS}
+    if args.command == "train-classifier":
+        if given["run_dir"] and given["run_dir"].lower().endswith(checkpoints.CHECKPOINT_EXTENSIONS) \
+                and not given["ckpt"]:
+            given["ckpt"], given["run_dir"] = given["run_dir"], None  # `--out clf.pt` names the file
+        given["ckpt"] = given["ckpt"] or "clf.pt"
+    cfg, resume = train_config(given, args.resume)
+    if args.command == "train-classifier":
+        cfg = dataclasses.replace(cfg, kind="classifier")
+    elif cfg.kind != "denoiser" or cfg.distilled_steps:
+        raise ValueError(f"'{resume}' is a " + ("distilled student; continue it with distill.py --resume"
+                                                 if cfg.distilled_steps else
+                                                 "noisy classifier; continue it with train-classifier"))
+    train(cfg, resume=resume, overwrite=args.overwrite)
 
-    for command, text in (("train", "train a model (Algorithm 1)"),
-                          ("train-classifier", "train a noisy classifier p(y | x_t, t) for classifier "
-                                               "guidance (the flags of train that a classifier uses)")):
-        flags.add_train_flags(sub.add_parser(command, help=text), Config, PRESETS, classifier=command != "train")
-    flags.add_sample_flags(sub.add_parser("sample", help="sample images from a checkpoint (Algorithm 2)"))
-    sys.modules.setdefault("ddpm", sys.modules[__name__])  # distill.py imports this file: the one copy
-    import distill
-    distill.add_flags(sub)
 
-    flags.add_info_flags(sub.add_parser("info", help="config, parameter count and FLOPs of a model"), PRESETS)
+def info_command(args):
+    """`info`: a model's config, parameter count and FLOPs."""
+    if args.ckpt:
+        kind = config_from_dict(checkpoints.read_checkpoint(args.ckpt)["config"], f"'{args.ckpt}'").kind
+        model, cfg = load_checkpoint(args.ckpt, kind=kind)
+    else:
+        cfg = make_config(args.preset or "cifar10", image_size=args.image_size)
+        model = UNet(cfg)
+    shown = asdict(cfg) if args.ckpt else {k: v for k, v in asdict(cfg).items() if k in INFO_FIELDS}
+    for name, value in shown.items():
+        print(f"{name:>17}: {value}")
+    print(f"{'parameters':>17}: {count_params(model):,}")
+    print(f"{'forward FLOPs':>17}: {count_flops(model, cfg) / 1e9:.2f} G at batch 1, "
+          f"{cfg.image_size}x{cfg.image_size}")
 
-    args = parser.parse_args(argv)
+
+def sample_command(args):
+    """`sample` with its parsed flags."""
+    sample(args.ckpt, sampling.Request.from_args(args), ema=not args.no_ema, device=args.device,
+           classifier=args.classifier, classifier_scale=args.classifier_scale, amp=args.amp)
+
+
+def run_command(command, args):
+    """command(args) as a command line runs it: a user's mistake (ValueError) is one sentence, a
+    stopped run (Ctrl-C, SIGTERM, divergence) its message and exit code, memory that ran out a
+    sentence; under torchrun the message names the rank, and the process group is left."""
     try:
-        if args.command in ("train", "train-classifier"):
-            given = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(Config)
-                     if f.name not in DERIVED_FIELDS}
-            if args.command == "train-classifier":
-                if given["run_dir"] and given["run_dir"].lower().endswith(checkpoints.CHECKPOINT_EXTENSIONS) \
-                        and not given["ckpt"]:
-                    given["ckpt"], given["run_dir"] = given["run_dir"], None  # `--out clf.pt` names the file
-                given["ckpt"] = given["ckpt"] or "clf.pt"
-            cfg, resume = train_config(given, args.resume)
-            if args.command == "train-classifier":
-                cfg = dataclasses.replace(cfg, kind="classifier")
-            elif cfg.kind != "denoiser" or cfg.distilled_steps:
-                raise ValueError(f"'{resume}' is a " + ("distilled student; see distill --resume" if cfg.distilled_steps
-                                                         else "noisy classifier; continue it with train-classifier"))
-            train(cfg, resume=resume, overwrite=args.overwrite)
-        elif args.command == "sample":
-            sample(args.ckpt, n=args.n, num_steps=args.sampling_steps, sampler=args.sampler,
-                   eta=args.eta, seed=args.seed, out=args.out, outdir=args.outdir, ema=not args.no_ema,
-                   batch=args.batch, device=args.device, progress=args.progress, spacing=args.spacing,
-                   classes=args.classes, guidance_scale=args.guidance, classifier=args.classifier,
-                   classifier_scale=args.classifier_scale, amp=args.amp)
-        elif args.command == "distill":
-            distill.run(args)
-        elif args.command == "info":
-            if args.ckpt:
-                kind = config_from_dict(checkpoints.read_checkpoint(args.ckpt)["config"], f"'{args.ckpt}'").kind
-                model, cfg = load_checkpoint(args.ckpt, kind=kind)
-            else:
-                cfg = make_config(args.preset or "cifar10", image_size=args.image_size)
-                model = UNet(cfg)
-            shown = asdict(cfg) if args.ckpt else {k: v for k, v in asdict(cfg).items() if k in INFO_FIELDS}
-            for name, value in shown.items():
-                print(f"{name:>17}: {value}")
-            print(f"{'parameters':>17}: {count_params(model):,}")
-            print(f"{'forward FLOPs':>17}: {count_flops(model, cfg) / 1e9:.2f} G at batch 1, "
-                  f"{cfg.image_size}x{cfg.image_size}")
-    except ValueError as e:
+        command(args)
+    except (ValueError, files.WriteFailed) as e:  # a user's mistake, a full disk: one sentence
         who = f"rank {dist.get_rank()}: " if dist.is_initialized() and dist.get_rank() else ""
         raise SystemExit(f"{who}error: {e}") from None
     except Stopped as e:
         if str(e):  # under torchrun, rank 0 speaks for the job
-            core.warn(str(e), kind=None)
+            messages.warn(str(e), kind=None)
         raise SystemExit(e.exit_code) from None
     except KeyboardInterrupt:
         raise SystemExit("\ninterrupted") from None
@@ -1244,6 +1181,14 @@ def main(argv=None):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+COMMANDS = {"train": train_command, "train-classifier": train_command, "sample": sample_command, "info": info_command}
+
+
+def main(argv=None):
+    args = flags.ddpm_parser().parse_args(argv)
+    run_command(COMMANDS[args.command], args)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import os
 import torch
 import torch.distributed as dist
 
-import core
+import messages
 
 
 def init(device, device_flag="auto"):
@@ -127,20 +127,23 @@ def check_batch(batch_size, grad_accum, world, n_images):
         raise ValueError(f"the dataset has {n_images} images, fewer than --batch-size {batch_size}")
 
 
-def auto_batch(loss, model, image_shape, num_params, n_images, batch_size, grad_accum, world, device):
-    """(batch_size, grad_accum) where one of them is 0 (auto): the largest micro-batch that runs
-    in GPU memory (the smallest GPU of the job decides), less 10% for fragmentation."""
-    reserve = 3 * 4 * num_params  # Adam's two moments, DDP's gradient buckets
-    micro_max = largest_batch(FitsOnGPU(loss, model, image_shape, reserve), limit=n_images // world)
-    if world > 1:
-        micro_max = torch.tensor(micro_max, device=device)
+def auto_batch(run, n_images):
+    """(batch_size, grad_accum) of a run (ddpm.Run) whose config has one of them 0 (auto): the
+    largest micro-batch that runs in GPU memory (the smallest GPU of the job decides), less 10%
+    for fragmentation."""
+    cfg, model = run.cfg, run.raw_model
+    reserve = 3 * 4 * sum(p.numel() for p in model.parameters())  # Adam's two moments, DDP's gradient buckets
+    fits = FitsOnGPU(run.micro_batch_loss, model, (cfg.in_channels, cfg.image_size, cfg.image_size), reserve)
+    micro_max = largest_batch(fits, limit=n_images // run.world)
+    if run.world > 1:
+        micro_max = torch.tensor(micro_max, device=run.device)
         dist.all_reduce(micro_max, dist.ReduceOp.MIN)
         micro_max = int(micro_max)
     micro_max = max(1, micro_max * 9 // 10) if micro_max else 0
-    batch_size, grad_accum = split_batch(batch_size, grad_accum, micro_max, world)
-    core.say(f"auto: micro-batches of up to {micro_max} images fit (90% of the largest that ran); "
-             f"--batch-size {batch_size} = {world} process(es) x {grad_accum} micro-batch(es) x "
-             f"{batch_size // (world * grad_accum)} images")
+    batch_size, grad_accum = split_batch(cfg.batch_size, cfg.grad_accum, micro_max, run.world)
+    messages.say(f"auto: micro-batches of up to {micro_max} images fit (90% of the largest that ran); "
+                 f"--batch-size {batch_size} = {run.world} process(es) x {grad_accum} micro-batch(es) x "
+                 f"{batch_size // (run.world * grad_accum)} images")
     return batch_size, grad_accum
 
 
@@ -175,8 +178,8 @@ def amp_dtype(amp, device):
         raise ValueError("--amp fp16 needs CUDA (its loss scaler is CUDA's); on a CPU use --amp "
                          "bf16 or none")
     if amp == "bf16" and not cpu_has_bf16():
-        core.warn("--amp bf16: this CPU has no native bf16 (AVX512-BF16 or AMX), where it is "
-                  "slower than fp32; training in fp32")
+        messages.warn("--amp bf16: this CPU has no native bf16 (AVX512-BF16 or AMX), where it is "
+                      "slower than fp32; training in fp32")
         return None
     return torch.bfloat16 if amp == "bf16" else None
 

@@ -30,19 +30,95 @@ import math
 import os
 import tempfile
 
+import schedules
+
+REFERENCES = ("cifar10-train", "cifar10-test", "stl10-train", "shapes")
+
+
+def parser():
+    """evaluate.py's commands and their flags."""
+    top = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n")[0])
+    sub = top.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("fid", help="FID, Inception Score and KID")
+    p.add_argument("inputs", nargs="*", metavar="SET",
+                   help="a folder of images, then a folder, .npz or reference name to compare with "
+                        "(default: none; use --ckpt or --onnx to sample instead)")
+    p.add_argument("--ckpt", default=None, help="sample from this checkpoint's EMA weights (default: none)")
+    p.add_argument("--onnx", default=None, help="sample from this exported model with ONNX Runtime (default: none)")
+    p.add_argument("--ref", default=None,
+                   help=f"the reference: {', '.join(REFERENCES)}, a folder or a .npz (default: the last SET)")
+    p.add_argument("--n", type=int, default=50_000, help="samples to make (default: 50000, as papers)")
+    p.add_argument("--batch", type=int, default=250, help="images per sampling batch (default: 250)")
+    p.add_argument("--sampler", choices=schedules.SAMPLERS, default=None, help="(default: ddpm; a distilled model: ddim)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: T; a distilled model: the steps it was distilled for)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (default: 0)")
+    p.add_argument("--spacing", choices=schedules.SPACINGS, default=None,
+                   help="the t's of a respaced chain, as for sampling (default: trailing for dpm++, "
+                        "leading otherwise)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the samples (default: 0)")
+    p.add_argument("--class", dest="classes", default=None, metavar="K",
+                   help="a conditional model's classes, sampled in turn: all, names or indices (default: "
+                        "none, unconditional)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale with --class (default: 3; a distilled model: its own)")
+    p.add_argument("--samples", default=None,
+                   help="folder for the samples, resumable (default: runs/eval/<model>-<sampler>-<steps>)")
+    p.add_argument("--stats-dir", default=os.path.join("data", "fid_stats"),
+                   help="where reference statistics are cached (default: data/fid_stats)")
+    p.add_argument("--data-dir", default="data", help="where cifar10 / stl10 are found (default: data)")
+    p.add_argument("--inception-weights", default=None, metavar="PATH",
+                   help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: torch's "
+                        "hub cache, downloaded once if missing)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")
+    p.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="ONNX Runtime provider for --onnx (default: auto)")
+    p.add_argument("--json", default=None, help="also write the numbers here (default: none)")
+
+    q = sub.add_parser("nll", help="negative log-likelihood: the variational bound in bits/dim")
+    q.add_argument("--ckpt", required=True, help="the checkpoint (its EMA weights)")
+    q.add_argument("--data", default=None,
+                   help="shapes, cifar10, stl10 or a folder of images (default: the checkpoint's data)")
+    q.add_argument("--data-dir", default="data", help="where cifar10 / stl10 are found (default: data)")
+    q.add_argument("--split", choices=["train", "test"], default="test",
+                   help="cifar10's and stl10's test set or a fresh draw of shapes (default: test; a "
+                        "folder is its own split)")
+    q.add_argument("--n", type=int, default=None, help="images to evaluate (default: the whole split)")
+    q.add_argument("--batch", type=int, default=64, help="images per batch (default: 64)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the x_t draws (default: 0)")
+    q.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")
+    q.add_argument("--json", default=None, help="also write the numbers here (default: none)")
+
+    s = sub.add_parser("shapes", help="judge samples of the built-in shapes: one clean shape per image?")
+    s.add_argument("images", help="a grid picture (as sample writes) or a folder of images")
+    s.add_argument("--cell", type=int, default=32, help="image size inside a grid (default: 32)")
+    s.add_argument("--cache-dir", default=os.path.join("data", "judge"),
+                   help="where the judge's classifier is kept after its first training (default: data/judge)")
+    s.add_argument("--json", default=None, help="also write the scores here (default: none)")
+    s.add_argument("--class", dest="classes", default=None, metavar="K",
+                   help="the classes the images were sampled for, as sample's --class (all: a grid row "
+                        "per class); also reports how many the judge finds of that class (default: none)")
+    return top
+
+
+if __name__ == "__main__":  # --help and a malformed flag are answered before torch loads (seconds)
+    parser().parse_args()
+
 import numpy as np
 import torch
 from PIL import Image
 
-import core
 import data
 import ddpm
 import distributed
+import files
+import messages
+import pictures
+import sampling
 
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")
 KID_FEATURES = 10_000  # reference features kept in the .npz for KID (it uses subsets of 1,000)
-REFERENCES = ("cifar10-train", "cifar10-test", "stl10-train", "shapes")
 IMAGE_FILES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
@@ -149,16 +225,16 @@ def kernel_inception_distance(features_a, features_b):
 
 
 def image_files(folder):
-    files = sorted(f for f in glob.glob(os.path.join(folder, "*")) if f.lower().endswith(IMAGE_FILES))
-    if not files:
+    paths = sorted(f for f in glob.glob(os.path.join(folder, "*")) if f.lower().endswith(IMAGE_FILES))
+    if not paths:
         raise ValueError(f"'{folder}' holds no images ({', '.join(IMAGE_FILES)})")
-    return files
+    return paths
 
 
-def read_images(files):
+def read_images(paths):
     """(N, H, W, 3) uint8; every image must have the size of the first."""
     images = []
-    for f in files:
+    for f in paths:
         try:
             with Image.open(f) as img:
                 images.append(np.asarray(data.to_8bit(img, 3)))  # 16-bit scaled, not clipped to white
@@ -174,7 +250,7 @@ def reference_images(name, data_dir):
     """A built-in reference set as (N, H, W, 3) uint8."""
     if name == "shapes":
         images = data.ShapesDataset(seed=12345).images  # not the training draw (seed 0)
-        return core.to_uint8(images)
+        return pictures.to_uint8(images)
     import torchvision
     dataset, split = name.split("-")
     url, filename = data.DOWNLOADS[dataset]
@@ -202,14 +278,14 @@ def reference_statistics(ref, inception, stats_dir, data_dir):
                f"{hashlib.sha1((os.path.abspath(ref) + listing).encode()).hexdigest()[:12]}")
     cache = os.path.join(stats_dir, f"{key}-inception.npz")
     if os.path.isfile(cache):
-        core.say(f"reference: {ref}, statistics cached in {cache}")
+        messages.say(f"reference: {ref}, statistics cached in {cache}")
         return load_statistics(cache)
     images = reference_images(ref, data_dir) if ref in REFERENCES else read_images(image_files(ref))
-    core.say(f"reference: {ref}, {len(images)} images; computing its Inception statistics once")
+    messages.say(f"reference: {ref}, {len(images)} images; computing its Inception statistics once")
     stats = statistics(inception(images)[0])
-    core.check_writable_folder(stats_dir, "--stats-dir")
+    files.check_writable_folder(stats_dir, "--stats-dir")
     save_npz(cache, stats)
-    core.say(f"reference statistics cached in {cache}")
+    messages.say(f"reference statistics cached in {cache}")
     return stats
 
 
@@ -218,7 +294,7 @@ def save_npz(path, stats):
     def write(tmp):
         with open(tmp, "wb") as f:
             np.savez(f, **stats)
-    core.write_atomically(path, write)
+    files.write_atomically(path, write)
 
 
 def json_text(result):
@@ -259,7 +335,7 @@ def sample_to_folder(folder, n, batch, make_batch, made_from=None):
     (the model's digest and the settings) is kept in the folder's source.json: samples made
     from anything else are never reused."""
     from tqdm import tqdm
-    core.check_writable_folder(folder, "--samples")
+    files.check_writable_folder(folder, "--samples")
     source = os.path.join(folder, "source.json")
     existing = os.path.isdir(folder) and any(f.lower().endswith(IMAGE_FILES) for f in os.listdir(folder))
     if made_from is not None and existing:
@@ -272,20 +348,20 @@ def sample_to_folder(folder, n, batch, make_batch, made_from=None):
             raise ValueError(f"'{folder}' holds samples of another model or other settings (its source.json "
                              "says what they were made from); pass another --samples folder, or empty it")
     if made_from is not None:
-        core.write_text(source, json.dumps(made_from, indent=1))
+        files.write_text(source, json.dumps(made_from, indent=1))
     done = 0
     while done < n and os.path.isfile(os.path.join(folder, f"{done:05d}.png")):
         done += 1
     start = done - done % batch  # a batch is made whole or not at all
     if done:
-        core.say(f"samples: {done} of {n} already in {folder}; continuing")
+        messages.say(f"samples: {done} of {n} already in {folder}; continuing")
     bar = tqdm(total=n, initial=start, desc="sampling", unit="img", dynamic_ncols=True)
     for first in range(start, n, batch):
         size = min(batch, n - first)
         for k, img in enumerate(make_batch(first, size)):
             path = os.path.join(folder, f"{first + k:05d}.png")
-            core.write_atomically(path, lambda tmp: Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img)
-                                  .save(tmp, format="PNG"))
+            files.write_atomically(path, lambda tmp: Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img)
+                                   .save(tmp, format="PNG"))
         bar.update(size)
     bar.close()
     return [os.path.join(folder, f"{k:05d}.png") for k in range(n)]
@@ -296,24 +372,24 @@ def sample_labels(classes, names, source):
     sample), from --class's text; None (unconditional) without --class."""
     if classes is None:
         if names:
-            core.warn(f"'{source}' is class-conditional and no --class was given: sampled unconditionally "
-                      "(the 'no label' model); --class all samples every class in turn", "note")
+            messages.warn(f"'{source}' is class-conditional and no --class was given: sampled unconditionally "
+                          "(the 'no label' model); --class all samples every class in turn", "note")
         return None
     if not names:
         raise ValueError(f"--class: '{source}' is an unconditional model (trained without --cond)")
-    return core.parse_classes(classes, names)
+    return sampling.parse_classes(classes, names)
 
 
-def torch_batches(ckpt, sampler, steps, eta, seed, device, spacing=None, classes=None, guidance=None):
-    """(make_batch for sample_to_folder from a checkpoint (EMA weights), on `device`, and the
-    sampler, steps, spacing and guidance it uses: a distilled model's own, core.distilled_*);
+def torch_batches(ckpt, sampler, seed, device, classes=None, guidance=None):
+    """(make_batch for sample_to_folder from a checkpoint (EMA weights) and a schedules.Sampler,
+    on `device`, and the sampler and guidance it uses: a distilled model's own, sampling.distilled_*);
     with classes, image i is of class classes[i % len(classes)], guided with scale `guidance`."""
     device = distributed.pick_device(device)
     model, cfg = ddpm.load_checkpoint(ckpt)
     model.to(device)
-    sampler, steps, spacing = core.distilled_sampler(cfg.distilled_steps, sampler, steps, eta, spacing)
-    guidance, shown = core.distilled_guidance(cfg.distilled_guidance, guidance, cfg.num_classes > 0, classes)
-    core.check_sampler(sampler, steps, eta, cfg.T, spacing or core.default_spacing(sampler))
+    sampler = sampling.distilled_sampler(cfg.distilled_steps, sampler)
+    guidance, shown = sampling.distilled_guidance(cfg.distilled_guidance, guidance, cfg.num_classes > 0, classes)
+    sampling.check_sampler(sampler, cfg.T)
     diffusion = ddpm.GaussianDiffusion.from_config(cfg)
     labels = sample_labels(classes, cfg.class_names, ckpt)
 
@@ -321,35 +397,36 @@ def torch_batches(ckpt, sampler, steps, eta, seed, device, spacing=None, classes
         g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + start)
         x_T = torch.randn(size, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g, device=device)
         y = None if labels is None else torch.tensor([labels[(start + k) % len(labels)] for k in range(size)])
-        x0 = ddpm.sample_loop(model, diffusion, x_T, sampler=sampler, num_steps=steps, eta=eta, generator=g,
-                             spacing=spacing, y=y, guidance_scale=guidance)
-        return core.to_uint8(x0, source=ckpt)
-    return make_batch, (sampler, steps, spacing, shown)
+        x0 = ddpm.sample_loop(model, diffusion, x_T, sampler, noise_fn=ddpm.GaussianNoise(g),
+                              guidance=ddpm.Guidance(y, guidance))
+        return pictures.to_uint8(x0, source=ckpt)
+    return make_batch, (sampler, shown)
 
 
-def onnx_batches(path, sampler, steps, eta, seed, provider, batch, spacing=None, classes=None, guidance=None):
+def onnx_batches(path, sampler, seed, provider, classes=None, guidance=None):
     """make_batch for sample_to_folder from an exported model, through ONNX Runtime (each step's
     noise from numpy, seeded per batch as torch_batches seeds x_T), and its settings; classes
     as torch_batches."""
     import sample_ort
-    (denoiser, step, meta, device), (sampler, steps, spacing, guidance, shown) = sample_ort.open_for_sampling(
-        path, provider, False, None, sampler, steps, eta, spacing, guidance, classes)
+    (denoiser, step, meta, device), (sampler, guidance, shown) = sample_ort.open_for_sampling(
+        path, sampler, guidance, classes, provider)
     guided = classes is not None and guidance not in (0, 1)  # else one branch is enough
     labels = sample_labels(classes, meta["class_names"], path)
-    timesteps, coefs = sample_ort.step_table(meta["betas"], sampler, steps, eta, meta["var_type"], spacing)
+    sampling.check_sampler(sampler, len(meta["betas"]))
+    timesteps, coefs = schedules.step_table(meta["betas"], sampler, meta["var_type"])
     C, S = meta["in_channels"], meta["image_size"]
     runners = {}
 
     def make_batch(start, size):
         rng = np.random.default_rng([seed, start])
-        runner = runners.setdefault(size, sample_ort.Sampler(denoiser, step, (size, C, S, S), device, meta["num_classes"],
-                                                             guidance if guided else None, clip_x0=meta["clip_x0"]))
+        runner = runners.setdefault(size, sample_ort.Runner(denoiser, step, (size, C, S, S), device, meta["num_classes"],
+                                                            guidance if guided else None, clip_x0=meta["clip_x0"]))
         if labels is not None and guidance != 0:  # guidance 0: the unconditional model
             runner.set_labels([labels[(start + k) % len(labels)] for k in range(size)])
         x_T = rng.standard_normal((size, C, S, S), dtype=np.float32)
         x0 = runner.run(x_T, timesteps, coefs, lambda k, shape: rng.standard_normal(shape, dtype=np.float32))
-        return core.to_uint8(x0, source=path)
-    return make_batch, (sampler, steps, spacing, shown)
+        return pictures.to_uint8(x0, source=path)
+    return make_batch, (sampler, shown)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -455,7 +532,7 @@ def train_shapes_classifier(n=20_000, steps=600, seed=1):
         loss.backward()
         opt.step()
     test = data.ShapesDataset(n=1000, size=32, seed=seed + 200)
-    accuracy = (model(core.to_uint8(test.images)).argmax(1) == test.labels).mean()
+    accuracy = (model(pictures.to_uint8(test.images)).argmax(1) == test.labels).mean()
     return model, float(accuracy)
 
 
@@ -472,9 +549,9 @@ def shapes_judge(cache_dir, n=20_000, steps=600, seed=1):
         pass
     model, accuracy = train_shapes_classifier(n, steps, seed)
     try:
-        core.write_atomically(path, lambda tmp: torch.save({"weights": model.net.state_dict(), "accuracy": accuracy}, tmp))
+        files.write_atomically(path, lambda tmp: torch.save({"weights": model.net.state_dict(), "accuracy": accuracy}, tmp))
     except OSError as e:
-        core.warn(f"cannot keep the judge in '{cache_dir}' ({e.strerror or e}); it is trained again next time")
+        messages.warn(f"cannot keep the judge in '{cache_dir}' ({e.strerror or e}); it is trained again next time")
     return model, accuracy
 
 
@@ -538,7 +615,7 @@ def negative_log_likelihood(ckpt, data_name=None, data_dir="data", split="test",
 
 def nll_command(args):
     if args.json:
-        core.check_output_path(args.json, (".json",), "--json")
+        files.check_output_path(args.json, (".json",), "--json")
     r = negative_log_likelihood(args.ckpt, data_name=args.data, data_dir=args.data_dir, split=args.split,
                                 n=args.n, batch=args.batch, seed=args.seed, device=args.device)
     print(f"{r['data']} {r['split']}, {r['n_images']} images, {r['var_type']}: "
@@ -546,16 +623,16 @@ def nll_command(args):
     print(f"  prior L_T {r['prior']:.6f}   decoder L_0 {r['decoder']:.4f}   "
           f"sum of L_1..L_T-1 {r['terms']:.4f}")
     if args.json:
-        core.write_text(args.json, json_text(r))
+        files.write_text(args.json, json_text(r))
     return r
 
 
 def fid_command(args):
     if args.ckpt and args.onnx:
         raise ValueError("give --ckpt or --onnx, not both")
-    sampling = bool(args.ckpt or args.onnx)
+    sampling_from = bool(args.ckpt or args.onnx)
     sets = list(args.inputs) + ([args.ref] if args.ref else [])
-    if len(sets) != (1 if sampling else 2):
+    if len(sets) != (1 if sampling_from else 2):
         raise ValueError("give --ckpt or --onnx and a reference (--ref NAME, a folder or a .npz), or "
                          "two sets: a folder of images, then a folder, .npz or reference name")
     reference = sets[-1]
@@ -563,41 +640,38 @@ def fid_command(args):
             (reference.endswith(".npz") and os.path.isfile(reference))):
         raise ValueError(f"--ref '{reference}' is neither {', '.join(REFERENCES)}, a folder of images, "
                          "nor an existing .npz of statistics")
-    if not sampling and not os.path.isdir(sets[0]):
+    if not sampling_from and not os.path.isdir(sets[0]):
         raise ValueError(f"'{sets[0]}' is not a folder of images")
     if args.n < 2:
         raise ValueError(f"--n {args.n}: FID needs at least 2 samples (papers use 50,000)")
     if args.batch < 1:
         raise ValueError(f"--batch {args.batch}: use at least 1 image per batch")
     if args.json:
-        core.check_output_path(args.json, (".json",), "--json")
+        files.check_output_path(args.json, (".json",), "--json")
     result, make_batch = {}, None
     if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
         raise ValueError(f"--guidance {args.guidance}: use a number >= 0 (0: unconditional, 1: conditional)")
+    sampler = schedules.Sampler(args.sampler, args.steps, args.eta, args.spacing)
     if args.ckpt:  # the model is read first: a sentence about it comes before any download
-        make_batch, settings = torch_batches(args.ckpt, sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
-                                   device=args.device, spacing=args.spacing, classes=args.classes,
-                                   guidance=args.guidance)
+        make_batch, settings = torch_batches(args.ckpt, sampler, args.seed, args.device, args.classes, args.guidance)
     elif args.onnx:
-        make_batch, settings = onnx_batches(args.onnx, sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
-                                  provider=args.provider, batch=args.batch, spacing=args.spacing,
-                                  classes=args.classes, guidance=args.guidance)
+        make_batch, settings = onnx_batches(args.onnx, sampler, args.seed, args.provider, args.classes, args.guidance)
     inception = Inception(args.inception_weights, distributed.pick_device(args.device))
-    if sampling:
+    if sampling_from:
         name = os.path.splitext(os.path.basename(args.ckpt or args.onnx))[0]
-        args.sampler, args.steps, args.spacing, args.guidance = settings  # a distilled model's own
-        spacing = args.spacing or core.default_spacing(args.sampler)
+        sampler, args.guidance = settings  # a distilled model's own
+        spacing = sampler.spacing or schedules.default_spacing(sampler.name)
         spaced = "" if spacing == "leading" else f"-{spacing}"
-        folder = args.samples or os.path.join("runs", "eval", f"{name}-{args.sampler}-{args.steps or 'T'}{spaced}")
-        made_from = {"model": file_digest(args.ckpt or args.onnx), "sampler": args.sampler, "steps": args.steps,
-                     "eta": args.eta, "spacing": spacing, "seed": args.seed, "class": args.classes,
+        folder = args.samples or os.path.join("runs", "eval", f"{name}-{sampler.name}-{sampler.steps or 'T'}{spaced}")
+        made_from = {"model": file_digest(args.ckpt or args.onnx), "sampler": sampler.name, "steps": sampler.steps,
+                     "eta": sampler.eta, "spacing": spacing, "seed": args.seed, "class": args.classes,
                      "guidance": args.guidance if args.classes else None}
-        files = sample_to_folder(folder, args.n, args.batch, make_batch, made_from)
+        paths = sample_to_folder(folder, args.n, args.batch, make_batch, made_from)
         result["samples"] = folder
     else:
-        files = image_files(sets[0])
+        paths = image_files(sets[0])
         result["samples"] = sets[0]
-    images = read_images(files)
+    images = read_images(paths)
     print(f"samples: {len(images)} images of {images.shape[2]}x{images.shape[1]} from {result['samples']}")
     features, logits = inception(images)
     ref = reference_statistics(reference, inception, args.stats_dir, args.data_dir)
@@ -615,7 +689,7 @@ def fid_command(args):
               "CIFAR-10 numbers use 50,000 and the training set's 50,000. FID falls as n grows, so "
               "numbers from other n are not comparable")
     if args.json:
-        core.write_text(args.json, json_text(result))
+        files.write_text(args.json, json_text(result))
     return result
 
 
@@ -627,7 +701,7 @@ def shapes_command(args):
     else:
         raise ValueError(f"'{args.images}' is neither a grid picture nor a folder of images")
     if args.json:  # before the half minute of training
-        core.check_output_path(args.json, (".json",), "--json")
+        files.check_output_path(args.json, (".json",), "--json")
     classifier, accuracy = shapes_judge(args.cache_dir)
     verdict = judge_shapes(images, classifier)
     print(f"judge: classifier accuracy on fresh shapes {accuracy:.3f}")
@@ -638,7 +712,7 @@ def shapes_command(args):
     print(f"good cells: {verdict['good'].sum()} of {len(images)} ({verdict['good'].mean():.1%}); classes of the "
           "good ones: " + ", ".join(f"{c} {k}" for c, k in zip(data.SHAPE_CLASSES, counts) if k))
     if args.classes is not None:  # the classes sample --class asked for, in its grid order
-        asked, _ = core.class_labels(core.parse_classes(args.classes, data.SHAPE_CLASSES), len(images))
+        asked, _ = sampling.class_labels(sampling.parse_classes(args.classes, data.SHAPE_CLASSES), len(images))
         if len(asked) != len(images):
             raise ValueError(f"--class {args.classes} gives {len(asked)} cells, the grid has {len(images)}")
         verdict["class asked for"] = verdict["class"] == asked
@@ -647,76 +721,15 @@ def shapes_command(args):
     if args.json:
         summary = {name: float(ok.mean()) for name, ok in verdict.items() if name != "class"}
         summary.update(n_images=len(images), classifier_accuracy=accuracy)
-        core.write_text(args.json, json_text(summary))
+        files.write_text(args.json, json_text(summary))
     return verdict
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("fid", help="FID, Inception Score and KID")
-    p.add_argument("inputs", nargs="*", metavar="SET",
-                   help="a folder of images, then a folder, .npz or reference name to compare with "
-                        "(default: none; use --ckpt or --onnx to sample instead)")
-    p.add_argument("--ckpt", default=None, help="sample from this checkpoint's EMA weights (default: none)")
-    p.add_argument("--onnx", default=None, help="sample from this exported model with ONNX Runtime (default: none)")
-    p.add_argument("--ref", default=None,
-                   help=f"the reference: {', '.join(REFERENCES)}, a folder or a .npz (default: the last SET)")
-    p.add_argument("--n", type=int, default=50_000, help="samples to make (default: 50000, as papers)")
-    p.add_argument("--batch", type=int, default=250, help="images per sampling batch (default: 250)")
-    p.add_argument("--sampler", choices=core.SAMPLERS, default=None, help="(default: ddpm; a distilled model: ddim)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="sampling steps (default: T; a distilled model: the steps it was distilled for)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (default: 0)")
-    p.add_argument("--spacing", choices=core.SPACINGS, default=None,
-                   help="the t's of a respaced chain, as for sampling (default: trailing for dpm++, "
-                        "leading otherwise)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the samples (default: 0)")
-    p.add_argument("--class", dest="classes", default=None, metavar="K",
-                   help="a conditional model's classes, sampled in turn: all, names or indices (default: "
-                        "none, unconditional)")
-    p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale with --class (default: 3; a distilled model: its own)")
-    p.add_argument("--samples", default=None,
-                   help="folder for the samples, resumable (default: runs/eval/<model>-<sampler>-<steps>)")
-    p.add_argument("--stats-dir", default=os.path.join("data", "fid_stats"),
-                   help="where reference statistics are cached (default: data/fid_stats)")
-    p.add_argument("--data-dir", default="data", help="where cifar10 / stl10 are found (default: data)")
-    p.add_argument("--inception-weights", default=None, metavar="PATH",
-                   help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: torch's "
-                        "hub cache, downloaded once if missing)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")
-    p.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="ONNX Runtime provider for --onnx (default: auto)")
-    p.add_argument("--json", default=None, help="also write the numbers here (default: none)")
-
-    q = sub.add_parser("nll", help="negative log-likelihood: the variational bound in bits/dim")
-    q.add_argument("--ckpt", required=True, help="the checkpoint (its EMA weights)")
-    q.add_argument("--data", default=None,
-                   help="shapes, cifar10, stl10 or a folder of images (default: the checkpoint's data)")
-    q.add_argument("--data-dir", default="data", help="where cifar10 / stl10 are found (default: data)")
-    q.add_argument("--split", choices=["train", "test"], default="test",
-                   help="cifar10's and stl10's test set or a fresh draw of shapes (default: test; a "
-                        "folder is its own split)")
-    q.add_argument("--n", type=int, default=None, help="images to evaluate (default: the whole split)")
-    q.add_argument("--batch", type=int, default=64, help="images per batch (default: 64)")
-    q.add_argument("--seed", type=int, default=0, help="seed of the x_t draws (default: 0)")
-    q.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")
-    q.add_argument("--json", default=None, help="also write the numbers here (default: none)")
-
-    s = sub.add_parser("shapes", help="judge samples of the built-in shapes: one clean shape per image?")
-    s.add_argument("images", help="a grid picture (as sample writes) or a folder of images")
-    s.add_argument("--cell", type=int, default=32, help="image size inside a grid (default: 32)")
-    s.add_argument("--cache-dir", default=os.path.join("data", "judge"),
-                   help="where the judge's classifier is kept after its first training (default: data/judge)")
-    s.add_argument("--json", default=None, help="also write the scores here (default: none)")
-    s.add_argument("--class", dest="classes", default=None, metavar="K",
-                   help="the classes the images were sampled for, as sample's --class (all: a grid row "
-                        "per class); also reports how many the judge finds of that class (default: none)")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     try:
         {"fid": fid_command, "nll": nll_command, "shapes": shapes_command}[args.command](args)
-    except ValueError as e:
+    except (ValueError, files.WriteFailed) as e:  # a user's mistake, a full disk: one sentence
         raise SystemExit(f"error: {e}") from None
     except KeyboardInterrupt:
         raise SystemExit("\ninterrupted; samples written so far are kept and reused") from None

@@ -42,19 +42,43 @@ import sys
 import tempfile
 import warnings
 
+MIN_OPSET = 17
+MAX_OPSET = 20  # the newest the TorchScript exporter (dynamo=False) of this torch writes
+
+
+def parser():
+    """export.py's flags."""
+    p = argparse.ArgumentParser(description="Export a ddpm.py checkpoint to ONNX.")
+    p.add_argument("ckpt", help="checkpoint written by ddpm.py train or convert.py")
+    p.add_argument("-o", "--output", default="ddpm.onnx",
+                   help="the .onnx file to write; never the checkpoint itself (default: ddpm.onnx)")
+    p.add_argument("--fp16", action="store_true",
+                   help="half precision inside, inputs and outputs float32 (default: float32)")
+    p.add_argument("--int8", action="store_true",
+                   help="int8 convolutions for ONNX Runtime's CPU provider (static quantization "
+                        "calibrated on noised shapes), inputs and outputs float32 (default: float32)")
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights, not the EMA (default: EMA)")
+    p.add_argument("--opset", type=int, default=MIN_OPSET,
+                   help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} (default: {MIN_OPSET})")
+    return p
+
+
+if __name__ == "__main__":  # --help and a malformed flag are answered before torch loads (seconds)
+    parser().parse_args()
+
 import numpy as np
 import onnx
 import onnx.helper as oh
 import torch
 import torch.nn as nn
 
-import core
 import data
 import ddpm
+import files
+import messages
+import schedules
 
 FORMAT_VERSION = 2  # 2: the update graphs also output pred_x0 (and eps_guided where guided)
-MIN_OPSET = 17
-MAX_OPSET = 20  # the newest the TorchScript exporter (dynamo=False) of this torch writes
 # max |ort - torch| / max |torch| allowed: float32 is exact up to kernel rounding; float16 is
 # compared against the float32 PyTorch model, so it includes the half-precision loss itself;
 # int8 too: measured 1.2e-2 and 1.4e-2 on tiny models trained 300 steps, 7.5e-2 to 9.4e-2 on
@@ -77,23 +101,18 @@ class Float32(nn.Module):
 class Denoiser(nn.Module):
     """The exported function eps(x_t, t): float32 in and out, whatever precision runs inside; a
     network that predicts v or x_0 has its output converted to eps in the graph (with alpha-bar
-    indexed by t), so the contract is the same for every model."""
+    indexed by t: ddpm.GaussianDiffusion.eps_from_output), so the contract is the same for every
+    model."""
 
     def __init__(self, unet, dtype, cfg):
         super().__init__()
-        self.unet, self.dtype, self.prediction = unet, dtype, cfg.prediction
-        self.num_classes = cfg.num_classes
-        self.learned = cfg.var_type == "learned_range"
-        abar = ddpm.GaussianDiffusion.from_config(cfg).alphas_cumprod
-        self.register_buffer("alphas_cumprod", torch.tensor(abar, dtype=torch.float32))
+        self.unet, self.dtype = unet, dtype
+        self.diffusion = ddpm.GaussianDiffusion.from_config(cfg)
 
     def forward(self, x_t, t, y=None):
-        out = self.unet(x_t.to(self.dtype), t, y).float()
-        if self.learned:
-            out, var_values = out.chunk(2, dim=1)
-        if self.prediction != "eps":
-            out = ddpm.eps_from_prediction(self.prediction, x_t, out, self.alphas_cumprod[t].view(-1, 1, 1, 1))
-        return (out, var_values) if self.learned else out
+        out, var_values = ddpm.split_output(self.unet(x_t.to(self.dtype), t, y).float(), x_t.shape[1])
+        eps = self.diffusion.eps_from_output(x_t, t, out)
+        return eps if var_values is None else (eps, var_values)
 
 
 def half_precision(unet):
@@ -173,7 +192,7 @@ def step_graph(clip_x0, opset, ir_version, learned=False, guided=False):
     with the noise's scale per pixel s + g exp(1/2 (log_lo + (v + 1)/2 (log_hi - log_lo))): DDPM
     s = 0, g = 1 (0 at t=0), log_lo = log beta-tilde_t (clipped), log_hi = log beta_t; DDIM g = 0.
     guided: x_t, eps and var_values have 2B rows (see guidance_and_x0), the variance from the
-    conditional half, noise (B, C, H, W). Outputs: see update_model. core.step_table writes coef.
+    conditional half, noise (B, C, H, W). Outputs: see update_model. schedules.step_table writes coef.
     """
     image = ["B", "C", "H", "W"]
     batch = ["N", "C", "H", "W"] if guided else image  # N = 2B: both branches
@@ -246,7 +265,7 @@ def multistep_graph(clip_x0, opset, ir_version, guided=False):
 
 
 def metadata(cfg, ema, precision, opset, ir_version):
-    betas = core.get_betas(cfg.schedule, cfg.T)
+    betas = schedules.get_betas(cfg.schedule, cfg.T)
     learned = cfg.var_type == "learned_range"
 
     def graph(guided, multistep=False):
@@ -373,7 +392,7 @@ def quantize_int8(fp32_path, cfg):
     from onnxruntime import quantization as oq  # part of onnxruntime: no other package
 
     vnni = cpu_has_vnni()
-    core.say("int8: this CPU has " + ("VNNI: 8-bit weights" if vnni else
+    messages.say("int8: this CPU has " + ("VNNI: 8-bit weights" if vnni else
           "no VNNI: 7-bit weights (reduce_range), so ONNX Runtime's u8s8 kernels cannot saturate"))
     convs = [node.name for node in onnx.load(fp32_path).graph.node if node.op_type == "Conv"]
     assert all(convs), "the exporter names every node"
@@ -425,7 +444,7 @@ def export_module(denoiser, cfg, out, reference, precision="fp32", ema=True, ops
         onnx.save(proto, tmp)  # one file: weights inline (the largest preset is far below 2 GB)
         results[:] = compare_with_torch(tmp, reference, cfg) if check else []
         for b, abs_err, rel_err in results:
-            core.say(f"check: ONNX Runtime vs PyTorch (float32), batch {b}: max abs error {abs_err:.2e}, "
+            messages.say(f"check: ONNX Runtime vs PyTorch (float32), batch {b}: max abs error {abs_err:.2e}, "
                   f"relative {rel_err:.2e} (tolerance {TOLERANCE[precision]:.1e})")
         if any(not rel <= TOLERANCE[precision] for _, _, rel in results):
             raise ValueError(f"the exported model disagrees with PyTorch beyond the {precision} "
@@ -433,7 +452,7 @@ def export_module(denoiser, cfg, out, reference, precision="fp32", ema=True, ops
 
     results = []
     try:
-        core.write_atomically(out, write)
+        files.write_atomically(out, write)
     except OSError as e:
         raise ValueError(f"cannot write '{out}' ({e.strerror or e}); nothing was written") from None
     return results
@@ -445,7 +464,7 @@ def export(ckpt, out="ddpm.onnx", fp16=False, ema=True, opset=MIN_OPSET, check=T
         raise ValueError("--fp16 and --int8 are two precisions for one file; choose one")
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ValueError(f"--opset {opset}: this torch exports opsets {MIN_OPSET} to {MAX_OPSET}")
-    core.check_output_path(out, (".onnx",), "-o", inputs=(ckpt,))
+    files.check_output_path(out, (".onnx",), "-o", inputs=(ckpt,))
     model, cfg = ddpm.load_checkpoint(ckpt, ema=ema)
     precision = "fp16" if fp16 else "int8" if int8 else "fp32"  # int8: quantized from the float32 graph
     unet = half_precision(copy.deepcopy(model)) if fp16 else model
@@ -453,28 +472,16 @@ def export(ckpt, out="ddpm.onnx", fp16=False, ema=True, opset=MIN_OPSET, check=T
     reference = Denoiser(model, torch.float32, cfg).eval()
     results = export_module(denoiser, cfg, out, reference, precision, ema, opset, check)
     size_mb = os.path.getsize(out) / 2 ** 20
-    core.say(f"wrote {out} ({size_mb:.1f} MB, {precision}, {'EMA' if ema else 'raw'} weights, "
+    messages.say(f"wrote {out} ({size_mb:.1f} MB, {precision}, {'EMA' if ema else 'raw'} weights, "
           f"preset {cfg.preset}, opset {opset})")
     return results
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Export a ddpm.py checkpoint to ONNX.")
-    p.add_argument("ckpt", help="checkpoint written by ddpm.py train or convert.py")
-    p.add_argument("-o", "--output", default="ddpm.onnx",
-                   help="the .onnx file to write; never the checkpoint itself (default: ddpm.onnx)")
-    p.add_argument("--fp16", action="store_true",
-                   help="half precision inside, inputs and outputs float32 (default: float32)")
-    p.add_argument("--int8", action="store_true",
-                   help="int8 convolutions for ONNX Runtime's CPU provider (static quantization "
-                        "calibrated on noised shapes), inputs and outputs float32 (default: float32)")
-    p.add_argument("--no-ema", action="store_true", help="export the raw weights, not the EMA (default: EMA)")
-    p.add_argument("--opset", type=int, default=MIN_OPSET,
-                   help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} (default: {MIN_OPSET})")
-    args = p.parse_args(argv)
+    args = parser().parse_args(argv)
     try:
         export(args.ckpt, out=args.output, fp16=args.fp16, ema=not args.no_ema, opset=args.opset, int8=args.int8)
-    except ValueError as e:
+    except (ValueError, files.WriteFailed) as e:  # a user's mistake, a full disk: one sentence
         raise SystemExit(f"error: {e}") from None
     except KeyboardInterrupt:
         raise SystemExit("\ninterrupted; nothing was written") from None

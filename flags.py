@@ -1,21 +1,14 @@
-"""The settings of ddpm.py's Config as the command line shows them: the help text of every field,
-the checks that turn a bad setting into a sentence before any work starts, and the flags `train`
-and `train-classifier` take. It never imports ddpm.py: the Config class is an argument.
+"""ddpm.py's command line, built without torch (so --help and a malformed flag are answered at
+once): the help text of every Config field, a flag per field for `train` and `train-classifier`,
+and the flags of `sample` and `info`.
 """
 
 import argparse
 import dataclasses
-import math
 
-import core
-from core import VAR_TYPES
-
-# not flags: the data and the command set them
-DERIVED_FIELDS = ("num_classes", "class_names", "kind", "distilled_steps", "distilled_guidance", "teacher")
-KINDS = ("denoiser", "classifier")
-PREDICTIONS = ("eps", "v", "x0")
-AMP_MODES = ("auto", "bf16", "fp16", "none")
-OPTIMIZERS = ("adam", "adamw")
+import sampling
+from config import AMP_MODES, DERIVED_FIELDS, OPTIMIZERS, PREDICTIONS, PRESETS, Config
+from schedules import SCHEDULES, VAR_TYPES
 
 
 # One line of help per Config field; `train -h` prints it with the default.
@@ -89,99 +82,19 @@ HELP = {
 }
 
 
-def check_config(cfg):
-    """Bad settings are a ValueError with a sentence, before any work starts."""
-    levels = len(cfg.ch_mult)
-    if levels < 1 or any(m < 1 for m in cfg.ch_mult) or cfg.num_res_blocks < 1:
-        raise ValueError("--ch-mult needs at least one positive multiplier and --num-res-blocks "
-                         "must be at least 1")
-    if cfg.image_size < 2 ** (levels - 1) or cfg.image_size % 2 ** (levels - 1):
-        raise ValueError(f"image size {cfg.image_size} does not fit preset '{cfg.preset}': it "
-                         f"halves the image {levels - 1} times, so the size must be a multiple "
-                         f"of {2 ** (levels - 1)}")
-    resolutions = [cfg.image_size // 2 ** k for k in range(levels)]
-    missing = [r for r in cfg.attn_resolutions if r not in resolutions]
-    if missing:
-        raise ValueError(f"--attn-resolutions {','.join(map(str, missing))}: this U-Net works at "
-                         f"{', '.join(map(str, resolutions))} pixels, so attention there would "
-                         "never run")
-    if cfg.norm_groups < 1 or cfg.ch < cfg.norm_groups or cfg.ch % cfg.norm_groups:
-        raise ValueError(f"ch={cfg.ch} must be a positive multiple of --norm-groups {cfg.norm_groups}")
-    if cfg.in_channels not in (1, 3):
-        raise ValueError(f"--in-channels {cfg.in_channels}: use 1 (grayscale) or 3 (RGB)")
-    if not 0 <= cfg.dropout < 1:
-        raise ValueError(f"--dropout {cfg.dropout} must be in [0, 1)")
-    if cfg.schedule not in core.SCHEDULES:
-        raise ValueError(f"unknown schedule '{cfg.schedule}'; use linear or cosine")
-    if cfg.var_type not in VAR_TYPES:
-        raise ValueError(f"unknown var_type '{cfg.var_type}'; use {', '.join(VAR_TYPES)}")
-    if cfg.prediction not in PREDICTIONS:
-        raise ValueError(f"unknown prediction '{cfg.prediction}'; use {', '.join(PREDICTIONS)}")
-    if not (math.isfinite(cfg.min_snr) and cfg.min_snr >= 0):
-        raise ValueError(f"--min-snr {cfg.min_snr}: use gamma > 0 (Hang et al.: 5), or 0 for none")
-    if not 0 <= cfg.p_uncond < 1:
-        raise ValueError(f"--p-uncond {cfg.p_uncond} must be in [0, 1) (Ho & Salimans: 0.1 or 0.2)")
-    if cfg.num_classes < 0 or (cfg.class_names and len(cfg.class_names) != cfg.num_classes):
-        raise ValueError(f"num_classes {cfg.num_classes} does not match the {len(cfg.class_names)} "
-                         "class names")
-    if cfg.kind not in KINDS:
-        raise ValueError(f"unknown kind '{cfg.kind}'; use {', '.join(KINDS)}")
-    if not 0 <= cfg.distilled_steps <= cfg.T or not (math.isfinite(cfg.distilled_guidance) and cfg.distilled_guidance >= 0):
-        raise ValueError(f"distilled_steps {cfg.distilled_steps} must be 0 to T={cfg.T} and distilled_guidance "
-                         f"{cfg.distilled_guidance} at least 0")
-    if not 2 <= cfg.T <= 100_000:
-        raise ValueError(f"T={cfg.T}: the diffusion needs 2 to 100,000 steps (Ho et al.: 1000)")
-    if cfg.image_size > 4096:
-        raise ValueError(f"--image-size {cfg.image_size}: at most 4096 pixels a side")
-    if cfg.schedule == "linear" and cfg.T <= 20:  # beta_T = 0.02 * 1000 / T must stay below 1
-        raise ValueError(f"T={cfg.T}: the linear schedule needs T > 20 (its beta_T = 20 / T reaches "
-                         "1 at T = 20, and alpha-bar_T 0); use --schedule cosine")
-    if cfg.amp not in AMP_MODES:
-        raise ValueError(f"unknown --amp '{cfg.amp}'; use {', '.join(AMP_MODES)}")
-    if cfg.batch_size < 0 or cfg.grad_accum < 0 or (cfg.batch_size == cfg.grad_accum == 0):
-        raise ValueError("--batch-size and --grad-accum take a positive number or auto, and only "
-                         "one of them can be auto")
-    if cfg.batch_size and cfg.grad_accum and cfg.batch_size % cfg.grad_accum:
-        raise ValueError("--batch-size must be a positive multiple of --grad-accum")
-    if cfg.optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown --optimizer '{cfg.optimizer}'; use {', '.join(OPTIMIZERS)}")
-    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
-        raise ValueError(f"--weight-decay {cfg.weight_decay} must be at least 0")
-    if cfg.steps < 1:
-        raise ValueError(f"--steps {cfg.steps}: train for at least 1 step")
-    if not (math.isfinite(cfg.lr) and cfg.lr > 0) or cfg.warmup < 0:
-        raise ValueError("--lr must be a positive number and --warmup at least 0")
-    if not (math.isfinite(cfg.grad_clip) and cfg.grad_clip >= 0):
-        raise ValueError(f"--grad-clip {cfg.grad_clip}: use a positive norm, or 0 for no clipping")
-    if not 0 <= cfg.ema_decay < 1:
-        raise ValueError(f"--ema-decay {cfg.ema_decay} must be in [0, 1) (Ho et al.: 0.9999)")
-    if cfg.seed < 0:
-        raise ValueError("--seed must be at least 0")
-    if cfg.log_every < 1 or cfg.save_every < 0 or cfg.sample_every < 0:
-        raise ValueError("--log-every must be at least 1; --save-every and --sample-every at "
-                         "least 0 (0: only at the end / never)")
-    if cfg.num_workers < -1:
-        raise ValueError("--num-workers must be -1 (automatic) or at least 0")
-    if not (cfg.device in ("auto", "cpu", "cuda") or
-            (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit())):
-        raise ValueError(f"--device {cfg.device}: use auto, cpu, cuda or cuda:N")
-
-
-
-
 FLAGS = {"preset": "--model", "run_dir": "--out"}  # fields whose flag is not their name
-CHOICES = {"schedule": list(core.SCHEDULES), "prediction": list(PREDICTIONS),
+CHOICES = {"schedule": list(SCHEDULES), "prediction": list(PREDICTIONS),
            "var_type": list(VAR_TYPES), "amp": list(AMP_MODES), "optimizer": list(OPTIMIZERS)}
 AUTO_FIELDS = ("batch_size", "grad_accum")  # take "auto", stored as 0 until train() finds the number
 
 
-def add_config_flags(parser, config_class, presets, classifier=False):
-    """One flag per field of the config dataclass (--batch-size for batch_size), but for the
-    derived ones (and with classifier, those a classifier does not use); default None: the
-    preset's value or the field's default."""
-    choices = {"preset": list(presets), **CHOICES}
+def add_config_flags(parser, classifier=False):
+    """One flag per field of Config (--batch-size for batch_size), but for the derived ones (and
+    with classifier, those a classifier does not use); default None: the preset's value or the
+    field's default."""
+    choices = {"preset": list(PRESETS), **CHOICES}
     helps = {**HELP, **CLASSIFIER_HELP} if classifier else HELP
-    for f in dataclasses.fields(config_class):
+    for f in dataclasses.fields(Config):
         if f.name in DERIVED_FIELDS or (classifier and f.name in NOT_FOR_CLASSIFIERS):
             continue
         flag = FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
@@ -226,10 +139,10 @@ CLASSIFIER_HELP = {"ckpt": "checkpoint file, written every --save-every steps an
                    "run_dir": "run directory for metrics.jsonl and loss.png (default: runs/<data>-classifier)"}
 
 
-def add_train_flags(parser, config_class, presets, classifier=False):
+def add_train_flags(parser, classifier=False):
     """The flags of `train` (one per config field, --resume, --overwrite), or with classifier
     those of `train-classifier`: the fields it uses, with its own defaults."""
-    add_config_flags(parser, config_class, presets, classifier)
+    add_config_flags(parser, classifier)
     parser.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                         help="continue the run saved in PATH (default PATH: the --ckpt file); "
                              "flags given change its settings (default: start a new run)")
@@ -238,19 +151,19 @@ def add_train_flags(parser, config_class, presets, classifier=False):
                              "(default: refuse to)")
 
 
-def add_info_flags(parser, presets):
+def add_info_flags(parser):
     """The flags of `ddpm.py info`."""
-    parser.add_argument("--model", dest="preset", default=None, choices=list(presets),
+    parser.add_argument("--model", dest="preset", default=None, choices=list(PRESETS),
                         help="a preset (default: cifar10)")
     parser.add_argument("--image-size", type=int, default=None, help="image size (default: the preset's)")
     parser.add_argument("--ckpt", default=None, help="describe this checkpoint instead (default: none)")
 
 
 def add_sample_flags(parser):
-    """The flags of `ddpm.py sample`: those sample_ort.py shares (core.add_sampling_flags), then
+    """The flags of `ddpm.py sample`: those sample_ort.py shares (sampling.add_sampling_flags), then
     the ones only PyTorch has."""
     parser.add_argument("--ckpt", default="ckpt.pt", help="checkpoint (default: ckpt.pt)")
-    core.add_sampling_flags(parser)
+    sampling.add_sampling_flags(parser)
     parser.add_argument("--classifier", default=None, metavar="PATH",
                         help="a noisy classifier from train-classifier that guides any model "
                              "towards --class (default: none)")
@@ -264,3 +177,17 @@ def add_sample_flags(parser):
     parser.add_argument("--amp", default="none", choices=list(AMP_MODES),
                         help="the network in autocast: bf16, fp16 (CUDA), auto (bf16 where native: CUDA, "
                              "or a CPU with AVX512-BF16 or AMX) or none, float32 (default: none)")
+
+
+def ddpm_parser():
+    """ddpm.py's parser: its commands and their flags."""
+    top = argparse.ArgumentParser(prog="ddpm.py", description="Denoising Diffusion Probabilistic Models "
+                                  "(Ho, Jain & Abbeel, 2020): train, sample, describe.")
+    commands = top.add_subparsers(dest="command", required=True)
+    add_train_flags(commands.add_parser("train", help="train a model (Algorithm 1)"))
+    add_train_flags(commands.add_parser("train-classifier", help="train a noisy classifier p(y | x_t, t) for "
+                                        "classifier guidance (the flags of train that a classifier uses)"),
+                    classifier=True)
+    add_sample_flags(commands.add_parser("sample", help="sample images from a checkpoint (Algorithm 2)"))
+    add_info_flags(commands.add_parser("info", help="config, parameter count and FLOPs of a model"))
+    return top

@@ -13,7 +13,8 @@ metadata (ddpm.step_graph, or ddpm.multistep_graph for DPM-Solver++, which carri
 x_0), whose output is bound to the denoiser's x_t input; the noise is drawn on the device by a
 third, one-node session. On CUDA the image batch therefore never leaves the GPU; per step only
 t and the coefficients travel to it. This file holds only ONNX Runtime: the schedule, the step
-tables, the checks and the pictures come from core.py, the same numbers ddpm.py uses.
+tables come from schedules.py, the same numbers ddpm.py uses, and the checks and the pictures
+from sampling.py and pictures.py.
 """
 
 import argparse
@@ -29,7 +30,11 @@ import time
 import numpy as np
 import onnxruntime as ort
 
-import core
+import files
+import messages
+import pictures
+import sampling
+import schedules
 
 SUPPORTED_FORMAT = 2  # 1: the update graphs output x_prev alone (no pred_x0, no eps_guided)
 
@@ -74,8 +79,8 @@ def read_metadata(session, path):
         wrong.append(f"ddpm.T is {T} but ddpm.betas has {len(betas)} values")
     if image_size < 1 or in_channels not in (1, 3):
         wrong.append(f"ddpm.image_size {image_size} / ddpm.in_channels {in_channels}")
-    if meta["ddpm.var_type"] not in core.VAR_TYPES:
-        wrong.append(f"ddpm.var_type '{meta['ddpm.var_type']}' is not one of {', '.join(core.VAR_TYPES)}")
+    if meta["ddpm.var_type"] not in schedules.VAR_TYPES:
+        wrong.append(f"ddpm.var_type '{meta['ddpm.var_type']}' is not one of {', '.join(schedules.VAR_TYPES)}")
     if meta["ddpm.clip_x0"] not in ("true", "false"):
         wrong.append(f"ddpm.clip_x0 '{meta['ddpm.clip_x0']}' is not true or false")
     try:
@@ -182,7 +187,7 @@ def open_sessions(path, provider="auto", cuda_graph=False, batch=None, guided=Fa
         if provider == "cuda":
             raise ValueError("--provider cuda was asked for, but CUDA is not usable here (no GPU, or "
                              "the CUDA and cuDNN libraries onnxruntime-gpu needs are missing)")
-        core.warn("CUDA is not usable here; running on the CPU", "note")
+        messages.warn("CUDA is not usable here; running on the CPU", "note")
     providers = providers if on_cuda else ["CPUExecutionProvider"]
     if guided and not meta["num_classes"]:
         raise ValueError(f"--class: '{path}' is an unconditional model (trained without --cond)")
@@ -251,7 +256,7 @@ def noise_session(seed, device):
     return ort.InferenceSession(base64.b64decode(NOISE_GRAPH), session_options(), providers=providers)
 
 
-class Sampler:
+class Runner:
     """Device buffers bound once; each step updates t and coef in place and runs
     eps = denoiser(x, t) then x = step(x, eps, noise, coef), x never copied back to the host.
 
@@ -340,7 +345,7 @@ class Sampler:
 
     def run(self, x_T, timesteps, coefs, noise_fn=None, progress=None, process=None):
         """x_0 from x_T; noise_fn(k, shape) the k-th step's noise if the noise comes from the host.
-        process: a core.ProcessFrames, given x_t and the predicted x_0 of the steps it wants."""
+        process: a pictures.ProcessFrames, given x_t and the predicted x_0 of the steps it wants."""
         shape, N = x_T.shape, 2 * x_T.shape[0] if self.guided else x_T.shape[0]
         self.x.update_inplace(np.ascontiguousarray(np.concatenate([x_T, x_T]) if self.guided else x_T,
                                                    dtype=np.float32))
@@ -377,92 +382,82 @@ class Sampler:
         return np.clip(pred_x0, -1, 1) if self.clip_x0 else pred_x0
 
 
-def step_table(betas, sampler="ddpm", num_steps=None, eta=0.0, var_type="fixed_large", spacing=None):
-    """(timesteps, coefs) of a sampler on the file's schedule: core.step_table of the chain
-    core.kept_timesteps picks (the full chain, or a respaced one)."""
-    T = len(betas)
-    core.check_sampler(sampler, num_steps, eta, T, spacing)
-    full = core.Schedule(betas)
-    kept = core.kept_timesteps(T, sampler, num_steps, spacing)
-    chain = full if kept is None else core.Schedule(*full.respaced(kept))
-    return core.step_table(chain, sampler, eta, var_type)
-
-
-def open_for_sampling(path, provider, cuda_graph, batch, sampler, num_steps, eta, spacing, guidance, classes):
-    """open_sessions for a sampler's flags, and the settings they come to: (sessions, (sampler,
-    num_steps, spacing, the guidance scale to apply, the one the samples have)). A distilled
-    model samples its own chain, with the guidance built into it (core.distilled_*), which the
-    metadata tells: the sessions opened for the flags as given are opened again where that
-    changes the update graph (the guided one or not, DPM-Solver++'s or not)."""
-    given = core.GUIDANCE if guidance is None else guidance
-    opened = (classes is not None and given not in (0, 1), sampler == "dpm++")  # guided: else one branch
+def open_for_sampling(path, sampler, guidance=None, classes=None, provider="auto", cuda_graph=False, batch=None):
+    """open_sessions for a schedules.Sampler and --guidance and --class, and the settings they come
+    to: (sessions, (the sampler, the guidance scale to apply, the one the samples have)). A
+    distilled model samples its own chain, with the guidance built into it (sampling.distilled_*),
+    which the metadata tells: the sessions opened for the flags as given are opened again where
+    that changes the update graph (the guided one or not, DPM-Solver++'s or not)."""
+    given = sampling.GUIDANCE if guidance is None else guidance
+    opened = (classes is not None and given not in (0, 1), sampler.name == "dpm++")  # guided: else one branch
     sessions = open_sessions(path, provider, cuda_graph, batch, *opened)
     meta = sessions[2]
-    sampler, num_steps, spacing = core.distilled_sampler(meta["distilled_steps"], sampler, num_steps, eta, spacing)
-    scale, shown = core.distilled_guidance(meta["distilled_guidance"], guidance, meta["num_classes"] > 0, classes)
-    wanted = (classes is not None and scale not in (0, 1), sampler == "dpm++")
+    sampler = sampling.distilled_sampler(meta["distilled_steps"], sampler)
+    scale, shown = sampling.distilled_guidance(meta["distilled_guidance"], guidance, meta["num_classes"] > 0, classes)
+    wanted = (classes is not None and scale not in (0, 1), sampler.name == "dpm++")
     if wanted != opened:
         sessions = open_sessions(path, provider, cuda_graph, batch, *wanted)
-    return sessions, (sampler, num_steps, spacing, scale, shown)
+    return sessions, (sampler, scale, shown)
 
 
-def sample(model, *, n=64, num_steps=None, sampler=None, eta=0.0, seed=0, batch=None, provider="auto",
-           cuda_graph=False, out="samples.png", outdir=None, progress=(), spacing=None,
-           classes=None, guidance_scale=None, host_noise=False):
-    """n images from the exported model into one grid (and one PNG each in outdir, and the
-    reverse process of the first batch as a picture or animation in each path of progress).
-    classes: --class's text (names or indices, a comma list, or all: a grid row per class) for a
-    conditional model, sampled with classifier-free guidance of scale `guidance_scale`.
-    host_noise: each step's noise from numpy and uploaded (as before device noise; also with
-    --cuda-graph, whose replays would repeat one draw), else drawn on the device."""
-    progress = core.check_sampling_request(n, batch, guidance_scale, out, progress, outdir, (model,), seed)
+def sample(model, request=sampling.Request(), *, provider="auto", cuda_graph=False, host_noise=False):
+    """request.n images from the exported model into one grid (and one PNG each in outdir, and the
+    reverse process of the first batch as a picture or animation in each path of progress): a
+    sampling.Request, the flags ddpm.py sample shares. Its classes (--class's text: names or
+    indices, a comma list, or all: a grid row per class) are sampled by a conditional model with
+    classifier-free guidance of its guidance scale. host_noise: each step's noise from numpy and
+    uploaded (as before device noise; also with --cuda-graph, whose replays would repeat one
+    draw), else drawn on the device."""
+    request = sampling.check_request(request, (model,))
     if cuda_graph and provider == "cpu":
         raise ValueError("--cuda-graph captures CUDA work; it needs --provider cuda (or auto on a GPU)")
-    graph_batch = min(batch or n, n)  # a CUDA graph's fixed batch; later batches are padded to it
-    core.check_sampler(sampler or "ddpm", None, eta, 1, spacing)  # a sentence before any file is opened
-    (denoiser, step, meta, device), (sampler, num_steps, spacing, guidance_scale, shown) = open_for_sampling(
-        model, provider, cuda_graph, graph_batch, sampler, num_steps, eta, spacing, guidance_scale, classes)
+    n, classes = request.n, request.classes
+    graph_batch = min(request.batch or n, n)  # a CUDA graph's fixed batch; later batches are padded to it
+    sampling.check_sampler(request.sampler._replace(name=request.sampler.name or "ddpm", steps=None), 1)  # before any file
+    (denoiser, step, meta, device), (sampler, guidance_scale, shown) = open_for_sampling(
+        model, request.sampler, request.guidance, classes, provider, cuda_graph, graph_batch)
     guided = classes is not None and guidance_scale not in (0, 1)
     if cuda_graph and device != "cuda":
-        core.warn("--cuda-graph: CUDA is not usable here, so the steps run without CUDA graphs")
+        messages.warn("--cuda-graph: CUDA is not usable here, so the steps run without CUDA graphs")
     labels, nrow = None, None
     if classes is not None:
         if not meta["num_classes"]:
             raise ValueError(f"--class: '{model}' is an unconditional model (trained without --cond)")
-        labels, nrow = core.class_labels(core.parse_classes(classes, meta["class_names"]), n)
+        labels, nrow = sampling.class_labels(sampling.parse_classes(classes, meta["class_names"]), n)
         n = len(labels)  # a row per class: n rounded up
-    batch = graph_batch if cuda_graph else min(batch or n, n)
-    timesteps, coefs = step_table(meta["betas"], sampler, num_steps, eta, meta["var_type"], spacing)
+    batch = graph_batch if cuda_graph else min(request.batch or n, n)
+    sampling.check_sampler(sampler, len(meta["betas"]))
+    timesteps, coefs = schedules.step_table(meta["betas"], sampler, meta["var_type"])
 
-    rng = np.random.default_rng(seed)
-    noise = None if host_noise or cuda_graph or sampler == "dpm++" else noise_session(seed, device)
+    rng = np.random.default_rng(request.seed)
+    noise = None if host_noise or cuda_graph or sampler.name == "dpm++" else noise_session(request.seed, device)
     C, S = meta["in_channels"], meta["image_size"]
-    process = core.ProcessFrames(progress, len(timesteps))
+    process = pictures.ProcessFrames(request.progress, len(timesteps))
     images, runner, start = [], None, time.time()
     for first in range(0, n, batch):
         # a captured CUDA graph keeps its shape and addresses: reuse it, padding the last batch
         b = batch if cuda_graph else min(batch, n - first)
         if runner is None or runner.shape[0] != b:
-            runner = Sampler(denoiser, step, (b, C, S, S), device, meta["num_classes"],
-                             guidance_scale if guided else None, noise, meta["clip_x0"])
+            runner = Runner(denoiser, step, (b, C, S, S), device, meta["num_classes"],
+                            guidance_scale if guided else None, noise, meta["clip_x0"])
         if labels is not None and guidance_scale != 0:  # guidance 0: the unconditional model
             runner.set_labels(np.pad(labels[first:first + b], (0, b - len(labels[first:first + b])), mode="edge"))
         x_T = rng.standard_normal((b, C, S, S), dtype=np.float32)
-        label = f"{sampler} {first // batch + 1}/{math.ceil(n / batch)}"
-        x0 = runner.run(x_T, timesteps, coefs, HostNoise(rng), core.progress_bar(len(timesteps), label),
-                        process if progress else None)
+        label = f"{sampler.name} {first // batch + 1}/{math.ceil(n / batch)}"
+        x0 = runner.run(x_T, timesteps, coefs, HostNoise(rng), messages.progress_bar(len(timesteps), label),
+                        process if request.progress else None)
         process.done = True  # the pictures show the first batch
-        images.append(core.to_uint8(x0, source=model)[:n - first])
+        images.append(pictures.to_uint8(x0, source=model)[:n - first])
     elapsed = time.time() - start
     images = np.concatenate(images)
-    core.say(core.write_samples(images, out, nrow, outdir, process, batch))
+    messages.say(sampling.write_samples(images, request.out, nrow, request.outdir, process, batch))
     name = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}[device]
     if labels is not None:
         names = ", ".join(meta["class_names"][c] for c in dict.fromkeys(labels.tolist()))
-        core.say(f"classes {names}, classifier-free guidance {shown:g}")
-    core.say(f"{n * len(timesteps) / elapsed:.1f} image-steps/s, {n} images x {len(timesteps)} "
-             f"{sampler} steps in {elapsed:.1f}s on {name} ({meta['precision']}, batch {batch}"
-             f"{', CUDA graph' if cuda_graph and device == 'cuda' else ''})")
+        messages.say(f"classes {names}, classifier-free guidance {shown:g}")
+    messages.say(f"{n * len(timesteps) / elapsed:.1f} image-steps/s, {n} images x {len(timesteps)} "
+                 f"{sampler.name} steps in {elapsed:.1f}s on {name} ({meta['precision']}, batch {batch}"
+                 f"{', CUDA graph' if cuda_graph and device == 'cuda' else ''})")
     return images
 
 
@@ -476,10 +471,11 @@ class HostNoise:
         return self.rng.standard_normal(shape, dtype=np.float32)
 
 
-def main(argv=None):
+def parser():
+    """sample_ort.py's flags: those ddpm.py sample shares (sampling.add_sampling_flags), then ONNX Runtime's."""
     p = argparse.ArgumentParser(description="Sample a DDPM exported by export.py with ONNX Runtime.")
     p.add_argument("--model", default="ddpm.onnx", help="the exported model (default: ddpm.onnx)")
-    core.add_sampling_flags(p)
+    sampling.add_sampling_flags(p)
     p.add_argument("--host-noise", action="store_true",
                    help="draw each step's noise with numpy and upload it, as ddpm.py can be fed it, instead "
                         "of on the device (default: on the device)")
@@ -487,13 +483,15 @@ def main(argv=None):
                    help="ONNX Runtime provider (default: auto, CUDA if usable)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="capture each step in a CUDA graph (default: off)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     try:
-        sample(args.model, n=args.n, num_steps=args.sampling_steps, sampler=args.sampler, eta=args.eta,
-               seed=args.seed, batch=args.batch, provider=args.provider, cuda_graph=args.cuda_graph,
-               out=args.out, outdir=args.outdir, progress=args.progress, spacing=args.spacing,
-               classes=args.classes, guidance_scale=args.guidance, host_noise=args.host_noise)
-    except ValueError as e:
+        sample(args.model, sampling.Request.from_args(args), provider=args.provider, cuda_graph=args.cuda_graph,
+               host_noise=args.host_noise)
+    except (ValueError, files.WriteFailed) as e:  # a user's mistake, a full disk: one sentence
         raise SystemExit(f"error: {e}") from None
     except (MemoryError, ort.capi.onnxruntime_pybind11_state.RuntimeException) as e:
         if not isinstance(e, MemoryError) and "alloc" not in str(e).lower():

@@ -72,6 +72,8 @@ import ddpm  # noqa: E402
 import distributed  # noqa: E402
 import export  # noqa: E402
 import sample_ort  # noqa: E402
+import schedules  # noqa: E402
+from schedules import Sampler  # noqa: E402
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}  # precision -> autocast dtype
 SETTLE_S = 0.2  # the pause before each timed run: ONNX Runtime's threads spin ~0.1 s after a run
@@ -250,8 +252,7 @@ def torch_sampler(model, cfg, batch, steps, device, amp=None):
 
     def run():
         with autocast:
-            ddpm.sample_loop(model, diffusion, x_T, sampler="ddim", num_steps=steps, eta=1.0,
-                             generator=torch.Generator(device=device).manual_seed(0))
+            ddpm.sample_loop(model, diffusion, x_T, Sampler("ddim", steps, eta=1.0), noise_fn=ddpm.GaussianNoise(torch.Generator(device=device).manual_seed(0)))
         return batch * steps
     return run
 
@@ -274,13 +275,13 @@ def diffusers_unet(cfg):
 
 def ort_sampler(onnx_path, cfg, batch, steps, provider, io_binding=True, cuda_graph=False):
     denoiser, step, meta, device = sample_ort.open_sessions(onnx_path, provider, cuda_graph, batch)
-    ts, coefs = sample_ort.step_table(meta["betas"], "ddim", steps, 1.0)
+    ts, coefs = schedules.step_table(meta["betas"], Sampler("ddim", steps, eta=1.0))
     shape = (batch, cfg.in_channels, cfg.image_size, cfg.image_size)
     rng = np.random.default_rng(0)
     x_T = rng.standard_normal(shape, dtype=np.float32)
     noise = rng.standard_normal(shape, dtype=np.float32)
     if io_binding:
-        sampler = sample_ort.Sampler(denoiser, step, shape, device)
+        sampler = sample_ort.Runner(denoiser, step, shape, device)
 
         def run():
             sampler.run(x_T, ts, coefs, lambda k, s: noise)
@@ -296,21 +297,19 @@ def ort_sampler(onnx_path, cfg, batch, steps, provider, io_binding=True, cuda_gr
 
 
 def train_step(model, raw_model, cfg, batch, device, amp=None):
-    """ddpm.train_step itself (the micro-batch's draws, autocast, the scaler, clipping, the
+    """ddpm.Run.train_step itself (the micro-batch's draws, autocast, the scaler, clipping, the
     optimizer, the EMA) on a batch of noise images, for our U-Net and diffusers' alike."""
-    diffusion = ddpm.GaussianDiffusion.from_config(cfg)
-    optimizer = ddpm.make_optimizer(cfg, raw_model.parameters())
-    ema = copy.deepcopy(raw_model).requires_grad_(False)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    run = ddpm.Run(cfg, ddpm.GaussianDiffusion.from_config(cfg), torch.device(device), amp, init=raw_model)
+    run.raw_model, run.model = raw_model, model  # the contender as built (compiled, channels_last)
+    run.ema, run.optimizer = copy.deepcopy(raw_model).requires_grad_(False), ddpm.make_optimizer(cfg, raw_model.parameters())
     x0 = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size, device=device).clamp(-1, 1)
     labels = torch.zeros(batch, dtype=torch.long)
     steps = itertools.count()
 
-    def run():
-        ddpm.train_step(model, raw_model, ema, optimizer, scaler, x0, labels, next(steps), cfg=cfg,
-                        diffusion=diffusion, dtype=amp)
+    def run_step():
+        run.train_step(x0, labels, next(steps))
         return batch
-    return run
+    return run_step
 
 
 def build(c, cfg, ckpt, device):

@@ -4,7 +4,7 @@ through ONNX Runtime (CPU), scored by the shapes judge (evaluate.judge_shapes: t
 cells that are one clean shape of the class their row asked for), with ONNX Runtime's images per
 second. Writes <out>/distill.json and prints the table docs/distillation.md shows.
 
-    python ddpm.py distill --teacher runs/demo/ckpt.pt --from-steps 64 --to-steps 4 --out runs/distill
+    python distill.py --teacher runs/demo/ckpt.pt --from-steps 64 --to-steps 4 --out runs/distill
     python bench/distill.py --teacher runs/demo/ckpt.pt --students runs/distill
 """
 
@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import core  # noqa: E402
+import schedules  # noqa: E402
 import ddpm  # noqa: E402
 import evaluate  # noqa: E402
 import export  # noqa: E402
@@ -77,7 +77,7 @@ def main(argv=None):
             onnx[ckpt] = os.path.join(args.out, os.path.basename(os.path.dirname(ckpt) if name == "teacher" else ckpt) + ".onnx")
             quiet(export.export, ckpt, out=onnx[ckpt])
         tag = f"{name.replace(' ', '')}-{sampler or 'ddim'}-{steps}-{spacing or 'own'}"
-        row = {"model": name, "sampler": sampler or "ddim (its own)", "steps": steps, "spacing": spacing or ("trailing" if sampler is None else core.default_spacing(sampler))}
+        row = {"model": name, "sampler": sampler or "ddim (its own)", "steps": steps, "spacing": spacing or ("trailing" if sampler is None else schedules.default_spacing(sampler))}
         t0 = time.time()
         quiet(ddpm.sample, ckpt, n=args.n, num_steps=None if sampler is None else steps, sampler=sampler,
               seed=args.seed, out=os.path.join(args.out, f"{tag}-torch.png"), classes="all", spacing=spacing)

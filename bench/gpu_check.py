@@ -24,7 +24,6 @@ bench/results/gpu-check-<machine>.json (--out) and prints the Markdown table the
 """
 import argparse
 import datetime
-import functools
 import json
 import math
 import os
@@ -84,28 +83,21 @@ def stage_tests(size, device):
             "note": "" if r.returncode in (0, 5) else r.stdout[-1500:]}
 
 
-def train_speed(model, raw_model, cfg, device, dtype, size, scaler=None):
-    """(images/s, peak MB, losses) of ddpm.train_step on one batch of noise images."""
-    import copy
+def train_speed(run, size):
+    """(images/s, peak MB, losses) of a ddpm.Run's train_step on one batch of noise images."""
     import torch
-    import ddpm
-    diffusion = ddpm.GaussianDiffusion.from_config(cfg)
-    optimizer = ddpm.make_optimizer(cfg, raw_model.parameters())
-    ema = copy.deepcopy(raw_model).requires_grad_(False)
-    scaler = scaler or torch.amp.GradScaler("cuda", enabled=False)
+    cfg, device = run.cfg, run.device
     x0 = torch.randn(cfg.batch_size, cfg.in_channels, cfg.image_size, cfg.image_size, device=device).clamp(-1, 1)
     labels = torch.zeros(cfg.batch_size, dtype=torch.long)
     losses = []
     for step in range(size["warm"]):
-        losses.append(ddpm.train_step(model, raw_model, ema, optimizer, scaler, x0, labels, step, cfg=cfg,
-                                      diffusion=diffusion, dtype=dtype)[0])
+        losses.append(run.train_step(x0, labels, step)[0])
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     for step in range(size["warm"], size["warm"] + size["timed"]):
-        losses.append(ddpm.train_step(model, raw_model, ema, optimizer, scaler, x0, labels, step, cfg=cfg,
-                                      diffusion=diffusion, dtype=dtype)[0])
+        losses.append(run.train_step(x0, labels, step)[0])
     sync(device)
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
@@ -131,9 +123,10 @@ def stage_train(size, device):
             else:
                 torch.manual_seed(0)
                 raw = ddpm.UNet(cfg)
-            raw = raw.to(device).to(memory_format=torch.channels_last).train()
-            model = torch.compile(raw, backend=size["compiler"]) if compiled else raw
-            ips, mb, losses = train_speed(model, raw, cfg, device, dtype, size)
+            run = ddpm.Run(cfg, ddpm.GaussianDiffusion.from_config(cfg), device, dtype, init=raw)
+            if compiled:
+                run.model = torch.compile(run.raw_model, backend=size["compiler"])
+            ips, mb, losses = train_speed(run, size)
             tflops = ips * flops / 1e12
             rows.append({"name": name, "img_per_s": ips, "peak_mb": mb, "tflops": tflops,
                          "share_of_bf16_peak": tflops / peak if peak and dtype else None,
@@ -145,11 +138,9 @@ def stage_train(size, device):
     if device.type != "cuda":
         result["fp16"] = missing("fp16 with the loss scaler", "it needs CUDA; run this on a GPU")
         return result
-    raw = ddpm.UNet(cfg).to(device).to(memory_format=torch.channels_last).train()
-    scaler = torch.amp.GradScaler("cuda")
-    fp16_size = dict(size, warm=0, timed=size["fp16_steps"])
-    _, _, losses = train_speed(raw, raw, cfg, device, torch.float16, fp16_size, scaler)
-    scale = scaler.get_scale()
+    run = ddpm.Run(cfg, ddpm.GaussianDiffusion.from_config(cfg), device, torch.float16)  # its loss scaler on
+    _, _, losses = train_speed(run, dict(size, warm=0, timed=size["fp16_steps"]))
+    scale = run.scaler.get_scale()
     result["fp16"] = {"steps": len(losses), "finite_losses": sum(map(math.isfinite, losses)),
                       "scale": scale, "status": "ok" if scale > 0 and scale < float("inf") else "failed"}
     return result
@@ -162,13 +153,10 @@ def stage_auto_batch(size, device):
     if device.type != "cuda":
         return missing("--batch-size auto", "it measures GPU memory, so it needs CUDA")
     cfg = ddpm.make_config(size["preset"], image_size=size["image_size"], batch_size=0)
-    raw = ddpm.UNet(cfg).to(device).to(memory_format=torch.channels_last).train()
-    diffusion = ddpm.GaussianDiffusion.from_config(cfg)
-    loss = functools.partial(ddpm.micro_batch_loss, cfg=cfg, diffusion=diffusion, dtype=torch.bfloat16)
-    batch, accum = distributed.auto_batch(loss, raw, (3, cfg.image_size, cfg.image_size), ddpm.count_params(raw),
-                                          1_000_000, 0, 1, 1, device)
-    cfg = ddpm.make_config(size["preset"], image_size=size["image_size"], batch_size=batch, warmup=1)
-    ips, mb, losses = train_speed(raw, raw, cfg, device, torch.bfloat16, dict(size, warm=1, timed=3))
+    run = ddpm.Run(cfg, ddpm.GaussianDiffusion.from_config(cfg), device, torch.bfloat16)
+    batch, accum = distributed.auto_batch(run, 1_000_000)
+    run.cfg = ddpm.make_config(size["preset"], image_size=size["image_size"], batch_size=batch, warmup=1)
+    ips, mb, losses = train_speed(run, dict(size, warm=1, timed=3))
     return {"status": "ok", "batch": batch, "img_per_s": ips, "peak_mb": mb,
             "total_mb": torch.cuda.get_device_properties(device).total_memory / 2 ** 20}
 
@@ -218,6 +206,7 @@ def torch_copies_per_step(run, steps):
 def stage_sampling(size, device):
     import numpy as np
     import torch
+    from schedules import Sampler
     import checkpoints
     import ddpm
     import export
@@ -235,8 +224,7 @@ def stage_sampling(size, device):
     noise_small = rng.standard_normal((k, n, 3, cfg.image_size, cfg.image_size), dtype=np.float32)
 
     def torch_trajectory(net, sampler, dev):
-        return ddpm.sample_loop(net, diffusion, torch.from_numpy(x_T_small).to(dev), sampler, k,
-                                noise_fn=lambda j, shape: torch.from_numpy(noise_small[j])).cpu().numpy()
+        return ddpm.sample_loop(net, diffusion, torch.from_numpy(x_T_small).to(dev), Sampler(sampler, k), noise_fn=lambda j, shape: torch.from_numpy(noise_small[j])).cpu().numpy()
     reference = {s: torch_trajectory(model, s, torch.device("cpu")) for s in ("ddpm", "dpm++")}
 
     def timed(name, run, steps, trajectory, copies=None):
@@ -263,10 +251,10 @@ def stage_sampling(size, device):
         runner = torch.compile(net, backend=size["compiler"]) if compiled else net
 
         def run(runner=runner, sampler="ddpm", steps=None):
-            return ddpm.sample_loop(runner, diffusion, x_T, sampler, steps)
+            return ddpm.sample_loop(runner, diffusion, x_T, Sampler(sampler, steps))
         copies = (lambda run=run: torch_copies_per_step(run, T)) if device.type == "cuda" else None
         timed(f"{name}, DDPM {T} steps", run, T, lambda r=runner: torch_trajectory(r, "ddpm", device), copies)
-    timed(f"PyTorch eager, DPM-Solver++ {dpm} steps", lambda: ddpm.sample_loop(net, diffusion, x_T, "dpm++", dpm),
+    timed(f"PyTorch eager, DPM-Solver++ {dpm} steps", lambda: ddpm.sample_loop(net, diffusion, x_T, Sampler("dpm++", dpm)),
           dpm, lambda: torch_trajectory(net, "dpm++", device))
 
     provider = "cuda" if device.type == "cuda" else "cpu"
@@ -284,26 +272,29 @@ def stage_sampling(size, device):
             if graph and provider != "cuda":
                 rows.append({"name": name, **missing("CUDA graphs", "they need a GPU and onnxruntime-gpu")})
                 continue
-            timed(name, *ort_runs(sample_ort, path, provider, graph, sampler, steps, size, x_T_small, noise_small))
+            timed(name, *ort_runs(path, provider, graph, sampler, steps, size, x_T_small, noise_small))
     return {"status": "ok", "rows": rows}
 
 
-def ort_runs(sample_ort, path, provider, graph, sampler, steps, size, x_T_small, noise_small):
+def ort_runs(path, provider, graph, sampler, steps, size, x_T_small, noise_small):
     """(run, steps, trajectory, copies) for one ONNX Runtime row; copies from ORT's own profile."""
     import numpy as np
+    import sample_ort
+    import schedules
+    from schedules import Sampler
     denoiser, step, meta, device = sample_ort.open_sessions(path, provider, graph, size["n"],
                                                             multistep=sampler == "dpm++")
     shape = (size["n"], meta["in_channels"], meta["image_size"], meta["image_size"])
-    ts, coefs = sample_ort.step_table(meta["betas"], sampler, steps, 0.0, meta["var_type"])
-    runner = sample_ort.Sampler(denoiser, step, shape, device)
+    ts, coefs = schedules.step_table(meta["betas"], Sampler(sampler, steps), meta["var_type"])
+    runner = sample_ort.Runner(denoiser, step, shape, device)
     noise = np.random.default_rng(1).standard_normal(shape, dtype=np.float32)
     x_T = np.random.default_rng(2).standard_normal(shape, dtype=np.float32)
 
     def trajectory():
-        small = sample_ort.Sampler(*sample_ort.open_sessions(path, provider, False, None,
+        small = sample_ort.Runner(*sample_ort.open_sessions(path, provider, False, None,
                                                              multistep=sampler == "dpm++")[:2],
                                    x_T_small.shape, device)
-        t_small, c_small = sample_ort.step_table(meta["betas"], sampler, size["diff_steps"], 0.0, meta["var_type"])
+        t_small, c_small = schedules.step_table(meta["betas"], Sampler(sampler, size["diff_steps"]), meta["var_type"])
         return small.run(x_T_small, t_small, c_small, lambda j, s: noise_small[j])
 
     def copies():
@@ -315,7 +306,7 @@ def ort_runs(sample_ort, path, provider, graph, sampler, steps, size, x_T_small,
         with tempfile.TemporaryDirectory() as folder:  # the profile is read here, not left in the clone
             options.profile_file_prefix = os.path.join(folder, "ort_profile")
             profiled = ort.InferenceSession(path, options, providers=providers)
-            probe = sample_ort.Sampler(profiled, step, shape, device)
+            probe = sample_ort.Runner(profiled, step, shape, device)
             probe.run(x_T, ts[:10], coefs[:10], lambda j, s: noise)
             with open(profiled.end_profiling()) as f:
                 events = json.load(f)

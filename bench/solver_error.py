@@ -10,7 +10,7 @@ and each --spacing is then a solver of the same ODE, and its distance to that re
 solver error: RMS over pixels (images in [-1, 1]) and in 8-bit levels (x 127.5), mean over the
 images. The model's own x_0 clipping is kept, as a user samples it.
 
---onnx FILE runs DPM-Solver++ and DDIM at 20 steps through ONNX Runtime (sample_ort.Sampler, the
+--onnx FILE runs DPM-Solver++ and DDIM at 20 steps through ONNX Runtime (sample_ort.Runner, the
 same x_T) with an exported model, against the same PyTorch float32 reference: the quality cost of
 an export (fp16, int8) in the same units. The 1000-step reference is the slowest part; one x_T
 batch is shared by all rows. Prints a markdown table; writes bench/results/solver_error-<host>.json.
@@ -29,9 +29,10 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-import core  # noqa: E402
 import ddpm  # noqa: E402
 import sample_ort  # noqa: E402
+import schedules  # noqa: E402
+from schedules import Sampler  # noqa: E402
 
 
 def rms(a, b):
@@ -56,13 +57,13 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of x_T (default: 0)")
     p.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50, 100],
                    help="step counts (default: 10 20 50 100)")
-    p.add_argument("--spacings", nargs="+", choices=core.SPACINGS, default=list(core.SPACINGS),
+    p.add_argument("--spacings", nargs="+", choices=schedules.SPACINGS, default=list(schedules.SPACINGS),
                    help="time spacings (default: all three)")
     p.add_argument("--samplers", nargs="+", choices=["ddim", "dpm++"], default=["ddim", "dpm++"],
                    help="deterministic samplers to compare (default: ddim dpm++)")
     p.add_argument("--onnx", nargs="*", default=[], metavar="FILE",
                    help="exported models to run through ONNX Runtime at 20 steps (default: none)")
-    p.add_argument("--onnx-spacing", choices=core.SPACINGS, default="trailing",
+    p.add_argument("--onnx-spacing", choices=schedules.SPACINGS, default="trailing",
                    help="the spacing of the --onnx rows (default: trailing)")
     p.add_argument("--out", default=os.path.join(HERE, "results"),
                    help="folder for the JSON copy (default: bench/results)")
@@ -80,7 +81,7 @@ def main(argv=None):
 
     def run(sampler, steps, spacing="leading"):
         start = time.perf_counter()
-        x0 = ddpm.sample_loop(model, diffusion, x_T, sampler=sampler, num_steps=steps, spacing=spacing, progress=True)
+        x0 = ddpm.sample_loop(model, diffusion, x_T, Sampler(sampler, steps, spacing=spacing), progress=True)
         return x0, time.perf_counter() - start
 
     reference, ref_seconds = run("ddim", cfg.T)
@@ -104,10 +105,10 @@ def main(argv=None):
             raise SystemExit(f"error: {e}") from None
         for sampler in args.samplers:
             _, step, _, _ = sample_ort.open_sessions(path, "cpu", multistep=sampler == "dpm++")
-            ts, coefs = sample_ort.step_table(meta["betas"], sampler, 20, 0.0, meta["var_type"], args.onnx_spacing)
+            ts, coefs = schedules.step_table(meta["betas"], Sampler(sampler, 20, spacing=args.onnx_spacing), meta["var_type"])
             x = x_T.numpy()
             start = time.perf_counter()
-            x0 = sample_ort.Sampler(denoiser, step, x.shape, device).run(
+            x0 = sample_ort.Runner(denoiser, step, x.shape, device).run(
                 x, ts, coefs, lambda k, shape: np.zeros(shape, np.float32))  # eta 0: the noise is unused
             rows.append({"runtime": f"ORT {meta['precision']} ({os.path.basename(path)})", "sampler": sampler,
                          "spacing": args.onnx_spacing, "steps": 20, "rms": rms(x0, reference.numpy()),

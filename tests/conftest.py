@@ -5,6 +5,7 @@ import contextlib
 import io
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -26,6 +27,18 @@ import torch  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+# The files that take longest go first, so that `--dist loadfile` never leaves one worker running
+# the demo alone at the end while the other waits (measured: 22 minutes instead of 10 with
+# test_demo.py scheduled in its alphabetical place). docs/testing.md gives each file's budget.
+LONGEST_FIRST = ["test_demo.py", "test_evaluate.py", "test_train.py", "test_ddp.py", "test_onnx.py",
+                 "test_core.py", "test_readme.py", "test_gpu_check.py", "test_legacy.py", "test_bench.py",
+                 "test_distill.py", "test_diffusers.py", "test_guidance.py", "test_hostile.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: k for k, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order kept
+
 
 def run_script(script, *args, cwd=None, env=None, timeout=600):
     """python ROOT/script args..., output captured."""
@@ -44,6 +57,48 @@ def max_difference(a, b):
 def no_space_left(*args, **kwargs):
     """Stands in for any write on a full disk (monkeypatched over a save or a writer)."""
     raise OSError(28, "No space left on device")
+
+
+class SmallDisk:
+    """A tmpfs of `size` bytes mounted at `path` (Linux, as root: CI's case), so that a write runs
+    out of space the way it does on a real disk, partway through, under any library."""
+
+    def __init__(self, path, size):
+        self.path = path
+        path.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            if os.environ.get("CI") == "true":
+                pytest.fail(f"CI runs as root and must mount a tmpfs: {r.stderr.strip()}")
+            pytest.skip(f"mounting a small tmpfs needs root (CI runs as root): {r.stderr.strip()}")
+
+    def fill(self, leave=0):
+        """Fill the disk to all but `leave` bytes."""
+        with contextlib.suppress(OSError), open(self.path / "filler", "wb") as f:
+            while True:
+                f.write(b"\0" * 4096)
+                f.flush()
+        free = shutil.disk_usage(self.path).free
+        assert free < 4096, free
+        if leave:
+            os.truncate(self.path / "filler", os.path.getsize(self.path / "filler") - leave)
+
+    def unmount(self):
+        subprocess.run(["umount", "-l", str(self.path)], capture_output=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """small_disk(size) -> a SmallDisk at tmp_path/disk-N, unmounted after the test."""
+    disks = []
+
+    def make(size):
+        disks.append(SmallDisk(tmp_path / f"disk-{len(disks)}", size))
+        return disks[-1]
+    yield make
+    for disk in disks:
+        disk.unmount()
 
 
 def assert_clean_error(r, *fragments):
@@ -151,7 +206,8 @@ def probe_moments(out):
 @pytest.fixture(scope="session")
 def judge_cache(tmp_path_factory):
     """The folder where evaluate.py keeps the judge's classifier, one per test run and shared by its
-    xdist workers: the first file that needs the judge trains it (about 30 s), the rest load it."""
+    xdist workers: the first file that needs the judge trains it (about 50 s on one core), the rest
+    wait for it and load it."""
     base = tmp_path_factory.getbasetemp()
     folder = (base.parent if WORKER else base) / "judge"
     folder.mkdir(exist_ok=True)
@@ -161,8 +217,12 @@ def judge_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def shapes_judge(judge_cache):
     """evaluate.py's judge of the built-in shapes, shared by the test files that judge samples."""
+    import fcntl
+
     import evaluate
-    model, accuracy = evaluate.shapes_judge(str(judge_cache))
+    with open(judge_cache / "lock", "w") as lock:  # one worker trains it, the other waits and loads it
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        model, accuracy = evaluate.shapes_judge(str(judge_cache))
     print(f"shapes classifier: accuracy {accuracy:.3f} on a fresh draw")
     assert accuracy > 0.95
     return model

@@ -43,6 +43,7 @@ def test_bench_quick_prints_table_and_writes_json(tmp_path):
                 f"{row['tflops']:.4f} of {row['peak_tflops']:.4f} TFLOP/s")
 
 
+@pytest.mark.heavy
 def test_peak_is_what_the_models_largest_convolution_reaches():
     """The model's Conv2d layer with the most FLOPs, called as the model calls it (NCHW, or
     channels-last: the peak takes the better) and counted by the flop counter on that call, runs
@@ -89,6 +90,7 @@ def test_peak_is_what_the_models_largest_convolution_reaches():
     assert 0.8 <= rate / peak <= 1.25, f"the model's largest convolution runs at {100 * rate / peak:.0f}% of the peak"
 
 
+@pytest.mark.heavy
 def test_solver_error_harness(tmp_path):
     """bench/solver_error.py end to end on a small untrained model (T = 50, unclipped): the table,
     the JSON, the reference at distance 0 from itself in DDIM at T steps, and an fp32 export run

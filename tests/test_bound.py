@@ -11,12 +11,13 @@ import pytest
 import torch
 
 import checkpoints
-import core
 import ddpm
 import evaluate
 import export
 import sample_ort
+import schedules
 from conftest import refusal, run_script
+from schedules import Sampler
 
 LN2 = math.log(2.0)
 
@@ -81,7 +82,7 @@ class PointOracle(torch.nn.Module):
         return eps if self.var_v is None else torch.cat([eps, torch.full_like(eps, self.var_v)], 1)
 
 
-@pytest.mark.parametrize("var_type", core.VAR_TYPES)
+@pytest.mark.parametrize("var_type", schedules.VAR_TYPES)
 def test_each_term_for_a_perfect_posterior_model_on_one_point(var_type):
     """On the one-point data set the model's mean is the true posterior mean, so each L_{t-1} is
     only the variance mismatch 1/2 (log s2 - log bt + bt / s2 - 1), zero for beta-tilde; L_0 is
@@ -109,7 +110,7 @@ def test_each_term_for_a_perfect_posterior_model_on_one_point(var_type):
     assert err_kl < 1e-9 and err_dec < 2e-3 and abs(prior.item() - prior_expected) < 1e-12
 
 
-@pytest.mark.parametrize("var_type", core.VAR_TYPES)
+@pytest.mark.parametrize("var_type", schedules.VAR_TYPES)
 def test_the_terms_sum_to_the_direct_definition_of_the_bound(var_type):
     """L_VLB = E_q[-log p(x_T) - sum_t log p_theta(x_{t-1} | x_t) + sum_t log q(x_t | x_{t-1})]
     (Ho et al. eq. 3), estimated by Monte Carlo over whole forward trajectories with p_theta's
@@ -193,16 +194,14 @@ def test_learned_variance_trajectories_pytorch_vs_onnx_runtime(learned_model, sa
     diffusion = ddpm.GaussianDiffusion.from_config(cfg)
     denoiser, step, meta, device = sample_ort.open_sessions(str(d / "lr.onnx"), "cpu")
     assert meta["var_type"] == "learned_range"
-    ts, coefs = sample_ort.step_table(meta["betas"], sampler, steps, 0.0, meta["var_type"])
+    ts, coefs = schedules.step_table(meta["betas"], Sampler(sampler, steps), meta["var_type"])
     rng = np.random.default_rng(0)
     x_T = rng.standard_normal((2, 3, 16, 16)).astype(np.float32)
     noise = rng.standard_normal((len(ts), 2, 3, 16, 16)).astype(np.float32)
-    got = sample_ort.Sampler(denoiser, step, x_T.shape, device).run(x_T, ts, coefs, lambda k, shape: noise[k])
-    ref = ddpm.sample_loop(model, diffusion, torch.from_numpy(x_T), sampler, steps,
-                           noise_fn=lambda k, shape: torch.from_numpy(noise[k]))
+    got = sample_ort.Runner(denoiser, step, x_T.shape, device).run(x_T, ts, coefs, lambda k, shape: noise[k])
+    ref = ddpm.sample_loop(model, diffusion, torch.from_numpy(x_T), Sampler(sampler, steps), noise_fn=lambda k, shape: torch.from_numpy(noise[k]))
     fixed = ddpm.GaussianDiffusion(betas=diffusion.betas, var_type="fixed_small", prediction=cfg.prediction)
-    no_var = ddpm.sample_loop(lambda x, t: model(x, t)[:, :3], fixed, torch.from_numpy(x_T), sampler, steps,
-                              noise_fn=lambda k, shape: torch.from_numpy(noise[k]))
+    no_var = ddpm.sample_loop(lambda x, t: model(x, t)[:, :3], fixed, torch.from_numpy(x_T), Sampler(sampler, steps), noise_fn=lambda k, shape: torch.from_numpy(noise[k]))
     err, moved = np.abs(got - ref.numpy()).max(), (ref - no_var).abs().max().item()
     print(f"learned_range {sampler} {steps or 'T'} steps: ORT vs PyTorch max abs error {err:.1e} "
           f"(the learned variance moves the result by {moved:.2f} from beta-tilde)")
@@ -211,6 +210,7 @@ def test_learned_variance_trajectories_pytorch_vs_onnx_runtime(learned_model, sa
         assert moved > 1e-2
 
 
+@pytest.mark.heavy
 def test_sample_ort_and_nll_cli_on_a_learned_model(learned_model, tmp_path):
     d, _, _ = learned_model
     r = run_script("sample_ort.py", "--model", d / "lr.onnx", "--n", 2, "--steps", 5, "--provider", "cpu",
@@ -225,6 +225,17 @@ def test_sample_ort_and_nll_cli_on_a_learned_model(learned_model, tmp_path):
     parts = result["prior"] + result["decoder"] + result["terms"]
     assert abs(parts - result["bits_per_dim"]) < 1e-9 and len(result["terms_per_t"]) == 50
     assert result["bits_per_dim"] > 0 and "bits/dim" in r.stdout
+
+
+def test_nll_json_over_an_old_file_on_a_full_disk_is_a_sentence_and_keeps_it(learned_model, small_disk):
+    d, _, _ = learned_model
+    disk = small_disk(1 << 20)
+    (disk.path / "nll.json").write_text('{"old": 1}')
+    disk.fill()
+    message = refusal(evaluate.main, ["nll", "--ckpt", d / "ckpt.pt", "--n", 2, "--json", disk.path / "nll.json"],
+                      "cannot write", "nll.json", "No space left")
+    print(message)
+    assert (disk.path / "nll.json").read_text() == '{"old": 1}'
 
 
 def test_nll_refuses_bad_input(learned_model, tmp_path):

@@ -172,6 +172,19 @@ def test_overwrite_replaces_only_the_pipeline_files_and_never_the_input(tiny_ckp
     assert inside.read_bytes() == tiny_ckpt.read_bytes()
 
 
+def test_a_real_full_disk_under_from_diffusers_is_a_sentence(tiny_ckpt, tmp_path, small_disk):
+    """-o on a tmpfs with no byte left: torch's zip writer fails with a RuntimeError under the
+    save; the command says so in one sentence and leaves no file or temporary file there."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        convert.to_diffusers(str(tiny_ckpt), str(tmp_path / "d"))
+    disk = small_disk(1 << 20)
+    disk.fill()
+    message = refusal(convert.main, ["--from-diffusers", tmp_path / "d", "-o", disk.path / "back.pt"],
+                      "cannot write", "back.pt", "No space left")
+    print(message)
+    assert sorted(os.listdir(disk.path)) == ["filler"]
+
+
 def test_a_full_disk_is_a_sentence_and_leaves_nothing_behind(tiny_ckpt, tmp_path, monkeypatch):
     """Both ways, the write that fails with no space left: one sentence, no partial folder, file
     or temporary file."""

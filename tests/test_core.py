@@ -7,10 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import core
 import data
 import ddpm
+import schedules
 from conftest import MU, S, SAMPLER_CASES, GaussianOracle, implied_moments, probe_inputs, probe_moments
+from schedules import Sampler
 
 T = 1000
 
@@ -112,12 +113,13 @@ def test_mu_from_eps_eq11_equals_posterior_of_predicted_x0():
     for t in [0, 1, 2, 50, 500, 998, 999]:
         i = torch.full((5,), t)
         mu_eq11 = (x_t - betas[t] / math.sqrt(1 - abar[t]) * eps) / math.sqrt(alphas[t])
-        mean, _, _ = d.p_mean_variance(x_t, i, eps)
+        mean, _, _ = d.p_mean_variance(x_t, i, d.predict_x0_from_eps(x_t, i, eps))
         worst = max(worst, (mean - mu_eq11).abs().max().item())
     print(f"eq. 11 vs q_posterior(pred_x0): max abs error {worst:.2e} (float64)")
     assert worst < 1e-10
     # and in float32, as the samplers run
-    mean32, _, _ = d.p_mean_variance(x_t.float(), torch.full((5,), 500), eps.float())
+    i = torch.full((5,), 500)
+    mean32, _, _ = d.p_mean_variance(x_t.float(), i, d.predict_x0_from_eps(x_t.float(), i, eps.float()))
     mu = (x_t - betas[500] / math.sqrt(1 - abar[500]) * eps) / math.sqrt(alphas[500])
     err32 = (mean32.double() - mu).abs().max().item()
     print(f"float32: max abs error {err32:.2e}")
@@ -129,7 +131,7 @@ def test_variance_types():
     abar = np.cumprod(1 - betas)
     x = torch.zeros(1, 1, 1, 1, dtype=torch.float64)
     i = torch.tensor([700])
-    _, var_large, _ = diffusion("linear", var_type="fixed_large").p_mean_variance(x, i, x)
+    _, var_large, _ = diffusion("linear", var_type="fixed_large").p_mean_variance(x, i, x)  # x_0 = 0
     _, var_small, _ = diffusion("linear", var_type="fixed_small").p_mean_variance(x, i, x)
     assert var_large.item() == pytest.approx(betas[700], rel=1e-12)
     assert var_small.item() == pytest.approx((1 - abar[699]) / (1 - abar[700]) * betas[700], rel=1e-12)
@@ -137,7 +139,7 @@ def test_variance_types():
 
 def test_respacing_keeps_alpha_bars_and_original_t():
     d = diffusion("linear")
-    kept = core.ddim_timesteps(T, 50)
+    kept = schedules.spaced_timesteps(T, 50)
     assert list(kept[:3]) == [0, 20, 40] and len(kept) == 50 and kept[-1] == 980
     r = d.respace(kept)
     assert np.allclose(r.alphas_cumprod, d.alphas_cumprod[kept], rtol=1e-12, atol=0)
@@ -189,9 +191,9 @@ def test_one_step_of_each_sampler_equals_the_paper(sampler, eta, var_type, clip,
         noise = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
         i = torch.full((2,), k)
         if sampler == "ddpm":
-            ours, _ = chain.p_sample(x_t, i, eps, noise)
+            ours, _ = chain.p_sample(x_t, i, chain.predict_x0_from_eps(x_t, i, eps), noise)
         else:
-            ours, _ = chain.ddim_step(x_t, i, eps, noise, eta)
+            ours, _ = chain.ddim_step(x_t, i, eps, chain.predict_x0_from_eps(x_t, i, eps), noise, eta)
         ref = reference_step(betas, kept, k, x_t, eps, noise, sampler, var_type, clip, eta)
         worst = max(worst, (ours - ref).abs().max().item())
     print(f"{sampler} eta={eta} {var_type} clip={clip} {steps} steps: max abs error {worst:.2e}")
@@ -207,8 +209,7 @@ def test_sampler_output_moments_match_the_closed_form(sampler, steps, var_type, 
     betas = linear_betas()
     d = ddpm.GaussianDiffusion(betas=betas, var_type=var_type, clip_x0=False)
     x_T, noise = probe_inputs(steps)
-    out = ddpm.sample_loop(GaussianOracle(betas), d, torch.from_numpy(x_T), sampler, num_steps=steps, eta=eta,
-                           noise_fn=lambda k, shape: torch.from_numpy(noise[k]), spacing=spacing)
+    out = ddpm.sample_loop(GaussianOracle(betas), d, torch.from_numpy(x_T), Sampler(sampler, steps, eta=eta, spacing=spacing), noise_fn=lambda k, shape: torch.from_numpy(noise[k]))
     (mean,), (var,) = probe_moments(out.numpy())
     m, v = implied_moments(betas, sampler, steps, var_type, eta, spacing)
     print(f"{sampler} {steps} steps {spacing} {var_type} eta={eta}: mean {mean:.6f} (closed form {m:.6f}), "
@@ -225,8 +226,7 @@ def test_sampled_moments_converge_to_the_closed_form():
     betas = linear_betas()
     d = ddpm.GaussianDiffusion(betas=betas, var_type="fixed_small", clip_x0=False)
     g = torch.Generator().manual_seed(0)
-    x0 = ddpm.sample_loop(GaussianOracle(betas), d, torch.randn(4, 1, 100, 100, generator=g), "ddpm",
-                          generator=g)
+    x0 = ddpm.sample_loop(GaussianOracle(betas), d, torch.randn(4, 1, 100, 100, generator=g), noise_fn=ddpm.GaussianNoise(g))
     m, v = implied_moments(betas, "ddpm", T, "fixed_small", 0.0)
     n = x0.numel()
     print(f"sampled: mean {x0.mean().item():.4f} (closed form {m:.4f}), variance "
@@ -254,9 +254,7 @@ def test_perfect_oracle_returns_the_data_point(sampler, steps):
     d = ddpm.GaussianDiffusion(betas=betas, clip_x0=False)
     x_star = torch.rand(1, 3, 4, 4, dtype=torch.float64) * 2 - 1
     pred = []
-    x0 = ddpm.sample_loop(OracleEps(x_star, betas), d, torch.randn(2, 3, 4, 4, dtype=torch.float64),
-                          sampler=sampler, num_steps=steps,
-                          callback=lambda k, t, x, p: pred.append((p - x_star).abs().max().item()))
+    x0 = ddpm.sample_loop(OracleEps(x_star, betas), d, torch.randn(2, 3, 4, 4, dtype=torch.float64), Sampler(sampler, steps), callback=lambda k, t, x, p: pred.append((p - x_star).abs().max().item()))
     err = (x0 - x_star).abs().max().item()
     print(f"{sampler} {steps} steps: final error {err:.2e}, worst pred_x0 error {max(pred):.2e}")
     assert err < 1e-8 and max(pred) < 1e-6  # pred_x0 exact at every step: original t was fed
@@ -271,7 +269,7 @@ def test_sampler_feeds_the_original_t_in_order():
             return torch.zeros_like(x)
 
     d = diffusion("linear")
-    ddpm.sample_loop(Recorder(), d, torch.zeros(2, 1, 1, 1), "ddim", num_steps=4)
+    ddpm.sample_loop(Recorder(), d, torch.zeros(2, 1, 1, 1), Sampler("ddim", 4))
     assert seen == [[750, 750], [500, 500], [250, 250], [0, 0]]
     seen.clear()
     ddpm.sample_loop(Recorder(), ddpm.GaussianDiffusion(betas=ddpm.get_betas("cosine", 5)), torch.zeros(1, 1, 1, 1))
@@ -286,9 +284,9 @@ def ode_error(sampler, steps, spacing="trailing"):
     betas = ddpm.get_betas("linear", T)
     d = ddpm.GaussianDiffusion(betas=betas, clip_x0=False)
     x_T = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 1.5
-    abar_T = d.alphas_cumprod[core.ddim_timesteps(T, steps, spacing)[-1]]
+    abar_T = d.alphas_cumprod[schedules.spaced_timesteps(T, steps, spacing)[-1]]
     exact = MU + (x_T - math.sqrt(abar_T) * MU) * S / math.sqrt(abar_T * S * S + 1 - abar_T)
-    return (ddpm.sample_loop(GaussianOracle(betas), d, x_T, sampler, num_steps=steps, spacing=spacing)
+    return (ddpm.sample_loop(GaussianOracle(betas), d, x_T, Sampler(sampler, steps, spacing=spacing))
             - exact).abs().max().item()
 
 
@@ -313,9 +311,9 @@ def test_dpm_solver_keeps_trailing_t_unless_told():
             return torch.zeros_like(x)
 
     d = diffusion("linear")
-    ddpm.sample_loop(Recorder(), d, torch.zeros(1, 1, 1, 1), "dpm++", num_steps=4)
-    ddpm.sample_loop(Recorder(), d, torch.zeros(1, 1, 1, 1), "dpm++", num_steps=4, spacing="leading")
-    ddpm.sample_loop(Recorder(), d, torch.zeros(1, 1, 1, 1), "ddim", num_steps=4)
+    ddpm.sample_loop(Recorder(), d, torch.zeros(1, 1, 1, 1), Sampler("dpm++", 4))
+    ddpm.sample_loop(Recorder(), d, torch.zeros(1, 1, 1, 1), Sampler("dpm++", 4, spacing="leading"))
+    ddpm.sample_loop(Recorder(), d, torch.zeros(1, 1, 1, 1), Sampler("ddim", 4))
     assert seen == [999, 749, 499, 249] + [750, 500, 250, 0] * 2
 
 
@@ -323,32 +321,32 @@ def test_ddim_eta0_is_deterministic_given_x_T():
     model = ddpm.UNet(ddpm.make_config("tiny", image_size=16)).eval()
     d = ddpm.GaussianDiffusion(betas=ddpm.get_betas("linear", T))
     x_T = torch.randn(2, 3, 16, 16)
-    a = ddpm.sample_loop(model, d, x_T, "ddim", num_steps=10, eta=0.0, generator=torch.Generator().manual_seed(1))
-    b = ddpm.sample_loop(model, d, x_T, "ddim", num_steps=10, eta=0.0, generator=torch.Generator().manual_seed(2))
+    a = ddpm.sample_loop(model, d, x_T, Sampler("ddim", 10, eta=0.0), noise_fn=ddpm.GaussianNoise(torch.Generator().manual_seed(1)))
+    b = ddpm.sample_loop(model, d, x_T, Sampler("ddim", 10, eta=0.0), noise_fn=ddpm.GaussianNoise(torch.Generator().manual_seed(2)))
     assert torch.equal(a, b)
-    c = ddpm.sample_loop(model, d, x_T, "ddim", num_steps=10, eta=1.0, generator=torch.Generator().manual_seed(2))
+    c = ddpm.sample_loop(model, d, x_T, Sampler("ddim", 10, eta=1.0), noise_fn=ddpm.GaussianNoise(torch.Generator().manual_seed(2)))
     assert not torch.equal(a, c)  # eta=1 does use the noise
 
 
-@pytest.mark.parametrize("kw,fragment", [(dict(num_steps=0), "--steps"), (dict(num_steps=1001), "--steps"),
-                                         (dict(sampler="ddim", eta=2.0), "--eta"),
-                                         (dict(sampler="ddim", eta=float("nan")), "--eta"),
-                                         (dict(sampler="ddim", eta=-0.5), "--eta"),
-                                         (dict(sampler="ddpm", eta=0.5), "ddpm has none to set"),
-                                         (dict(sampler="dpm++", eta=0.5), "dpm\\+\\+ has none to set"),
-                                         (dict(sampler="plms"), "unknown sampler")])
+@pytest.mark.parametrize("kw,fragment", [(dict(steps=0), "--steps"), (dict(steps=1001), "--steps"),
+                                         (dict(name="ddim", eta=2.0), "--eta"),
+                                         (dict(name="ddim", eta=float("nan")), "--eta"),
+                                         (dict(name="ddim", eta=-0.5), "--eta"),
+                                         (dict(name="ddpm", eta=0.5), "ddpm has none to set"),
+                                         (dict(name="dpm++", eta=0.5), "dpm\\+\\+ has none to set"),
+                                         (dict(name="plms"), "unknown sampler")])
 def test_sampler_settings_that_give_wrong_images_are_refused(kw, fragment):
     d = diffusion("linear")
     with pytest.raises(ValueError, match=fragment):
-        ddpm.sample_loop(OracleEps(torch.zeros(1), d.betas), d, torch.zeros(1, 1, 1, 1), **kw)
+        ddpm.sample_loop(OracleEps(torch.zeros(1), d.betas), d, torch.zeros(1, 1, 1, 1), Sampler(**kw))
 
 
 # -- prediction targets, loss weights, spacings ----------------------------------------------------
 
 @pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
-def test_every_prediction_target_converts_back_to_the_true_eps(prediction):
-    """Fed the exact target, the conversion returns the eps that made x_t (v = sqrt(abar) eps -
-    sqrt(1 - abar) x_0, Salimans & Ho 2022 eq. 4's notation), and the samplers get that eps."""
+def test_every_prediction_target_converts_back_to_the_true_eps_and_x0(prediction):
+    """Fed the exact target, the conversions return the eps and the x_0 that made x_t (v = sqrt(abar)
+    eps - sqrt(1 - abar) x_0, Salimans & Ho 2022 eq. 4's notation), and the samplers get them."""
     betas = linear_betas()
     abar_all = np.cumprod(1 - betas)
     g = torch.Generator().manual_seed(0)
@@ -358,18 +356,42 @@ def test_every_prediction_target_converts_back_to_the_true_eps(prediction):
     abar = torch.from_numpy(abar_all[t]).view(-1, 1, 1, 1)
     x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
     target = {"eps": eps, "v": abar.sqrt() * eps - (1 - abar).sqrt() * x0, "x0": x0}[prediction]
-    err = (ddpm.eps_from_prediction(prediction, x_t, target, abar) - eps).abs().max().item()
 
     class Exact(torch.nn.Module):
         def forward(self, x, tt):
             return target
 
     d = ddpm.GaussianDiffusion(betas=betas, prediction=prediction)
-    err_model = (d.model_output(Exact(), x_t, torch.tensor(t))[0] - eps).abs().max().item()
-    loss = d.training_loss(Exact(), x0, torch.tensor(t), eps).item()
-    print(f"{prediction}: eps from the exact target, max abs error {err:.1e} ({err_model:.1e} via "
-          f"model_output); L on the exact target {loss:.1e}")
-    assert err < 1e-10 and err_model < 1e-10 and loss < 1e-12  # the loss is taken in float32
+    i = torch.tensor(t)
+    err = (d.eps_from_output(x_t, i, target) - eps).abs().max().item()
+    err_x0 = (d.x0_from_output(x_t, i, target) - x0).abs().max().item()
+    eps_model, x0_model, _ = d.model_output(Exact(), x_t, i)
+    err_model = max((eps_model - eps).abs().max().item(), (x0_model - x0).abs().max().item())
+    loss = d.training_loss(Exact(), x0, i, eps).item()
+    print(f"{prediction}: from the exact target, eps off by {err:.1e} and x_0 by {err_x0:.1e} ({err_model:.1e} "
+          f"via model_output); L on the exact target {loss:.1e}")
+    assert err < 1e-10 and err_x0 < 1e-10 and err_model < 1e-10 and loss < 1e-12  # the loss is taken in float32
+
+
+def test_x0_from_v_directly_keeps_the_digits_that_the_eps_route_loses():
+    """At the cosine schedule's first step (T = 1000: abar = 4.9e-5) x_0 = (x_t - sqrt(1 - abar) eps) /
+    sqrt(abar) multiplies float32's rounding of x_t and eps by 1 / sqrt(abar) = 143; from v directly,
+    x_0 = sqrt(abar) x_t - sqrt(1 - abar) v, nothing is amplified. The samplers take the direct route."""
+    d = ddpm.GaussianDiffusion(betas=ddpm.get_betas("cosine", 1000), prediction="v")
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(64, 3, 8, 8, generator=g, dtype=torch.float64) * 2 - 1
+    eps = torch.randn(64, 3, 8, 8, generator=g, dtype=torch.float64)
+    abar = float(d.alphas_cumprod[999])
+    x_t, v = math.sqrt(abar) * x0 + math.sqrt(1 - abar) * eps, math.sqrt(abar) * eps - math.sqrt(1 - abar) * x0
+    x_t32, v32, i = x_t.float(), v.float(), torch.full((64,), 999)
+    direct = d.x0_from_output(x_t32, i, v32).double()
+    via_eps = d.predict_x0_from_eps(x_t32, i, d.eps_from_output(x_t32, i, v32)).double()
+    _, sampled, _ = d.model_output(lambda x, t: v32, x_t32, i)
+    err_direct, err_eps = (direct - x0).abs().max().item(), (via_eps - x0).abs().max().item()
+    print(f"abar {abar:.2e}, x_0 in float32 from v: directly off by {err_direct:.1e} ({-math.log10(err_direct):.1f} "
+          f"digits), through eps by {err_eps:.1e} ({-math.log10(err_eps):.1f} digits)")
+    assert err_direct < 3e-7 and err_eps > 30 * err_direct
+    assert torch.equal(sampled.double(), direct)
 
 
 @pytest.mark.parametrize("prediction,weight", [("eps", lambda snr: np.minimum(snr, 5) / snr),
@@ -397,11 +419,11 @@ def test_min_snr_weights_are_hang_et_al(prediction, weight):
 
 
 def test_timestep_spacings_are_lin_et_al():
-    assert list(core.ddim_timesteps(1000, 10, "leading")) == [0, 100, 200, 300, 400, 500, 600, 700, 800, 900]
-    assert list(core.ddim_timesteps(1000, 10, "trailing")) == [99, 199, 299, 399, 499, 599, 699, 799, 899, 999]
-    assert list(core.ddim_timesteps(1000, 10, "linspace")) == [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]
-    assert list(core.ddim_timesteps(1000, 3, "trailing")) == [332, 666, 999]
-    assert list(core.ddim_timesteps(1000, 1000, "trailing")) == list(range(1000))
+    assert list(schedules.spaced_timesteps(1000, 10, "leading")) == [0, 100, 200, 300, 400, 500, 600, 700, 800, 900]
+    assert list(schedules.spaced_timesteps(1000, 10, "trailing")) == [99, 199, 299, 399, 499, 599, 699, 799, 899, 999]
+    assert list(schedules.spaced_timesteps(1000, 10, "linspace")) == [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]
+    assert list(schedules.spaced_timesteps(1000, 3, "trailing")) == [332, 666, 999]
+    assert list(schedules.spaced_timesteps(1000, 1000, "trailing")) == list(range(1000))
     seen = []
 
     class Recorder(torch.nn.Module):
@@ -409,10 +431,10 @@ def test_timestep_spacings_are_lin_et_al():
             seen.append(int(t[0]))
             return torch.zeros_like(x)
 
-    ddpm.sample_loop(Recorder(), diffusion("linear"), torch.zeros(1, 1, 1, 1), "ddim", num_steps=4, spacing="trailing")
+    ddpm.sample_loop(Recorder(), diffusion("linear"), torch.zeros(1, 1, 1, 1), Sampler("ddim", 4, spacing="trailing"))
     assert seen == [999, 749, 499, 249]
     with pytest.raises(ValueError, match="--spacing"):
-        ddpm.sample_loop(Recorder(), diffusion("linear"), torch.zeros(1, 1, 1, 1), "ddim", num_steps=4, spacing="middle")
+        ddpm.sample_loop(Recorder(), diffusion("linear"), torch.zeros(1, 1, 1, 1), Sampler("ddim", 4, spacing="middle"))
 
 
 # -- training pieces ----------------------------------------------------------------------------
@@ -612,6 +634,7 @@ def test_unknown_preset_is_a_clear_error():
 
 @pytest.mark.slow
 def test_tiny_model_overfits_eight_images():
+    STEPS = 75  # 16 s on one core; 300 steps (66 s) went on to 0.028
     torch.manual_seed(0)
     cfg = ddpm.make_config("tiny", image_size=16)
     model = ddpm.UNet(cfg)
@@ -629,13 +652,14 @@ def test_tiny_model_overfits_eight_images():
     before = eval_loss()
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     model.train()
-    for _ in range(300):
+    for _ in range(STEPS):
         i = torch.randint(0, T, (32,))
         loss = d.training_loss(model, x0.repeat(4, 1, 1, 1), i, torch.randn(32, 3, 16, 16))
         opt.zero_grad()
         loss.backward()
         opt.step()
     after = eval_loss()
-    print(f"L_simple on a fixed (t, eps) set: {before:.4f} before, {after:.4f} after 300 steps")
-    # measured on a 2-core CPU: 1.14 before, 0.03 after; require at least a 4x drop
-    assert after < before / 4
+    print(f"L_simple on a fixed (t, eps) set: {before:.4f} before, {after:.4f} after {STEPS} steps")
+    # measured on one core of a 2-core Xeon: 1.138 before, 0.136 after 25 steps, 0.070 after 75;
+    # require a 10x drop (a loss that trains the wrong target, or no gradient, stays near 1)
+    assert after < before / 10

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import ddpm
+from schedules import Sampler
 
 CUDA = torch.cuda.is_available()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="no usable CUDA GPU for torch here")]
@@ -25,8 +26,7 @@ def test_cuda_trajectory_matches_cpu(sampler, steps):
     out = {}
     for device in ("cpu", "cuda"):
         net = copy.deepcopy(model).to(device)
-        out[device] = ddpm.sample_loop(net, d, x_T.to(device), sampler, steps,
-                                       noise_fn=lambda k, shape: noise[k]).cpu().numpy()
+        out[device] = ddpm.sample_loop(net, d, x_T.to(device), Sampler(sampler, steps), noise_fn=lambda k, shape: noise[k]).cpu().numpy()
     err = np.abs(out["cuda"] - out["cpu"]).max()
     print(f"{sampler} {steps} steps, CUDA vs CPU: max abs error {err:.2e}")
     assert err < 1e-3
@@ -36,15 +36,10 @@ def test_cuda_trajectory_matches_cpu(sampler, steps):
 def test_cuda_training_steps_stay_finite(amp):
     cfg = ddpm.make_config("tiny", image_size=16, batch_size=16, warmup=1, amp=amp)
     device = torch.device("cuda")
-    raw = ddpm.UNet(cfg).to(device).to(memory_format=torch.channels_last).train()
-    ema = copy.deepcopy(raw).requires_grad_(False)
-    optimizer = ddpm.make_optimizer(cfg, raw.parameters())
-    dtype = ddpm.amp_dtype(amp, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    run = ddpm.Run(cfg, ddpm.GaussianDiffusion.from_config(cfg), device, ddpm.amp_dtype(amp, device))
+    scaler = run.scaler
     x0 = torch.rand(16, 3, 16, 16, device=device) * 2 - 1
-    losses = [ddpm.train_step(raw, raw, ema, optimizer, scaler, x0, torch.zeros(16, dtype=torch.long), step,
-                              cfg=cfg, diffusion=ddpm.GaussianDiffusion.from_config(cfg), dtype=dtype)[0]
-              for step in range(20)]
+    losses = [run.train_step(x0, torch.zeros(16, dtype=torch.long), step)[0] for step in range(20)]
     print(f"{amp}: losses {losses[0]:.3f} .. {losses[-1]:.3f}, scale {scaler.get_scale() if scaler.is_enabled() else '-'}")
     assert all(np.isfinite(losses))
     assert not scaler.is_enabled() or 0 < scaler.get_scale() < float("inf")

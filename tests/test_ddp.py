@@ -64,6 +64,7 @@ def two_processes(tmp_path_factory):
     return tmp_path, r, torch.load(tmp_path / "two.pt", weights_only=True)
 
 
+@pytest.mark.heavy
 def test_two_processes_give_the_weights_of_one_with_two_micro_batches(two_processes, tmp_path):
     _, r, two = two_processes
     one = single_process(tmp_path, "one", "--steps", STEPS, "--grad-accum", 2, threads=1)
@@ -77,6 +78,7 @@ def test_two_processes_give_the_weights_of_one_with_two_micro_batches(two_proces
     assert "2 processes" in r.stdout and r.stdout.count("pre-flight ok") == 1  # rank 0 speaks
 
 
+@pytest.mark.heavy
 def test_only_rank_0_writes_the_log(two_processes):
     tmp_path, _, _ = two_processes
     rows = [json.loads(line) for line in open(tmp_path / "two" / "metrics.jsonl")]
@@ -99,6 +101,7 @@ def process_of_rank(torchrun_pid, rank):
     raise AssertionError(f"torchrun {torchrun_pid} has no process of rank {rank}")
 
 
+@pytest.mark.heavy
 def test_sigterm_to_one_process_stops_all_saves_once_and_the_job_resumes_exactly(two_processes):
     """The signal reaches rank 1 only (a scheduler that signals one machine): every process
     must still stop after the same step, rank 0 saving it. (torchrun passes a Ctrl-C or SIGTERM
@@ -128,6 +131,7 @@ def test_sigterm_to_one_process_stops_all_saves_once_and_the_job_resumes_exactly
     assert resumed["step"] == STEPS and worst == 0.0
 
 
+@pytest.mark.heavy
 def test_a_failing_process_stops_the_job_with_its_message(tmp_path):
     """Rank 1 fails at its third step (a stand-in for a bad disk or GPU on one machine)."""
     script = tmp_path / "fail_on_rank_1.py"
@@ -187,6 +191,7 @@ def test_grad_checkpoint_gives_the_same_gradients_and_recomputes(monkeypatch):
     assert calls1 == 2 * calls0 > 0
 
 
+@pytest.mark.heavy
 def test_adamw_decays_the_weights_apart_from_the_adaptive_step(tmp_path):
     """One step from the same weights and gradients: AdamW's weights are Adam's minus lr wd w_0
     (Loshchilov & Hutter, Algorithm 2, with the schedule multiplier 1)."""
@@ -206,6 +211,7 @@ def test_adamw_decays_the_weights_apart_from_the_adaptive_step(tmp_path):
     assert group["decoupled_weight_decay"] and group["weight_decay"] == wd
 
 
+@pytest.mark.heavy
 def test_adamw_defaults_to_pytorchs_decay_and_a_resume_takes_the_new_settings(tmp_path, capsys):
     single_process(tmp_path, "run", "--steps", 1)
     state = single_process(tmp_path, "run", "--steps", 2, "--resume", "--optimizer", "adamw")
@@ -254,6 +260,7 @@ def next_second():
     time.sleep(1.0 - time.time() % 1.0 + 0.01)
 
 
+@pytest.mark.heavy
 def test_tensorboard_events_hold_the_logged_numbers_and_the_grids(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     flags = [f for f in FLAGS if f != "--no-tensorboard"]

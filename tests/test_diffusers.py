@@ -3,6 +3,8 @@ converted weight for weight both ways (convert.py), and the DDPM / DDIM schedule
 No network: the reference model is built here and saved with save_pretrained. Every test here
 carries the `diffusers` marker; diffusers is a dev requirement, so its absence is a failure."""
 
+import dataclasses
+
 import diffusers
 import numpy as np
 import onnxruntime as ort
@@ -10,11 +12,12 @@ import pytest
 import torch
 
 import checkpoints
-import core
 import convert
 import ddpm
 import export
+import schedules
 from conftest import assert_clean_error, run_script
+from schedules import Sampler
 
 pytestmark = pytest.mark.diffusers
 
@@ -69,6 +72,7 @@ def test_converted_model_matches_diffusers(google_like):
     assert err < 1e-5
 
 
+@pytest.mark.heavy
 def test_converted_model_through_onnx_matches_diffusers(google_like, tmp_path):
     d, unet, _, _ = google_like
     export.export(str(d / "ckpt.pt"), str(tmp_path / "g.onnx"))
@@ -122,6 +126,7 @@ def test_unknown_and_missing_keys_are_listed(google_like, tmp_path):
     assert "1 unknown (extra.weight)" in str(e.value) and "1 missing (conv_in.bias)" in str(e.value)
 
 
+@pytest.mark.heavy
 def test_convert_cli(google_like, tmp_path):
     d, _, _, _ = google_like
     r = run_script("convert.py", "--from-diffusers", d, "-o", tmp_path / "c.pt")
@@ -204,7 +209,8 @@ def test_one_ancestral_step_equals_ddpm_scheduler(variance_type, clip):
             eps = torch.randn(2, 3, 8, 8, generator=g, dtype=dtype)
             noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1000 + t), dtype=dtype)
             theirs = sched.step(eps, t, x_t, generator=torch.Generator().manual_seed(1000 + t)).prev_sample
-            ours, _ = d.p_sample(x_t, torch.full((2,), t), eps, noise)
+            i = torch.full((2,), t)
+            ours, _ = d.p_sample(x_t, i, d.predict_x0_from_eps(x_t, i, eps), noise)
             worst = max(worst, (ours - theirs).abs().max().item())
         print(f"DDPM step ({variance_type}, clip={clip}), diffusers tables in {precision}: "
               f"max abs error over t = {worst:.2e} (tolerance {tol:.0e})")
@@ -237,7 +243,8 @@ def test_learned_range_ancestral_step_equals_ddpm_scheduler(steps):
         noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(99), dtype=torch.float64)
         theirs = sched.step(torch.cat([eps, var_v], 1), t, x_t,
                             generator=torch.Generator().manual_seed(99)).prev_sample
-        ours, _ = chain.p_sample(x_t, torch.full((2,), k), eps, noise, var_v)
+        i = torch.full((2,), k)
+        ours, _ = chain.p_sample(x_t, i, chain.predict_x0_from_eps(x_t, i, eps), noise, var_v)
         worst = max(worst, (ours - theirs).abs().max().item())
     print(f"learned_range DDPM step, {steps or 1000} steps: max abs error against diffusers {worst:.2e}")
     assert worst < F64_TOL
@@ -281,7 +288,7 @@ def test_ddim_50_steps_equals_ddim_scheduler(eta, clip):
         if dtype == torch.float64:
             sched = in_float64(sched)
         sched.set_timesteps(50)
-        assert list(sched.timesteps.numpy()) == list(core.ddim_timesteps(1000, 50)[::-1])
+        assert list(sched.timesteps.numpy()) == list(schedules.spaced_timesteps(1000, 50)[::-1])
         x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=dtype)
         g = torch.Generator().manual_seed(5)
         x = x_T
@@ -291,13 +298,14 @@ def test_ddim_50_steps_equals_ddim_scheduler(eta, clip):
         g = torch.Generator().manual_seed(5)  # the same noise stream, drawn in the same order
         d = ddpm.GaussianDiffusion(betas=ddpm.get_betas("linear", 1000), clip_x0=clip)
         noise_fn = (lambda k, shape: torch.randn(shape, generator=g, dtype=dtype)) if eta > 0 else None
-        ours = ddpm.sample_loop(model, d, x_T, "ddim", num_steps=50, eta=eta, noise_fn=noise_fn)
+        ours = ddpm.sample_loop(model, d, x_T, Sampler("ddim", 50, eta=eta), noise_fn=noise_fn)
         err = (ours - x).abs().max().item()
         print(f"DDIM 50 steps, eta={eta}, clip={clip}, diffusers tables in {precision}: "
               f"max abs error {err:.2e} (tolerance {tol:.0e})")
         assert err < tol
 
 
+@pytest.mark.heavy
 def test_end_to_end_20_ddim_steps_with_the_converted_unet(google_like):
     """diffusers' UNet2DModel + DDIMScheduler against our converted U-Net + our DDIM loop."""
     d, unet, model, cfg = google_like
@@ -310,7 +318,7 @@ def test_end_to_end_20_ddim_steps_with_the_converted_unet(google_like):
         for t in sched.timesteps:
             x = sched.step(unet(x, t).sample, t, x, eta=0.0).prev_sample
     diffusion = ddpm.GaussianDiffusion(betas=ddpm.get_betas("linear", 1000), clip_x0=False)
-    ours = ddpm.sample_loop(model, diffusion, x_T, "ddim", num_steps=20)
+    ours = ddpm.sample_loop(model, diffusion, x_T, Sampler("ddim", 20))
     err = (ours - x).abs().max().item()
     print(f"20 DDIM steps, diffusers pipeline pieces vs ours: max abs error {err:.2e} "
           f"(images span {x.min().item():.2f}..{x.max().item():.2f})")
@@ -404,7 +412,8 @@ def test_dpm_solver_steps_equal_dpm_solver_multistep_scheduler(spacing, clip):
         else:
             x = sched.multistep_dpm_solver_second_order_update(sched.model_outputs, sample=x)
         i = torch.full((2,), len(ts) - 1 - k)
-        ours, prev_x0 = chain.dpm_solver_step(ours, i, model(ours, torch.as_tensor(chain.timesteps[i])), prev_x0)
+        eps = model(ours, torch.as_tensor(chain.timesteps[i]))
+        ours, prev_x0 = chain.dpm_solver_step(ours, i, chain.predict_x0_from_eps(ours, i, eps), prev_x0)
         worst = max(worst, (ours - x).abs().max().item())
     print(f"DPM-Solver++ 20 steps, {spacing} {ts[:2].tolist()}..{ts[-2:].tolist()}, clip={clip}: max abs error over "
           f"the chain {worst:.2e} (tolerance {F64_TOL:.0e})")
@@ -417,14 +426,59 @@ def test_dpm_solver_20_steps_equals_scheduler_step(clip):
     ddpm.sample_loop('dpm++') in float64: the loop, its order choices and the spacing."""
     model = GaussianDataEps()
     sched = dpm_scheduler("trailing", clip, 20)
-    assert list(sched.timesteps.numpy()) == list(core.ddim_timesteps(1000, 20, "trailing")[::-1])
+    assert list(sched.timesteps.numpy()) == list(schedules.spaced_timesteps(1000, 20, "trailing")[::-1])
     x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2
     x = x_T
     for t in sched.timesteps:
         x = sched.step(model(x, t.view(1).repeat(2)), t, x).prev_sample
     d = ddpm.GaussianDiffusion(betas=ddpm.get_betas("linear", 1000), clip_x0=clip)
-    ours = ddpm.sample_loop(model, d, x_T, "dpm++", num_steps=20, spacing="trailing")
+    ours = ddpm.sample_loop(model, d, x_T, Sampler("dpm++", 20, spacing="trailing"))
     err = (ours - x).abs().max().item()
     print(f"DPM-Solver++ 20 trailing steps, clip={clip}: sample_loop vs scheduler.step, max abs error "
           f"{err:.2e} on values up to {x.abs().max().item():.2f} (tolerance {F32_TOL:.0e})")
     assert err < F32_TOL
+
+
+@pytest.mark.parametrize("cond", [False, True])
+def test_a_student_becomes_a_ddim_pipeline_that_draws_its_images(tmp_path, cond):
+    """A distilled student (here a perturbed v-prediction net marked as a 4-step student) to
+    diffusers: a DDIMScheduler at its trailing steps, eta 0. Unconditional: DDIMPipeline called
+    with its steps draws, from the same x_T (the pipeline's generator), the images ddpm.py draws.
+    Conditional (guidance built in): the loop of docs/diffusers.md with class_labels does. Back to
+    ours, the student keeps its steps and its guidance."""
+    classes = dict(num_classes=4, class_names=("a", "b", "c", "d"), cond=True) if cond else {}
+    cfg = ddpm.make_config("tiny", image_size=16, schedule="cosine", prediction="v", var_type="fixed_small", **classes)
+    cfg = dataclasses.replace(cfg, distilled_steps=4, distilled_guidance=3.0 if cond else 1.0)
+    torch.manual_seed(0)
+    model = ddpm.UNet(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    checkpoints.save_checkpoint(tmp_path / "student.pt", checkpoints.checkpoint_state(cfg, model))
+    convert.to_diffusers(str(tmp_path / "student.pt"), str(tmp_path / "pipe"))
+    x_T = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(4) if cond else None
+    with torch.no_grad():
+        ours = ddpm.sample_loop(model, ddpm.GaussianDiffusion.from_config(cfg), x_T,
+                                Sampler("ddim", 4, spacing="trailing"), guidance=ddpm.Guidance(y))
+    ours = (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    if not cond:
+        pipe = diffusers.DDIMPipeline.from_pretrained(str(tmp_path / "pipe"))
+        assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+        theirs = pipe(batch_size=4, generator=torch.Generator().manual_seed(0), num_inference_steps=4, eta=0.0,
+                      use_clipped_model_output=True, output_type="np").images
+    else:  # docs/diffusers.md: the labelled branch alone, its guidance is in the weights
+        scheduler = diffusers.DDIMScheduler.from_pretrained(str(tmp_path / "pipe"), subfolder="scheduler")
+        unet = diffusers.UNet2DModel.from_pretrained(str(tmp_path / "pipe"), subfolder="unet").eval()
+        scheduler.set_timesteps(4)
+        x = x_T
+        with torch.no_grad():
+            for t in scheduler.timesteps:
+                x = scheduler.step(unet(x, t, class_labels=y).sample, t, x, eta=0.0,
+                                   use_clipped_model_output=True).prev_sample
+        theirs = (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    err = np.abs(theirs - ours).max()
+    print(f"4-step student{' (conditional)' if cond else ''}: diffusers DDIM vs ddpm.py, max abs error {err:.1e}")
+    assert err < 1e-4
+    back = convert.from_diffusers(str(tmp_path / "pipe"), str(tmp_path / "back.pt"))
+    assert (back.distilled_steps, back.distilled_guidance, back.prediction) == (4, cfg.distilled_guidance, "v")

@@ -3,6 +3,7 @@ from a closed-form Gaussian teacher, the truncated-SNR loss, a student that lear
 teacher's two steps in one, and the command end to end: rounds, checkpoints that record their
 steps, exact resume, the samplers' defaults and refusals, ONNX Runtime against PyTorch."""
 import dataclasses
+import json
 import os
 
 import numpy as np
@@ -11,12 +12,14 @@ import torch
 import torch.nn as nn
 
 import checkpoints
-import core
 import ddpm
 import distill
 import export
 import sample_ort
+import sampling
+import schedules
 from conftest import refusal, run_script
+from schedules import Sampler
 
 T = 1000
 
@@ -48,7 +51,7 @@ def expected_target(z, i, steps, means_fn, s, clip, guidance=None, schedule="lin
     """Salimans & Ho's x~ for the student's index i, in float64 numpy, from the closed form:
     two DDIM steps of the (guided) Gaussian teacher on its 2 x steps trailing chain, solved for
     the x_0 one step would need. means_fn(branch) -> the mean each image's branch sees."""
-    abar_full = np.cumprod(1 - core.get_betas(schedule, T))
+    abar_full = np.cumprod(1 - schedules.get_betas(schedule, T))
     teacher_ts = np.sort(np.round(np.arange(T, 0, -T / (2 * steps))).astype(int) - 1)  # trailing, written out
     a = lambda k: 1.0 if k < 0 else abar_full[teacher_ts[k]]  # noqa: E731 (index -1: the data)
 
@@ -91,7 +94,7 @@ def test_target_is_two_ddim_steps_of_the_teacher_solved_for_x0(prediction, clip,
     steps, s = 4, 0.5
     mu = torch.tensor([0.9, -0.3, 0.1, 0.7], dtype=torch.float64).view(1, 1, 2, 2)  # clipping bites at 0.9
     teacher_cfg, student_cfg = objective(steps, prediction, clip, schedule)
-    abar = np.cumprod(1 - core.get_betas(schedule, T))
+    abar = np.cumprod(1 - schedules.get_betas(schedule, T))
     teacher = GaussianTeacher(abar, mu, s, prediction)
     d = distill.Distillation(student_cfg, teacher, teacher_cfg, steps)
     g = torch.Generator().manual_seed(0)
@@ -116,7 +119,7 @@ def test_guided_target_is_the_guided_teachers():
     means = torch.tensor([[0.5, -0.5, 0.2, 0.0], [-0.6, 0.3, 0.0, 0.4], [0.0, 0.0, 0.1, 0.2]],
                          dtype=torch.float64).view(3, 1, 2, 2)  # two classes, then 'no label'
     teacher_cfg, student_cfg = objective(steps, "v", True)
-    teacher = GaussianTeacher(np.cumprod(1 - core.get_betas("linear", T)), means, s, "v")
+    teacher = GaussianTeacher(np.cumprod(1 - schedules.get_betas("linear", T)), means, s, "v")
     d = distill.Distillation(student_cfg, teacher, teacher_cfg, steps, guidance=w)
     z = torch.randn(32, 1, 2, 2, generator=torch.Generator().manual_seed(1))
     y = torch.arange(32) % 3  # label 2 is a dropped label: the unconditional teacher
@@ -144,7 +147,7 @@ def test_loss_is_the_truncated_snr_weighted_error_of_x0():
     steps, s = 16, 0.5
     mu = torch.tensor([0.2, -0.3, 0.1, 0.4], dtype=torch.float64).view(1, 1, 2, 2)
     teacher_cfg, student_cfg = objective(steps, "eps", True)
-    abar_full = np.cumprod(1 - core.get_betas("linear", T))
+    abar_full = np.cumprod(1 - schedules.get_betas("linear", T))
     d = distill.Distillation(student_cfg, GaussianTeacher(abar_full, mu, s), teacher_cfg, steps)
     g = torch.Generator().manual_seed(2)
     x0, noise = torch.randn(8, 1, 2, 2, generator=g) * 0.3, torch.randn(8, 1, 2, 2, generator=g)
@@ -198,12 +201,12 @@ def test_a_student_does_its_teachers_two_steps_in_one():
         optimizer.step()
     x_T = torch.randn(512, 1, 2, 2, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        got = ddpm.sample_loop(student, d, x_T, "ddim")
-        want = ddpm.sample_loop(teacher, full, x_T, "ddim", num_steps=2 * steps, spacing="trailing")
+        got = ddpm.sample_loop(student, d, x_T, Sampler("ddim"))
+        want = ddpm.sample_loop(teacher, full, x_T, Sampler("ddim", 2 * steps, spacing="trailing"))
     err = float((got - want).abs().max())
     print(f"student 2 steps vs teacher 4 steps: max abs difference {err:.1e} (final loss {loss.item():.1e}); "
           f"the teacher's 2-step DDIM differs by "
-          f"{float((ddpm.sample_loop(teacher, full, x_T, 'ddim', num_steps=steps, spacing='trailing') - want).abs().max()):.2f}")
+          f"{float((ddpm.sample_loop(teacher, full, x_T, Sampler('ddim', steps, spacing='trailing')) - want).abs().max()):.2f}")
     assert err < 1e-2
 
 
@@ -216,11 +219,11 @@ def test_rounds_and_grids():
     for steps in (1, 2, 4, 8, 16, 32, 64, 128, 256):  # every other t of the teacher's is the student's
         teacher, student = distill.student_timesteps(T, 2 * steps), distill.student_timesteps(T, steps)
         assert np.array_equal(teacher[1::2], student) and student[-1] == T - 1
-    assert core.distilled_sampler(4, None, None, 0.0, None) == ("ddim", 4, "trailing")
-    assert core.distilled_sampler(0, None, None, 0.0, None) == ("ddpm", None, None)
-    assert core.distilled_guidance(3.0, None, True, "all") == (1.0, 3.0)  # its labelled branch as it is
-    assert core.distilled_guidance(3.0, 0, True, "all") == (0.0, 0.0)
-    assert core.distilled_guidance(1.0, None, True, "all") == (core.GUIDANCE, core.GUIDANCE)
+    assert sampling.distilled_sampler(4, Sampler(None)) == Sampler("ddim", 4, 0.0, "trailing")
+    assert sampling.distilled_sampler(0, Sampler(None)) == Sampler("ddpm", None, 0.0, None)
+    assert sampling.distilled_guidance(3.0, None, True, "all") == (1.0, 3.0)  # its labelled branch as it is
+    assert sampling.distilled_guidance(3.0, 0, True, "all") == (0.0, 0.0)
+    assert sampling.distilled_guidance(1.0, None, True, "all") == (sampling.GUIDANCE, sampling.GUIDANCE)
     with pytest.raises(ValueError, match="do not nest"):
         distill.Distillation(ddpm.Config(T=T), GaussianTeacher(np.ones(T) * 0.5, torch.zeros(1, 1, 1, 1), 1.0),
                              ddpm.Config(T=T), 48)
@@ -243,11 +246,11 @@ def test_the_rounds_chain_teachers_and_guide_only_the_first(tmp_path, monkeypatc
         checkpoints.save_checkpoint(cfg.ckpt, checkpoints.checkpoint_state(cfg, init, step=cfg.steps))
     monkeypatch.setattr(ddpm, "train", no_training)
     out = tmp_path / "out"
-    last = distill.distill(path, from_steps=16, to_steps=4, round_steps=3, out=str(out))
+    last = distill.distill(path, 16, 4, out=str(out), settings={"steps": 3})
     assert last == str(out / "4-steps.pt")
     assert seen == [(8, 3.0, 3.0, path, "v", 3, True, 0), (4, 1.0, 3.0, str(out / "8-steps.pt"), "v", 3, True, 0)]
     seen.clear()  # a student as the teacher: its steps and its guidance, never guided again
-    distill.distill(last, to_steps=2, round_steps=3, out=str(tmp_path / "more"))
+    distill.distill(last, to_steps=2, out=str(tmp_path / "more"), settings={"steps": 3})
     assert seen == [(2, 1.0, 3.0, last, "v", 3, True, 0)]
 
 
@@ -283,7 +286,7 @@ def students(teacher, tmp_path_factory):
     out = tmp_path_factory.mktemp("distill") / "out"
     real, distill.Distillation = distill.Distillation, Recorded
     try:
-        ddpm.main(["distill", "--teacher", str(teacher), "--out", str(out), *DISTILL])
+        distill.main(["--teacher", str(teacher), "--out", str(out), *DISTILL])
     finally:
         distill.Distillation = real
     return out
@@ -309,21 +312,21 @@ def test_a_stopped_round_resumes_exactly(teacher, students, tmp_path, monkeypatc
     """Stopped (Ctrl-C) in the second round after its step-5 checkpoint, then --resume: the first
     round is kept, the second continues from step 5, and the weights equal the uninterrupted run's."""
     out = tmp_path / "out"
-    real_step, calls = ddpm.train_step, {"n": 0}
+    real_step, calls = ddpm.Run.train_step, {"n": 0}
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 12 + 8:  # round 2, step 8
             raise KeyboardInterrupt
         return real_step(*args, **kwargs)
-    monkeypatch.setattr(ddpm, "train_step", interrupted)
+    monkeypatch.setattr(ddpm.Run, "train_step", interrupted)
     with pytest.raises(SystemExit) as stop:
-        ddpm.main(["distill", "--teacher", str(teacher), "--out", str(out), *DISTILL])
+        distill.main(["--teacher", str(teacher), "--out", str(out), *DISTILL])
     assert stop.value.code == 130
     assert checkpoints.read_checkpoint(str(out / "2-steps.pt"))["step"] == 5
     first = (out / "4-steps.pt").stat().st_mtime_ns
-    monkeypatch.setattr(ddpm, "train_step", real_step)
-    ddpm.main(["distill", "--teacher", str(teacher), "--out", str(out), *DISTILL, "--resume"])
+    monkeypatch.setattr(ddpm.Run, "train_step", real_step)
+    distill.main(["--teacher", str(teacher), "--out", str(out), *DISTILL, "--resume"])
     assert (out / "4-steps.pt").stat().st_mtime_ns == first  # the finished round was kept
     for steps in (4, 2):
         a = checkpoints.read_checkpoint(str(out / f"{steps}-steps.pt"))["model"]
@@ -333,7 +336,7 @@ def test_a_stopped_round_resumes_exactly(teacher, students, tmp_path, monkeypatc
 
 @pytest.mark.slow
 def test_a_second_distillation_into_the_same_folder_is_refused(teacher, students):
-    refusal(ddpm.main, ["distill", "--teacher", str(teacher), "--out", str(students), *DISTILL], "--overwrite")
+    refusal(distill.main, ["--teacher", str(teacher), "--out", str(students), *DISTILL], "--overwrite")
 
 
 @pytest.mark.slow
@@ -365,21 +368,23 @@ def test_student_trajectory_parity_pytorch_and_onnx_runtime(students, tmp_path):
     x_T = np.random.default_rng(5).standard_normal((10, 3, 16, 16), dtype=np.float32)
     y = np.arange(10)
     chain = ddpm.GaussianDiffusion.from_config(cfg)
-    ref = ddpm.sample_loop(model, chain, torch.from_numpy(x_T), "ddim", num_steps=4, spacing="trailing",
-                           y=torch.from_numpy(y), guidance_scale=1.0).numpy()
+    ref = ddpm.sample_loop(model, chain, torch.from_numpy(x_T), Sampler("ddim", 4, spacing="trailing"), guidance=ddpm.Guidance(torch.from_numpy(y), scale=1.0)).numpy()
     denoiser, step, meta, device = sample_ort.open_sessions(str(onnx), "cpu")
-    ts, coefs = sample_ort.step_table(meta["betas"], "ddim", 4, 0.0, meta["var_type"], "trailing")
-    runner = sample_ort.Sampler(denoiser, step, x_T.shape, device, meta["num_classes"])
+    ts, coefs = schedules.step_table(meta["betas"], Sampler("ddim", 4, spacing="trailing"), meta["var_type"])
+    runner = sample_ort.Runner(denoiser, step, x_T.shape, device, meta["num_classes"])
     runner.set_labels(y)
     got = runner.run(x_T, ts, coefs, lambda k, shape: np.zeros(shape, np.float32))
     err = np.abs(got - ref).max()
     print(f"4-step student, PyTorch vs ONNX Runtime: max abs error {err:.1e} (values {ref.min():.2f}..{ref.max():.2f})")
-    assert err < 1e-3
+    # PyTorch takes a v student's x_0 from v directly; the ONNX file's contract is eps, so its step
+    # divides by sqrt(abar_t) = 4.9e-5 at the first trailing t: float32's rounding of eps (6e-8 of
+    # |x_t| ~ 3) grows to about 4e-3 there. Measured 1.3e-3 with torch held to AVX2, under 1e-3 natively.
+    assert err < 5e-3
 
 
 @pytest.mark.slow
 def test_distill_mistakes_are_sentences(teacher, students, tmp_path):
-    base = ["distill", "--out", str(tmp_path / "o")]
+    base = ["--out", str(tmp_path / "o")]
     cases = [
         (["--teacher", str(tmp_path / "none.pt")], "none.pt"),
         (["--teacher", str(teacher), "--from-steps", "6", "--to-steps", "4"], "power of two"),
@@ -391,7 +396,7 @@ def test_distill_mistakes_are_sentences(teacher, students, tmp_path):
         (["--teacher", str(teacher), "--resume", str(tmp_path / "elsewhere" / "4-steps.pt")], "--out"),
     ]
     for flags, fragment in cases:
-        refusal(ddpm.main, base + flags, fragment)
+        refusal(distill.main, base + flags, fragment)
     refusal(ddpm.main, ["train", "--resume", str(students / "2-steps.pt")], "distilled student")
 
 
@@ -399,7 +404,9 @@ def test_distill_mistakes_are_sentences(teacher, students, tmp_path):
 def test_converting_a_student_to_diffusers_says_how_to_sample_it(students, tmp_path, capsys):
     import convert
     convert.to_diffusers(str(students / "4-steps.pt"), str(tmp_path / "pipeline"))
-    err = capsys.readouterr().err
-    print(err.strip())
-    assert "distilled student" in err and "4 deterministic DDIM steps" in err and "trailing" in err
+    out = capsys.readouterr().out
+    print(out.strip())
+    assert "DDIMPipeline folder" in out and "num_inference_steps=4, eta=0.0, use_clipped_model_output=True)" in out and "class_labels" in out
+    sched = json.loads((tmp_path / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
+    assert (sched["_class_name"], sched["timestep_spacing"], sched["distilled_steps"]) == ("DDIMScheduler", "trailing", 4)
     assert (tmp_path / "pipeline" / "unet").is_dir()

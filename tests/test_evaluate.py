@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 
 import checkpoints
-import core
 import data
 import ddpm
 import evaluate
 import export
+import pictures
 from conftest import refusal
 
 
@@ -53,6 +53,7 @@ def test_inception_score_closed_forms():
     assert evaluate.inception_score(same, splits=1)[0] == pytest.approx(1, abs=1e-9)
 
 
+@pytest.mark.heavy
 def test_kid_is_zero_for_one_distribution_and_grows_with_a_shift():
     rng = np.random.default_rng(2)
     a, b = rng.normal(size=(1000, 8)), rng.normal(size=(1000, 8))
@@ -94,7 +95,7 @@ def setup(tmp_path_factory):
     checkpoints.save_checkpoint(d / "ckpt.pt", checkpoints.checkpoint_state(cfg, ddpm.UNet(cfg)))
     ref = d / "ref"
     ref.mkdir()
-    for k, img in enumerate(core.to_uint8(data.ShapesDataset(n=12, size=16, seed=5).images)):
+    for k, img in enumerate(pictures.to_uint8(data.ShapesDataset(n=12, size=16, seed=5).images)):
         Image.fromarray(img).save(ref / f"{k:03d}.png")
     return d
 
@@ -176,7 +177,7 @@ def classifier(shapes_judge):
 
 @pytest.mark.slow
 def test_the_judge_passes_the_dataset_and_fails_what_is_not_it(classifier):
-    real = core.to_uint8(data.ShapesDataset(n=200, size=32, seed=77).images)
+    real = pictures.to_uint8(data.ShapesDataset(n=200, size=32, seed=77).images)
     good = evaluate.judge_shapes(real, classifier)["good"].mean()
     noise = np.random.default_rng(0).integers(0, 256, (50, 32, 32, 3), dtype=np.uint8)
     bright = real.copy()
@@ -197,13 +198,14 @@ def test_the_judge_passes_the_dataset_and_fails_what_is_not_it(classifier):
 
 
 def test_grid_cells_are_read_back(tmp_path):
-    images = core.to_uint8(data.ShapesDataset(n=7, size=32, seed=3).images)
-    core.save_grid(images, str(tmp_path / "g.png"))
+    images = pictures.to_uint8(data.ShapesDataset(n=7, size=32, seed=3).images)
+    pictures.save_grid(images, str(tmp_path / "g.png"))
     cells = evaluate.split_grid(str(tmp_path / "g.png"), 32)
     assert np.array_equal(cells, images)  # 7 of a 3x3 grid: the empty cells are left out
     refusal(evaluate.main, ["shapes", tmp_path / "g.png", "--cell", 30], "not a grid of 30x30")
 
 
+@pytest.mark.heavy
 def test_the_judge_is_trained_once_and_kept(tmp_path, monkeypatch):
     """evaluate.py shapes keeps the judge's classifier (weights only) and reuses it; a broken cache
     is trained again. Small settings here, so the training is quick."""

@@ -12,12 +12,15 @@ import torch
 from PIL import Image
 
 import checkpoints
-import core
 import data
 import ddpm
 import export
+import pictures
 import sample_ort
+import sampling
 from conftest import refusal, run_script
+from schedules import Sampler
+import schedules
 
 K = len(data.SHAPE_CLASSES)
 
@@ -111,7 +114,7 @@ def test_classifier_guidance_shifts_eps_by_the_closed_form_gradient():
     x = torch.randn(4, 3, 4, 4, dtype=torch.float64)
     i, y, s = torch.tensor([0, 10, 50, 99]), torch.tensor([0, 4, 2, 2]), 2.5
     zero = lambda x_t, t: torch.zeros_like(x_t)  # noqa: E731  eps_theta = 0
-    eps, _ = d.model_output(zero, x, i, ddpm.ClassifierGradient(clf, y, s))
+    eps, _, _ = d.model_output(zero, x, i, ddpm.ClassifierGradient(clf, y, s))
     A, xf = clf.A.numpy(), x.flatten(1).numpy()
     logits = xf @ A.T
     p = np.exp(logits - logits.max(1, keepdims=True))
@@ -137,8 +140,7 @@ def test_classifier_guidance_moves_samples_towards_the_class():
     means = {}
     for s in (1.0, 4.0):
         for label in (0, 1):
-            x0 = ddpm.sample_loop(zero, d, x_T, "ddim", num_steps=20, y=torch.full((8,), label),
-                                  classifier=Brightness(), classifier_scale=s)
+            x0 = ddpm.sample_loop(zero, d, x_T, Sampler("ddim", 20), guidance=ddpm.Guidance(torch.full((8,), label), classifier=Brightness(), classifier_scale=s))
             means[s, label] = x0.mean().item()
     print({f"s={s} y={label}": round(v, 3) for (s, label), v in means.items()})
     assert means[1.0, 1] > means[1.0, 0]
@@ -170,6 +172,7 @@ def tiny_run(tmp_path, name, **overrides):
     return ddpm.make_config("tiny", **{**settings, **overrides})
 
 
+@pytest.mark.heavy
 def test_cond_training_drops_labels_at_p_uncond_and_passes_the_rest(tmp_path, monkeypatch):
     seen = []
     real = ddpm.GaussianDiffusion.training_loss
@@ -191,6 +194,7 @@ def test_cond_training_drops_labels_at_p_uncond_and_passes_the_rest(tmp_path, mo
     assert all(y is None for y in seen)
 
 
+@pytest.mark.heavy
 def test_cond_needs_labelled_data_and_resume_keeps_the_conditioning(tmp_path):
     flat = tmp_path / "flat"
     flat.mkdir()
@@ -214,6 +218,7 @@ def test_folder_class_names_come_from_sub_folders(tmp_path):
     assert data.class_names(dataset, cfg.data) == ("cat", "dog") and [dataset[k][1] for k in range(2)] == [0, 1]
 
 
+@pytest.mark.heavy
 def test_train_classifier_resumes_exactly(tmp_path):
     def run(name, steps, resume=None):
         argv = ["train-classifier", "--data", "shapes", "--model", "tiny", "--image-size", "16",
@@ -269,19 +274,18 @@ def test_guided_trajectories_pytorch_vs_onnx_runtime(conditional_models, var_typ
     guided = s not in (0, 1)
     denoiser, step, meta, device = sample_ort.open_sessions(str(d / "cond.onnx"), "cpu", guided=guided)
     assert meta["num_classes"] == K and meta["class_names"] == list(data.SHAPE_CLASSES)
-    ts, coefs = sample_ort.step_table(meta["betas"], sampler, steps, 0.0, meta["var_type"])
+    ts, coefs = schedules.step_table(meta["betas"], Sampler(sampler, steps), meta["var_type"])
     rng = np.random.default_rng(1)
     x_T = rng.standard_normal((3, 3, 16, 16)).astype(np.float32)
     noise = rng.standard_normal((len(ts), 3, 3, 16, 16)).astype(np.float32)
     y = np.array([2, 7, 0])
-    runner = sample_ort.Sampler(denoiser, step, x_T.shape, device, K, s if guided else None)
+    runner = sample_ort.Runner(denoiser, step, x_T.shape, device, K, s if guided else None)
     if s != 0:
         runner.set_labels(y)
     got = runner.run(x_T, ts, coefs, lambda k, shape: noise[k])
 
     def torch_run(labels, scale):
-        return ddpm.sample_loop(model, diffusion, torch.from_numpy(x_T), sampler, steps, y=labels,
-                                guidance_scale=scale, noise_fn=lambda k, shape: torch.from_numpy(noise[k])).numpy()
+        return ddpm.sample_loop(model, diffusion, torch.from_numpy(x_T), Sampler(sampler, steps), noise_fn=lambda k, shape: torch.from_numpy(noise[k]), guidance=ddpm.Guidance(labels, scale=scale)).numpy()
     ref = torch_run(torch.from_numpy(y), s)
     err = np.abs(got - ref).max()
     moved = np.abs(ref - torch_run(None, 1.0)).max()  # against the unconditional model
@@ -297,15 +301,14 @@ def test_process_pictures_pytorch_vs_onnx_runtime(conditional_onnx):
     d, cfg, model = conditional_onnx
     steps, y = 10, np.array([2, 7, 0])
     x_T = np.random.default_rng(4).standard_normal((3, 3, 16, 16)).astype(np.float32)
-    frames_ort, frames_torch = core.ProcessFrames(["a.gif"], steps), core.ProcessFrames(["b.gif"], steps)
+    frames_ort, frames_torch = pictures.ProcessFrames(["a.gif"], steps), pictures.ProcessFrames(["b.gif"], steps)
     denoiser, step, meta, device = sample_ort.open_sessions(str(d / "cond.onnx"), "cpu", guided=True)
     assert meta["format"] == 2
-    runner = sample_ort.Sampler(denoiser, step, x_T.shape, device, K, 3.0)
+    runner = sample_ort.Runner(denoiser, step, x_T.shape, device, K, 3.0)
     runner.set_labels(y)
-    ts, coefs = sample_ort.step_table(meta["betas"], "ddim", steps, 0.0, meta["var_type"])
+    ts, coefs = schedules.step_table(meta["betas"], Sampler("ddim", steps), meta["var_type"])
     runner.run(x_T, ts, coefs, lambda k, shape: np.zeros(shape, np.float32), process=frames_ort)
-    ddpm.sample_loop(model, ddpm.GaussianDiffusion.from_config(cfg), torch.from_numpy(x_T), "ddim", steps,
-                     y=torch.from_numpy(y), guidance_scale=3.0, callback=frames_torch)
+    ddpm.sample_loop(model, ddpm.GaussianDiffusion.from_config(cfg), torch.from_numpy(x_T), Sampler("ddim", steps), callback=frames_torch, guidance=ddpm.Guidance(torch.from_numpy(y), scale=3.0))
     assert sorted(frames_ort.frames) == sorted(frames_torch.frames) == list(range(steps))
     worst = max(np.abs(frames_ort.frames[k][j].astype(int) - frames_torch.frames[k][j]).max()
                 for k in range(steps) for j in (1, 2))
@@ -340,12 +343,12 @@ def test_class_all_draws_a_row_per_class(conditional_onnx, tmp_path, script):
 def test_class_names_and_indices_agree_in_both_scripts():
     names = list(data.SHAPE_CLASSES)
     for spec in ("all", "3", "ring,0,star", "vbar"):
-        ours = core.parse_classes(spec, names)
-        assert ours == core.parse_classes(spec, names)
+        ours = sampling.parse_classes(spec, names)
+        assert ours == sampling.parse_classes(spec, names)
         for n in (1, 7, 20):
-            a, b = core.class_labels(ours, n), core.class_labels(ours, n)
+            a, b = sampling.class_labels(ours, n), sampling.class_labels(ours, n)
             assert np.array_equal(a[0], b[0]) and a[1] == b[1] and len(a[0]) >= n
-    assert core.parse_classes("ring,0,star", names) == [5, 0, 6]
+    assert sampling.parse_classes("ring,0,star", names) == [5, 0, 6]
 
 
 def test_guidance_mistakes_are_sentences(conditional_onnx, tmp_path):

@@ -54,6 +54,7 @@ COMMANDS = [
 ]
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("script,argv", COMMANDS, ids=[" ".join([s] + a[:2]) for s, a in COMMANDS])
 def test_a_pickle_that_runs_code_is_refused_and_never_runs(planted, script, argv):
     d, marker = planted

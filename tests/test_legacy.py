@@ -21,6 +21,8 @@ import ddpm
 import export
 import sample_ort
 from conftest import run_script
+from schedules import Sampler
+import schedules
 
 HERE = os.path.join(os.path.dirname(__file__), "legacy")
 CASES = json.load(open(os.path.join(HERE, "commands.json")))
@@ -59,11 +61,13 @@ def test_the_old_checkpoints_load_with_their_old_config_names():
     assert (cfg.preset, cfg.num_classes, cfg.steps, cfg.run_dir.endswith("run_uncond")) == ("tiny", 0, 120, True)
 
 
+@pytest.mark.heavy
 def test_info_describes_an_old_checkpoint():
     out = run_ok("ddpm.py", "info", "--ckpt", legacy("cond.pt")).stdout
     assert "preset: tiny" in out and "num_classes: 10" in out and "parameters:" in out
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("name", ["uncond_step120", "cond"])
 def test_samples_from_old_files_are_the_old_samples(name, tmp_path):
     """Every command the old code ran, through both scripts, draws the pictures it drew."""
@@ -80,6 +84,7 @@ def test_samples_from_old_files_are_the_old_samples(name, tmp_path):
         assert_same_picture(tmp_path / "host.png", legacy(f"{tag}-ort-host.png"))
 
 
+@pytest.mark.heavy
 def test_the_process_pictures_of_old_files_are_the_old_ones(tmp_path):
     """Format-1 files have no pred_x0 output: sample_ort.py computes their pictures' x_0 as before."""
     flags = ["--n", "10", "--class", "all", "--steps", "10", "--sampler", "ddim"]
@@ -104,24 +109,23 @@ def test_float_trajectories_of_old_files_match(name, sampler, steps):
     x_T = rng.standard_normal((4, 3, 8, 8), dtype=np.float32)
     noise = rng.standard_normal((cfg.T, 4, 3, 8, 8), dtype=np.float32)
     y = torch.tensor([0, 1, 2, 3]) if cfg.num_classes else None
-    x0 = ddpm.sample_loop(model, ddpm.GaussianDiffusion.from_config(cfg), torch.from_numpy(x_T), sampler=sampler,
-                          num_steps=steps, noise_fn=lambda k, shape: torch.from_numpy(noise[k]), y=y,
-                          guidance_scale=3.0).numpy()
+    x0 = ddpm.sample_loop(model, ddpm.GaussianDiffusion.from_config(cfg), torch.from_numpy(x_T), Sampler(sampler, steps), noise_fn=lambda k, shape: torch.from_numpy(noise[k]), guidance=ddpm.Guidance(y, scale=3.0)).numpy()
     err = np.abs(x0 - expected[f"{name}-{sampler}-torch"]).max()
     guided = cfg.num_classes > 0
     denoiser, step, meta, device = sample_ort.open_sessions(legacy(f"{name}.onnx"), "cpu", guided=guided,
                                                             multistep=sampler == "dpm++")
     assert meta["format"] == 1
-    runner = sample_ort.Sampler(denoiser, step, (4, 3, 8, 8), device, meta["num_classes"], 3.0 if guided else None)
+    runner = sample_ort.Runner(denoiser, step, (4, 3, 8, 8), device, meta["num_classes"], 3.0 if guided else None)
     if guided:
         runner.set_labels(np.array([0, 1, 2, 3]))
-    timesteps, coefs = sample_ort.step_table(meta["betas"], sampler, steps, 0.0, meta["var_type"])
+    timesteps, coefs = schedules.step_table(meta["betas"], Sampler(sampler, steps), meta["var_type"])
     x0_ort = runner.run(x_T, timesteps, coefs, lambda k, shape: noise[k])
     err_ort = np.abs(x0_ort - expected[f"{name}-{sampler}-ort"]).max()
     print(f"{name} {sampler}: max |new - old| {err:.1e} (ddpm.py), {err_ort:.1e} (sample_ort.py)")
     assert err < 5e-4 and err_ort < 5e-4
 
 
+@pytest.mark.heavy
 def test_resuming_an_old_training_checkpoint_continues_as_the_old_code_did(tmp_path):
     """--resume of the old step-60 file to step 120 ends where the old code's own resume ended."""
     ckpt = tmp_path / "work.pt"

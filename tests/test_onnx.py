@@ -14,12 +14,15 @@ import torch
 from PIL import Image
 
 import checkpoints
-import core
 import ddpm
 import export
+import pictures
 import sample_ort
+import sampling
+import schedules
 from conftest import ROOT, SAMPLER_CASES, GaussianOracle, assert_clean_error, implied_moments, probe_inputs, \
     probe_moments, refusal, run_script
+from schedules import Sampler
 
 
 def cuda_usable():
@@ -85,7 +88,7 @@ def chain_of(betas, sampler, steps, var_type, clip, spacing="leading"):
     d = ddpm.GaussianDiffusion(betas=betas, var_type=var_type, clip_x0=clip)
     if sampler == "ddpm" and steps == len(betas):
         return d
-    return d.respace(core.ddim_timesteps(len(betas), steps, spacing))
+    return d.respace(schedules.spaced_timesteps(len(betas), steps, spacing))
 
 
 @pytest.mark.parametrize("sampler,steps,var_type,clip,eta,spacing", STEP_SETTINGS)
@@ -94,7 +97,7 @@ def test_step_graph_equals_ddpm_step(sampler, steps, var_type, clip, eta, spacin
     p_sample / ddim_step (float64), x_{t-1} and the predicted x_0, at the first, middle and last
     steps of the chain (the coefficients themselves: tests/test_tables.py)."""
     betas = ddpm.get_betas("linear", 1000)
-    ts, coefs = sample_ort.step_table(betas, sampler, steps, eta, var_type, spacing)
+    ts, coefs = schedules.step_table(betas, Sampler(sampler, steps, eta=eta, spacing=spacing), var_type)
     graph = export.step_graph(clip, export.MIN_OPSET, 8)
     session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
     c = chain_of(betas, sampler, steps, var_type, clip, spacing)
@@ -108,10 +111,11 @@ def test_step_graph_equals_ddpm_step(sampler, steps, var_type, clip, eta, spacin
         got, got_x0 = session.run(["x_prev", "pred_x0"], {"x_t": x_t, "eps": eps, "noise": noise, "coef": coefs[k]})
         i = torch.full((2,), n - 1 - k)
         args = [torch.from_numpy(a).double() for a in (x_t, eps, noise)]
+        x0 = c.predict_x0_from_eps(args[0], i, args[1])
         if sampler == "ddpm":
-            ref, ref_x0 = c.p_sample(args[0], i, args[1], args[2])
+            ref, ref_x0 = c.p_sample(args[0], i, x0, args[2])
         else:
-            ref, ref_x0 = c.ddim_step(args[0], i, args[1], args[2], eta)
+            ref, ref_x0 = c.ddim_step(args[0], i, args[1], x0, args[2], eta)
         for ours, theirs in ((got, ref.numpy()), (got_x0, ref_x0.numpy())):
             worst = max(worst, np.abs(ours - theirs).max() / max(1.0, np.abs(theirs).max()))
     print(f"{sampler} {steps} {spacing} {var_type} clip={clip} eta={eta}: step graph vs ddpm.py, "
@@ -127,10 +131,10 @@ def test_ort_sampler_output_moments_match_the_closed_form(oracle_onnx, sampler, 
     the exact output moments (probe inputs) against the reverse process written out in the test."""
     path, betas = oracle_onnx
     denoiser, step, meta, device = sample_ort.open_sessions(str(path), "cpu")
-    ts, coefs = sample_ort.step_table(meta["betas"], sampler, steps, eta, var_type, spacing)
+    ts, coefs = schedules.step_table(meta["betas"], Sampler(sampler, steps, eta=eta, spacing=spacing), var_type)
     x_T, noise = probe_inputs(len(ts), (1, 4, 4))
     x_T, noise = x_T.astype(np.float32), noise.astype(np.float32)
-    out = sample_ort.Sampler(denoiser, step, x_T.shape, device).run(x_T, ts, coefs, lambda k, shape: noise[k])
+    out = sample_ort.Runner(denoiser, step, x_T.shape, device).run(x_T, ts, coefs, lambda k, shape: noise[k])
     mean, var = probe_moments(out.astype(np.float64))
     m, v = implied_moments(betas, sampler, steps, var_type, eta, spacing)
     err_m, err_v = np.abs(mean - m).max(), np.abs(var / v - 1).max()
@@ -200,10 +204,10 @@ def test_a_model_that_predicts_v_or_x0_exports_eps(tmp_path, prediction):
     err = np.abs(got - ref).max() / np.abs(ref).max()
     rng = np.random.default_rng(0)
     x_T = rng.standard_normal((2, 3, 16, 16), dtype=np.float32)
-    torch_x0 = ddpm.sample_loop(model, d, torch.from_numpy(x_T), "ddim", num_steps=20).numpy()
+    torch_x0 = ddpm.sample_loop(model, d, torch.from_numpy(x_T), Sampler("ddim", 20)).numpy()
     denoiser, step, meta, device = sample_ort.open_sessions(str(tmp_path / "m.onnx"), "cpu")
-    ts, coefs = sample_ort.step_table(meta["betas"], "ddim", 20)
-    ort_x0 = sample_ort.Sampler(denoiser, step, x_T.shape, device).run(x_T, ts, coefs, lambda k, s: 0 * x_T)
+    ts, coefs = schedules.step_table(meta["betas"], Sampler("ddim", 20))
+    ort_x0 = sample_ort.Runner(denoiser, step, x_T.shape, device).run(x_T, ts, coefs, lambda k, s: 0 * x_T)
     traj = np.abs(ort_x0 - torch_x0).max() / np.abs(torch_x0).max()
     print(f"{prediction}: ONNX eps vs PyTorch, relative {err:.1e}; 20 DDIM steps, relative {traj:.1e}")
     assert err < 1e-5 and traj < 1e-4
@@ -245,12 +249,10 @@ def test_trajectory_parity_with_identical_noise(exported, sampler, steps, eta):
     rng = np.random.default_rng(7)
     x_T = rng.standard_normal((4, 3, 16, 16), dtype=np.float32)
     noise = rng.standard_normal((steps, 4, 3, 16, 16), dtype=np.float32)
-    ref = ddpm.sample_loop(model, ddpm.GaussianDiffusion.from_config(cfg), torch.from_numpy(x_T),
-                           sampler, num_steps=steps, eta=eta,
-                           noise_fn=lambda k, shape: torch.from_numpy(noise[k])).numpy()
+    ref = ddpm.sample_loop(model, ddpm.GaussianDiffusion.from_config(cfg), torch.from_numpy(x_T), Sampler(sampler, steps, eta=eta), noise_fn=lambda k, shape: torch.from_numpy(noise[k])).numpy()
     denoiser, step, meta, device = sample_ort.open_sessions(str(d / "ddpm.onnx"), "cpu")
-    ts, coefs = sample_ort.step_table(meta["betas"], sampler, steps, eta, meta["var_type"])
-    got = sample_ort.Sampler(denoiser, step, x_T.shape, device).run(x_T, ts, coefs, lambda k, shape: noise[k])
+    ts, coefs = schedules.step_table(meta["betas"], Sampler(sampler, steps, eta=eta), meta["var_type"])
+    got = sample_ort.Runner(denoiser, step, x_T.shape, device).run(x_T, ts, coefs, lambda k, shape: noise[k])
     err = np.abs(got - ref).max()
     print(f"{sampler} {steps} steps eta={eta}: final images max abs error {err:.2e} "
           f"(values span {ref.min():.2f}..{ref.max():.2f})")
@@ -262,14 +264,14 @@ def test_trajectory_parity_with_identical_noise(exported, sampler, steps, eta):
 def test_uint8_of_numbers_and_tensors():
     """(x + 1) 127.5 rounded half to even, clipped: numbers written here; tensors give the same."""
     x = np.array([-1.3, -1.0, -0.5, 0.0, 0.5, 1.0, 1.2], np.float32).reshape(1, 1, 1, 7)
-    ours = core.to_uint8(x)
+    ours = pictures.to_uint8(x)
     assert ours.shape == (1, 1, 7, 1) and ours.ravel().tolist() == [0, 0, 64, 128, 191, 255, 255]
-    assert np.array_equal(ours, core.to_uint8(torch.from_numpy(x).to(torch.bfloat16)))
+    assert np.array_equal(ours, pictures.to_uint8(torch.from_numpy(x).to(torch.bfloat16)))
 
 
 def test_grid_layout(tmp_path):
     images = np.stack([np.full((3, 2, 1), 10 * k, np.uint8) for k in range(5)])
-    core.save_grid(images, str(tmp_path / "a.png"), pad=1)
+    pictures.save_grid(images, str(tmp_path / "a.png"), pad=1)
     a = np.asarray(Image.open(tmp_path / "a.png"))
     assert a.shape == (2 * 4 + 1, 3 * 3 + 1)  # 5 images: 3 per row, 2 rows, pad 1
     assert a[1, 1] == 0 and a[1, 4] == 10 and a[5, 1] == 30 and a[5, 7] == 255  # the sixth cell is empty
@@ -281,7 +283,7 @@ def test_process_pictures_are_laid_out_as_documented(tmp_path):
                rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)) for t in (999, 500, 0)]
     final = rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
     for ext in (".png", ".gif", ".webp"):
-        core.save_progress(frames, final, str(tmp_path / f"a{ext}"))
+        pictures.save_progress(frames, final, str(tmp_path / f"a{ext}"))
     with Image.open(tmp_path / "a.png") as still:
         # 5 rows of 16x16 images shown 4x (64 px), a label line; 4 column pairs (3 steps and the sample)
         assert still.size == (4 * (2 * 64 + 6), 12 + 5 * (64 + 2))
@@ -293,10 +295,8 @@ def test_process_pictures_are_laid_out_as_documented(tmp_path):
 
 def test_sample_ort_draws_the_reverse_process(exported, tmp_path):
     d, _, _ = exported
-    sample_ort.sample(str(d / "ddpm.onnx"), n=3, num_steps=20, sampler="ddim", provider="cpu",
-                      out=str(tmp_path / "s.png"), progress=str(tmp_path / "p.png"))
-    sample_ort.sample(str(d / "ddpm.onnx"), n=3, num_steps=20, sampler="ddim", provider="cpu",
-                      out=str(tmp_path / "s.png"), progress=str(tmp_path / "p.gif"))
+    sample_ort.sample(str(d / "ddpm.onnx"), sampling.Request(n=3, out=str(tmp_path / "s.png"), progress=str(tmp_path / "p.png"), sampler=Sampler("ddim", steps=20)), provider="cpu")
+    sample_ort.sample(str(d / "ddpm.onnx"), sampling.Request(n=3, out=str(tmp_path / "s.png"), progress=str(tmp_path / "p.gif"), sampler=Sampler("ddim", steps=20)), provider="cpu")
     with Image.open(tmp_path / "p.png") as still, Image.open(tmp_path / "p.gif") as animation:
         assert still.size == (11 * (2 * 64 + 6), 12 + 3 * 66)  # 10 steps and the sample
         assert animation.n_frames == 21  # every one of the 20 steps, and the sample
@@ -325,17 +325,18 @@ def test_sample_ort_runs_without_torch(exported, tmp_path):
     assert len(os.listdir(tmp_path / "imgs")) == 3
     with Image.open(tmp_path / "g.png") as g:
         g.load()
-    # imported as libraries, with torch blocked: the core's tables and pictures, and a sampler run
+    # imported as libraries, with torch blocked: the step tables, pictures and checks, and a sampler run
     code = f"""
 import sys, numpy as np
 sys.path.insert(0, {ROOT!r})
-import core, sample_ort
-chain = core.Schedule(core.get_betas("cosine", 50))
-ts, coefs = core.step_table(core.Schedule(*chain.respaced(core.kept_timesteps(50, "ddim", 5))), "ddim")
+import pictures, sample_ort, sampling, schedules
+ts, coefs = schedules.step_table(schedules.get_betas("cosine", 50), schedules.Sampler("ddim", 5))
 denoiser, step, meta, device = sample_ort.open_sessions({str(d / "ddpm.onnx")!r}, "cpu")
-x0 = sample_ort.Sampler(denoiser, step, (2, 3, 16, 16), device).run(
-    np.zeros((2, 3, 16, 16), np.float32), *sample_ort.step_table(meta["betas"], "ddim", 5), lambda k, s: np.zeros(s, np.float32))
-core.save_grid(core.to_uint8(x0), "lib.png")
+x0 = sample_ort.Runner(denoiser, step, (2, 3, 16, 16), device).run(
+    np.zeros((2, 3, 16, 16), np.float32), *schedules.step_table(meta["betas"], schedules.Sampler("ddim", 5)),
+    lambda k, s: np.zeros(s, np.float32))
+pictures.save_grid(pictures.to_uint8(x0), "lib.png")
+sampling.check_sampler(schedules.Sampler("ddim", 5), 50)
 print(len(ts), coefs.shape, x0.shape, "torch" in sys.modules)
 """
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
@@ -344,6 +345,7 @@ print(len(ts), coefs.shape, x0.shape, "torch" in sys.modules)
     assert r.stdout.split() == ["5", "(5,", "6)", "(2,", "3,", "16,", "16)", "False"] and (tmp_path / "lib.png").exists()
 
 
+@pytest.mark.heavy
 def test_export_and_sample_cli_with_defaults(exported, tmp_path):
     """python export.py ckpt.pt, then python sample_ort.py with no --model, in one folder."""
     d, _, _ = exported
@@ -358,8 +360,7 @@ def test_export_and_sample_cli_with_defaults(exported, tmp_path):
 
 def test_grayscale_model_samples_grayscale_pictures(oracle_onnx, tmp_path):
     path, _ = oracle_onnx
-    images = sample_ort.sample(str(path), n=3, num_steps=10, sampler="ddim", out=str(tmp_path / "g.png"),
-                               outdir=str(tmp_path / "imgs"), provider="cpu")
+    images = sample_ort.sample(str(path), sampling.Request(n=3, out=str(tmp_path / "g.png"), outdir=str(tmp_path / "imgs"), sampler=Sampler("ddim", steps=10)), provider="cpu")
     assert images.shape == (3, 4, 4, 1)
     with Image.open(tmp_path / "g.png") as g, Image.open(tmp_path / "imgs" / "00002.png") as one:
         assert g.mode == "L" and one.mode == "L" and one.size == (4, 4)
@@ -565,8 +566,8 @@ def test_cuda_trajectory_matches_cpu(exported, cuda_graph):
         denoiser, step, meta, device = sample_ort.open_sessions(str(d / "ddpm.onnx"), provider,
                                                                 cuda_graph and provider == "cuda", 4)
         assert device == provider
-        ts, coefs = sample_ort.step_table(meta["betas"], "ddim", 50, 1.0)
-        out[provider] = sample_ort.Sampler(denoiser, step, x_T.shape, device).run(
+        ts, coefs = schedules.step_table(meta["betas"], Sampler("ddim", 50, eta=1.0))
+        out[provider] = sample_ort.Runner(denoiser, step, x_T.shape, device).run(
             x_T, ts, coefs, lambda k, shape: noise[k])
     err = np.abs(out["cuda"] - out["cpu"]).max()
     print(f"CUDA (graph={cuda_graph}) vs CPU, 50 DDIM steps: max abs error {err:.2e}")
@@ -583,10 +584,10 @@ def test_multistep_graph_equals_dpm_solver_step(clip, guided):
     dpm_solver_step (float64), and hands on the step's x_0; guided: on the eps that
     classifier-free guidance forms from the two halves."""
     betas = ddpm.get_betas("linear", 1000)
-    ts, coefs = sample_ort.step_table(betas, "dpm++", 20, 0.0, "fixed_large", "trailing")
+    ts, coefs = schedules.step_table(betas, Sampler("dpm++", 20, spacing="trailing"), "fixed_large")
     graph = export.multistep_graph(clip, export.MIN_OPSET, 8, guided)
     session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
-    c = ddpm.GaussianDiffusion(betas=betas, clip_x0=clip).respace(core.ddim_timesteps(1000, 20, "trailing"))
+    c = ddpm.GaussianDiffusion(betas=betas, clip_x0=clip).respace(schedules.spaced_timesteps(1000, 20, "trailing"))
     rng = np.random.default_rng(3)
     worst = 0.0
     for k in (0, 1, 10, 18, 19):
@@ -601,8 +602,8 @@ def test_multistep_graph_equals_dpm_solver_step(clip, guided):
         x_prev, pred_x0 = session.run(["x_prev", "pred_x0"], feed)
         if guided:  # the guided eps is an output too
             worst = max(worst, np.abs(session.run(["eps_guided"], feed)[0] - e.numpy()).max())
-        ref, ref_x0 = c.dpm_solver_step(torch.from_numpy(x_t).double(), torch.full((2,), 19 - k), e,
-                                        torch.from_numpy(prev).double())
+        i, x_t64 = torch.full((2,), 19 - k), torch.from_numpy(x_t).double()
+        ref, ref_x0 = c.dpm_solver_step(x_t64, i, c.predict_x0_from_eps(x_t64, i, e), torch.from_numpy(prev).double())
         if guided:
             assert np.array_equal(x_prev[:2], x_prev[2:])
             x_prev = x_prev[:2]
@@ -618,14 +619,12 @@ def test_dpm_solver_trajectory_parity(exported, steps, spacing):
     ddpm.sample_loop from the same x_T, with the trained U-Net."""
     d, cfg, model = exported
     x_T = np.random.default_rng(7).standard_normal((4, 3, 16, 16), dtype=np.float32)
-    ref = ddpm.sample_loop(model, ddpm.GaussianDiffusion.from_config(cfg), torch.from_numpy(x_T), "dpm++",
-                           num_steps=steps, spacing=spacing).numpy()
+    ref = ddpm.sample_loop(model, ddpm.GaussianDiffusion.from_config(cfg), torch.from_numpy(x_T), Sampler("dpm++", steps, spacing=spacing)).numpy()
     denoiser, step, meta, device = sample_ort.open_sessions(str(d / "ddpm.onnx"), "cpu", multistep=True)
-    ts, coefs = sample_ort.step_table(meta["betas"], "dpm++", steps, 0.0, meta["var_type"], spacing)
-    got = sample_ort.Sampler(denoiser, step, x_T.shape, device).run(x_T, ts, coefs)
+    ts, coefs = schedules.step_table(meta["betas"], Sampler("dpm++", steps, spacing=spacing), meta["var_type"])
+    got = sample_ort.Runner(denoiser, step, x_T.shape, device).run(x_T, ts, coefs)
     err = np.abs(got - ref).max()
-    ddim = ddpm.sample_loop(model, ddpm.GaussianDiffusion.from_config(cfg), torch.from_numpy(x_T), "ddim",
-                            num_steps=steps, spacing=spacing).numpy()
+    ddim = ddpm.sample_loop(model, ddpm.GaussianDiffusion.from_config(cfg), torch.from_numpy(x_T), Sampler("ddim", steps, spacing=spacing)).numpy()
     print(f"dpm++ {steps} {spacing}: ORT vs PyTorch final images max abs error {err:.2e}; "
           f"the same x_T through DDIM lands {np.abs(ddim - ref).max():.2e} away")
     assert err < 1e-3
@@ -637,7 +636,7 @@ def test_an_export_without_the_multistep_graph_refuses_dpm_solver(oracle_onnx, t
     out = tampered(path, tmp_path, drop_key("ddpm.multistep_graph"))
     refusal(sample_ort.main, ["--model", out, "--n", 1, "--steps", 5, "--sampler", "dpm++",
                               "--out", tmp_path / "s.png", "--provider", "cpu"], "export it again")
-    sample_ort.sample(str(out), n=1, num_steps=5, sampler="ddim", provider="cpu", out=str(tmp_path / "s.png"))
+    sample_ort.sample(str(out), sampling.Request(n=1, out=str(tmp_path / "s.png"), sampler=Sampler("ddim", steps=5)), provider="cpu")
     refusal(sample_ort.main, ["--model", path, "--n", 1, "--sampler", "dpm++", "--eta", "0.5",
                               "--out", tmp_path / "s.png"], "--eta sets DDIM's noise")
 
@@ -661,11 +660,11 @@ def test_device_noise_gives_the_closed_form_moments_and_follows_the_seed(oracle_
     same draw every step, moves the variance by far more than the sampling error of ~2%)."""
     path, betas = oracle_onnx
     denoiser, step, meta, device = sample_ort.open_sessions(str(path), "cpu")
-    ts, coefs = sample_ort.step_table(meta["betas"], "ddpm", 100, 0.0, "fixed_large")
+    ts, coefs = schedules.step_table(meta["betas"], Sampler("ddpm", 100), "fixed_large")
     x_T = np.random.default_rng(0).standard_normal((2000, 1, 4, 4), dtype=np.float32)
 
     def run(seed):
-        return sample_ort.Sampler(denoiser, step, x_T.shape, device,
+        return sample_ort.Runner(denoiser, step, x_T.shape, device,
                                   noise=sample_ort.noise_session(seed, device)).run(x_T, ts, coefs)
     out = run(1)
     m, v = implied_moments(betas, "ddpm", 100, "fixed_large", 0.0)

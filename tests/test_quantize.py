@@ -15,7 +15,9 @@ import data
 import ddpm
 import export
 import sample_ort
+import sampling
 from conftest import refusal
+from schedules import Sampler
 
 
 def untrained(path, **settings):
@@ -141,10 +143,8 @@ def test_sample_ort_samples_an_int8_file(int8, tmp_path):
     """sample_ort.py as it is: DDIM on the int8 file with classifier-free guidance (both branches
     in one batch through the int8 network) and DDPM with the learned variances."""
     d, _, _, _ = int8
-    images = sample_ort.sample(str(d / "int8.onnx"), n=3, num_steps=5, sampler="ddim", provider="cpu",
-                               out=str(tmp_path / "grid.png"), classes="all")
+    images = sample_ort.sample(str(d / "int8.onnx"), sampling.Request(n=3, out=str(tmp_path / "grid.png"), classes="all", sampler=Sampler("ddim", steps=5)), provider="cpu")
     assert images.shape == (3, 16, 16, 3) and images.dtype == np.uint8
-    images = sample_ort.sample(str(d / "int8.onnx"), n=2, num_steps=5, sampler="ddpm", provider="cpu",
-                               out=str(tmp_path / "grid.png"))
+    images = sample_ort.sample(str(d / "int8.onnx"), sampling.Request(n=2, out=str(tmp_path / "grid.png"), sampler=Sampler("ddpm", steps=5)), provider="cpu")
     assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
     assert (tmp_path / "grid.png").is_file()

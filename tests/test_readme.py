@@ -16,8 +16,8 @@ import sys
 import numpy as np
 import pytest
 
-import core
 import data
+import pictures
 from conftest import ROOT
 
 # appended to a line of each script; --data shapes replaces the README's --data cifar10
@@ -25,7 +25,7 @@ SHRINK = {
     ("ddpm.py", "train"): ["--model", "tiny", "--image-size", "16", "--steps", "{steps}", "--batch-size", "4",
                            "--sample-every", "0", "--log-every", "1"],
     ("ddpm.py", "sample"): ["--n", "2", "--steps", "3"],
-    ("ddpm.py", "distill"): ["--from-steps", "8", "--round-steps", "2", "--batch-size", "4", "--log-every", "1",
+    ("distill.py", None): ["--from-steps", "8", "--round-steps", "2", "--batch-size", "4", "--log-every", "1",
                              "--sample-every", "0"],
     ("sample_ort.py", None): ["--n", "2", "--steps", "3", "--provider", "cpu"],
     ("export.py", None): [],
@@ -81,7 +81,7 @@ def test_every_readme_command_runs_as_written(tmp_path, shapes_judge, judge_cach
             rng = np.random.default_rng(0)
             shapes = np.stack([data.draw_shape(c, rng, 32) for c in np.repeat(np.arange(10), 4)])
             os.makedirs(tmp_path / "runs" / "demo")
-            core.save_grid(shapes, str(tmp_path / "runs" / "demo" / "samples.png"), nrow=4)
+            pictures.save_grid(shapes, str(tmp_path / "runs" / "demo" / "samples.png"), nrow=4)
             shutil.copytree(judge_cache, tmp_path / "data" / "judge")  # trained once per test run
         if "--resume" in words:
             steps += 2  # --steps is the total: the resumed run goes on to it

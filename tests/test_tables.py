@@ -1,4 +1,4 @@
-"""The step tables of every sampler (core.step_table, which the ONNX update graphs read) against
+"""The step tables of every sampler (schedules.chain_coefficients, which the ONNX update graphs read) against
 the paper's formulas written out here in numpy from the betas alone: the forward process (eq. 4),
 the posterior (eqs. 6-7), DDIM's sigma (Song et al. eq. 16), DPM-Solver++(2M)'s coefficients
 (Lu et al. 2022b) and the learned variance's interpolation bounds (Nichol & Dhariwal eq. 15).
@@ -6,8 +6,8 @@ ddpm.GaussianDiffusion's own tables are checked against the same numbers."""
 import numpy as np
 import pytest
 
-import core
 import ddpm
+import schedules
 
 T = 1000
 
@@ -67,11 +67,9 @@ CASES = [(sampler, steps, spacing, eta, var_type)
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 @pytest.mark.parametrize("sampler,steps,spacing,eta,var_type", CASES)
 def test_every_step_table_column_follows_the_formulas(schedule, sampler, steps, spacing, eta, var_type):
-    betas = core.get_betas(schedule, T)
-    full = core.Schedule(betas)
-    chosen = core.kept_timesteps(T, sampler, steps, spacing)
-    chain = full if chosen is None else core.Schedule(*full.respaced(chosen))
-    ts, coefs = core.step_table(chain, sampler, eta, var_type)
+    betas = schedules.get_betas(schedule, T)
+    full = schedules.Schedule(betas)
+    ts, coefs = schedules.step_table(betas, schedules.Sampler(sampler, steps, eta, spacing), var_type)
     want_ts = kept(sampler, steps, spacing)
     assert list(ts) == list(want_ts[::-1])
     names = {"dpm++": ["a", "b", "c1", "c2", "c4"]}.get(sampler, ["a", "b", "c1", "c2", "c3", "s", "g", "log_lo", "log_hi"])
@@ -89,7 +87,7 @@ def test_every_step_table_column_follows_the_formulas(schedule, sampler, steps, 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_the_diffusions_tables_follow_the_formulas(schedule):
     """The float64 tables ddpm.py's GaussianDiffusion samples and trains with, full and respaced."""
-    betas = core.get_betas(schedule, T)
+    betas = schedules.get_betas(schedule, T)
     d = ddpm.GaussianDiffusion(betas=betas, var_type="learned_range")
     for ts in (np.arange(T), kept("ddim", 50, "trailing")):
         c = d if len(ts) == T else d.respace(ts)
@@ -109,7 +107,7 @@ def test_the_diffusions_tables_follow_the_formulas(schedule):
 
 def test_ddim_sigma_of_eta_one_is_the_posterior_std():
     """Song et al.: eta = 1 makes DDIM's sigma_t the DDPM posterior's sqrt(beta-tilde_t)."""
-    chain = core.Schedule(core.get_betas("linear", T))
+    chain = schedules.Schedule(schedules.get_betas("linear", T))
     sigma, eps_coef = chain.ddim_sigma(1.0)
     err = np.abs(sigma - np.sqrt(chain.posterior_variance)).max()
     print(f"eta 1: |sigma - sqrt(beta-tilde)| max {err:.1e}")
