@@ -36,6 +36,8 @@ LONGEST_FIRST = ["test_demo.py", "test_evaluate.py", "test_train.py", "test_ddp.
 
 
 def pytest_collection_modifyitems(items):
+    if not WORKER:  # one process (JOBS=1, make mutants' -x runs): the files in their own order
+        return
     rank = {name: k for k, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order kept
 
