@@ -394,9 +394,13 @@ def test_distill_mistakes_are_sentences(teacher, students, tmp_path):
         (["--teacher", str(students / "2-steps.pt"), "--from-steps", "8"], "distilled for 2 steps"),
         (["--teacher", str(students / "4-steps.pt"), "--to-steps", "2", "--guidance", "2"], "guidance 3 built in"),
         (["--teacher", str(teacher), "--resume", str(tmp_path / "elsewhere" / "4-steps.pt")], "--out"),
+        (["--teacher", str(teacher), "--batch-size", "0"], "--batch-size 0: use at least 1"),
     ]
     for flags, fragment in cases:
         refusal(distill.main, base + flags, fragment)
+    (tmp_path / "f.pt").write_bytes(b"keep")  # --out naming a file: the sentence names --out, not --ckpt
+    message = refusal(distill.main, ["--teacher", str(teacher), "--out", str(tmp_path / "f.pt")], "--out", "is a file")
+    assert "--ckpt" not in message and (tmp_path / "f.pt").read_bytes() == b"keep"
     refusal(ddpm.main, ["train", "--resume", str(students / "2-steps.pt")], "distilled student")
 
 
