@@ -136,19 +136,25 @@ def test_convert_cli(google_like, tmp_path):
     assert_clean_error(run_script("convert.py", "--from-diffusers", tmp_path), "no config.json")
 
 
+def converted_to_diffusers(cfg, ckpt, folder):
+    """Our U-Net of cfg, every parameter perturbed, saved to ckpt and converted to a pipeline folder."""
+    torch.manual_seed(0)
+    model = ddpm.UNet(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    checkpoints.save_checkpoint(ckpt, checkpoints.checkpoint_state(cfg, model))
+    convert.to_diffusers(str(ckpt), str(folder))
+    return model
+
+
 @pytest.mark.parametrize("schedule,var_type,clip", [("linear", "fixed_large", True), ("cosine", "fixed_small", False),
                                                     ("cosine", "learned_range", True)])
 def test_to_diffusers_loads_in_ddpm_pipeline_and_samples(tmp_path, schedule, var_type, clip):
     """Our checkpoint -> a DDPMPipeline folder: same eps for the same input, same scheduler
     tables, and the pipeline samples; converting it back gives our weights bit for bit."""
     cfg = ddpm.make_config("tiny", image_size=16, schedule=schedule, var_type=var_type, clip_x0=clip)
-    torch.manual_seed(0)
-    model = ddpm.UNet(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    checkpoints.save_checkpoint(tmp_path / "ours.pt", checkpoints.checkpoint_state(cfg, model))
-    convert.to_diffusers(str(tmp_path / "ours.pt"), str(tmp_path / "pipe"))
+    model = converted_to_diffusers(cfg, tmp_path / "ours.pt", tmp_path / "pipe")
     pipe = diffusers.DDPMPipeline.from_pretrained(str(tmp_path / "pipe"))
     x, t = torch.randn(3, 3, 16, 16), torch.tensor([0, 417, 999])
     with torch.no_grad():
@@ -449,13 +455,7 @@ def test_a_student_becomes_a_ddim_pipeline_that_draws_its_images(tmp_path, cond)
     classes = dict(num_classes=4, class_names=("a", "b", "c", "d"), cond=True) if cond else {}
     cfg = ddpm.make_config("tiny", image_size=16, schedule="cosine", prediction="v", var_type="fixed_small", **classes)
     cfg = dataclasses.replace(cfg, distilled_steps=4, distilled_guidance=3.0 if cond else 1.0)
-    torch.manual_seed(0)
-    model = ddpm.UNet(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    checkpoints.save_checkpoint(tmp_path / "student.pt", checkpoints.checkpoint_state(cfg, model))
-    convert.to_diffusers(str(tmp_path / "student.pt"), str(tmp_path / "pipe"))
+    model = converted_to_diffusers(cfg, tmp_path / "student.pt", tmp_path / "pipe")
     x_T = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     y = torch.arange(4) if cond else None
     with torch.no_grad():
