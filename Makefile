@@ -3,9 +3,15 @@ PY := .venv/bin/python
 DEMO := runs/demo
 DEMO_STEPS := 600
 
-.PHONY: install test test-fast mutants demo demo-check distill bench bench-gpu bench-ddp bench-solver bench-startup gpu-check clean
+.PHONY: install test test-fast mutants demo demo-check distill bench bench-gpu bench-ddp bench-solver bench-startup bench-web gpu-check clean
 
-install: .venv/.installed
+install: .venv/.installed node_modules/.installed
+
+# onnxruntime-web for sample_web.py's page, pinned in package-lock.json; where npm is missing the
+# rest installs and sample_web.py says what to run
+node_modules/.installed: package.json package-lock.json
+	@if command -v npm >/dev/null; then npm ci --no-audit --no-fund --loglevel=error && touch $@; \
+	else echo "make install: npm is missing, so onnxruntime-web (sample_web.py's page) is not installed; install Node.js and npm, then run 'npm ci'"; fi
 
 .venv/.installed: requirements.txt requirements-dev.txt
 	python3 -m venv .venv
@@ -58,6 +64,7 @@ demo: install
 	$(PY) sample_ort.py --model $(DEMO)/ddpm.onnx --n 40 --class all --guidance $(DEMO_GUIDANCE) $(DEMO_SAMPLING) \
 		--provider cpu --out $(DEMO)/samples_ort.png --progress $(DEMO)/process_ort.png \
 		--progress $(DEMO)/process_ort.gif
+	@echo "see it sample in a browser: $(PY) sample_web.py --model $(DEMO)/ddpm.onnx, then open http://127.0.0.1:8000/"
 
 # The full demo, judged: both grids at least 90% clean shapes of the class asked for, guidance
 # against none, classifier guidance (4 min 4 s on a 2-core Xeon with bf16 units, 2026-12-05).
@@ -76,6 +83,11 @@ distill: install
 # Speed, side by side in one run (bench/bench.py); writes bench/results/<machine>.json.
 bench: install
 	$(PY) bench/bench.py --device cpu
+
+# The denoiser in Chromium (onnxruntime-web, WebAssembly 1 and 2 threads) beside native ONNX
+# Runtime, tiny and cifar10 at batch 8 (bench/web.py; docs/web.md has the figures).
+bench-web: install
+	$(PY) bench/web.py
 
 bench-gpu: install
 	$(PY) bench/bench.py --device cuda
@@ -101,4 +113,4 @@ bench-ddp: install
 	$(PY) bench/ddp.py
 
 clean:
-	rm -rf .venv runs ckpt.pt samples.png ddpm.onnx
+	rm -rf .venv node_modules runs ckpt.pt samples.png ddpm.onnx

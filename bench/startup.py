@@ -26,7 +26,7 @@ COMMANDS = [
     ["ddpm.py", "--help"], ["ddpm.py", "train", "--help"], ["ddpm.py", "sample", "--help"],
     ["ddpm.py", "info", "--help"], ["ddpm.py", "train", "--steps", "many"], ["distill.py", "--help"],
     ["export.py", "--help"], ["convert.py", "--help"], ["evaluate.py", "fid", "--help"],
-    ["sample_ort.py", "--help"], ["sample_ort.py", "--n", "x"],
+    ["sample_ort.py", "--help"], ["sample_ort.py", "--n", "x"], ["sample_web.py", "--help"],
 ]
 
 

@@ -31,7 +31,7 @@ sys.path.insert(0, ROOT)
 # the demo alone at the end while the other waits (measured: 22 minutes instead of 10 with
 # test_demo.py scheduled in its alphabetical place). docs/testing.md gives each file's budget.
 LONGEST_FIRST = ["test_demo.py", "test_evaluate.py", "test_train.py", "test_ddp.py", "test_onnx.py",
-                 "test_core.py", "test_readme.py", "test_gpu_check.py", "test_legacy.py", "test_bench.py",
+                 "test_core.py", "test_readme.py", "test_web.py", "test_gpu_check.py", "test_legacy.py", "test_bench.py",
                  "test_distill.py", "test_diffusers.py", "test_guidance.py", "test_hostile.py"]
 
 

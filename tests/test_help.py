@@ -32,6 +32,7 @@ COMMANDS = [
     ("evaluate.py", ["nll"], ["--split", "val"], "invalid choice: 'val'"),
     ("evaluate.py", ["shapes"], [], "the following arguments are required: images"),
     ("sample_ort.py", [], ["--n", "x"], "invalid int value: 'x'"),
+    ("sample_web.py", [], ["--port", "x"], "invalid int value: 'x'"),
 ]
 
 

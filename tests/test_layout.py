@@ -100,7 +100,7 @@ def test_no_import_circle_among_the_projects_files():
 @pytest.mark.parametrize("name,allowed", [("schedules", {"numpy", "typing"}),
                                           ("sampling", {"math", "os", "typing", "numpy", "files", "messages",
                                                         "pictures", "schedules"}),
-                                          ("sample_ort", None)])
+                                          ("sample_ort", None), ("sample_web", None)])
 def test_the_torch_free_modules_import_no_torch(name, allowed):
     """schedules.py holds only the numbers (numpy); sampling.py and sample_ort.py no torch either."""
     found = set()

@@ -29,6 +29,7 @@ SHRINK = {
                              "--sample-every", "0"],
     ("sample_ort.py", None): ["--n", "2", "--steps", "3", "--provider", "cpu"],
     ("export.py", None): [],
+    ("sample_web.py", None): ["--build", "web-site"],  # the static page instead of a server that runs until stopped
     ("evaluate.py", None): [],
 }
 
@@ -90,5 +91,5 @@ def test_every_readme_command_runs_as_written(tmp_path, shapes_judge, judge_cach
         assert r.returncode == 0, f"{' '.join(words)}\n{r.stderr[-2000:]}"
         assert "Traceback" not in r.stderr, r.stderr[-2000:]
     for name in ("ckpt.pt", "samples.png", "ddpm.onnx", "ddpm_int8.onnx", "torchrun/ckpt.pt", "runs/distill/4-steps.pt",
-                 "student.onnx"):
+                 "student.onnx", "web-site/index.html"):
         assert (tmp_path / name).exists(), name
