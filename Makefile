@@ -92,7 +92,7 @@ bench-web: install
 bench-gpu: install
 	$(PY) bench/bench.py --device cuda
 
-# GPU readiness (bench/gpu_check.py): every CUDA path run and measured in one go, at most 8 minutes on
+# GPU readiness (bench/gpu_check.py): every CUDA path run and measured in one go, at most 9 minutes on
 # one H100/H200-class GPU; writes bench/results/gpu-check-<GPU>.json and prints the README's table.
 # REHEARSE=1 runs the same script on the CPU with tiny sizes (about a minute; make test runs it).
 gpu-check: install

@@ -48,6 +48,8 @@ SETTINGS = {  # Config fields a round takes from the command line; None: the tea
     "prediction": (str, "what the student predicts; eps cannot give x_0 where abar_t is near 0 "
                         "(Salimans & Ho sec. 4) (default: v)"),
     "batch_size": (int, "images per optimizer step (default: the teacher's)"),
+    "grad_accum": (int, "micro-batches per optimizer step and process (under torchrun each takes "
+                        "batch_size / (processes x grad_accum) images) (default: the teacher's)"),
     "lr": (float, "peak learning rate, annealed to 0 in each round by a cosine (default: the teacher's)"),
     "warmup": (int, "warm-up steps at the start of each round (default: 0)"),
     "ema_decay": (float, "EMA decay of the student's weights; the next round starts from the EMA "
@@ -238,7 +240,8 @@ def distill(teacher_path, from_steps=None, to_steps=4, *, out="runs/distill", gu
 def run(args):
     """distill.py with its parsed flags."""
     for flag, value in (("--from-steps", args.from_steps), ("--to-steps", args.to_steps),
-                        ("--round-steps", args.steps), ("--batch-size", args.batch_size)):
+                        ("--round-steps", args.steps), ("--batch-size", args.batch_size),
+                        ("--grad-accum", args.grad_accum)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} {value}: use at least 1")
     if os.path.exists(args.out) and not os.path.isdir(args.out):

@@ -1,6 +1,6 @@
 """GPU readiness: every CUDA path of the project, run and measured in one go (make gpu-check).
 
-  python bench/gpu_check.py              # on a CUDA GPU: about 8 minutes at most
+  python bench/gpu_check.py              # on a CUDA GPU: about 9 minutes at most
   python bench/gpu_check.py --rehearse   # the same script end to end on the CPU, tiny sizes (make
                                          # gpu-check REHEARSE=1; a test in make test runs it)
 
@@ -18,6 +18,10 @@ it has one; a stage that fails or runs out of time records why and the next one 
              binding, with CUDA graphs, an fp16 file), DPM-Solver++ at 20 steps; seconds, the
              difference of a short trajectory from the CPU float32 one (same x_T and noise),
              and host<->device copies per step counted by the profilers
+  distill    progressive distillation: one short round (2 x 4 -> 4 steps) of the preset at its
+             batch in bf16, its optimizer steps/s (each runs the teacher's two float32 DDIM steps
+             too); then the 4-step student's images/s through ONNX Runtime against its teacher's at
+             100 DDIM and 1000 DDPM steps, same file size and batch
 What a stage needs and the machine lacks (no GPU, a CPU-only onnxruntime, no diffusers) is one
 sentence saying what to install; the rest of the stage still runs. Writes the JSON to
 bench/results/gpu-check-<machine>.json (--out) and prints the Markdown table the README shows.
@@ -38,17 +42,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-STAGES = ("tests", "train", "auto_batch", "torchrun", "sampling")
+STAGES = ("tests", "train", "auto_batch", "torchrun", "sampling", "distill")
 # full: Ho et al.'s CIFAR-10 network at their batch; rehearse: seconds on a CPU, and torch.compile
 # traced by dynamo but run eagerly (the "eager" backend): the script's path without a minute of
 # C++ code generation per compiled model that only a GPU's numbers would justify
 SIZES = {
     "full": dict(preset="cifar10", image_size=32, batch=128, warm=5, timed=20, fp16_steps=40, n=64, T=1000,
-                 dpm_steps=20, diff_n=2, diff_steps=20, compiler="inductor", budget={"tests": 60, "train": 150, "auto_batch": 45,
-                                                               "torchrun": 60, "sampling": 150}),
+                 dpm_steps=20, diff_n=2, diff_steps=20, compiler="inductor", student_steps=4, teacher_steps=(100, 1000),
+                 budget={"tests": 60, "train": 150, "auto_batch": 45, "torchrun": 60, "sampling": 150, "distill": 90}),
     "rehearse": dict(preset="tiny", image_size=16, batch=4, warm=1, timed=2, fp16_steps=3, n=2, T=10,
-                     dpm_steps=5, diff_n=2, diff_steps=5, compiler="eager", budget={"tests": 60, "train": 90, "auto_batch": 30,
-                                                                  "torchrun": 60, "sampling": 60}),
+                     dpm_steps=5, diff_n=2, diff_steps=5, compiler="eager", student_steps=2, teacher_steps=(5, 10),
+                     budget={"tests": 60, "train": 90, "auto_batch": 30, "torchrun": 60, "sampling": 60, "distill": 60}),
 }
 # Dense bf16 tensor-core peaks from NVIDIA's data sheets, TFLOP/s, matched in the device's name.
 BF16_PEAK_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0}
@@ -314,6 +318,69 @@ def ort_runs(path, provider, graph, sampler, steps, size, x_T_small, noise_small
     return (lambda: runner.run(x_T, ts, coefs, lambda j, s: noise)), steps, trajectory, copies
 
 
+def ort_images_per_s(path, provider, sampler, n):
+    """(images/s, steps) of sample_ort's reverse process for the file at `path` with the
+    schedules.Sampler given (a student: its own), n images in one batch, after a 2-step warm-up."""
+    import numpy as np
+    import sample_ort
+    import schedules
+    (denoiser, step, meta, device), (sampler, _, _) = sample_ort.open_for_sampling(path, sampler, provider=provider, batch=n)
+    ts, coefs = schedules.step_table(meta["betas"], sampler, meta["var_type"])
+    shape = (n, meta["in_channels"], meta["image_size"], meta["image_size"])
+    runner = sample_ort.Runner(denoiser, step, shape, device, clip_x0=meta["clip_x0"])
+    x_T = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+    noise = np.random.default_rng(1).standard_normal(shape, dtype=np.float32)
+    runner.run(x_T, ts[:2], coefs[:2], lambda j, s: noise)
+    t0 = time.perf_counter()
+    runner.run(x_T, ts, coefs, lambda j, s: noise)
+    return n / (time.perf_counter() - t0), len(ts)
+
+
+def stage_distill(size, device):
+    import dataclasses
+    import torch
+    from schedules import Sampler
+    import checkpoints
+    import ddpm
+    import distill
+    import distributed
+    import export
+    steps, (few, many) = size["student_steps"], size["teacher_steps"]
+    cfg_teacher = ddpm.make_config(size["preset"], image_size=size["image_size"], T=size["T"], batch_size=size["batch"],
+                                   warmup=0, schedule="linear" if size["T"] > 20 else "cosine")
+    cfg = dataclasses.replace(cfg_teacher, prediction="v", distilled_steps=steps, cosine_lr=True)
+    torch.manual_seed(0)
+    teacher = ddpm.UNet(cfg_teacher)
+    dtype = torch.bfloat16 if device.type == "cuda" else distributed.amp_dtype("auto", device)
+    run = ddpm.Run(cfg, distill.Distillation(cfg, teacher, cfg_teacher, steps), device, dtype, init=teacher)
+    img_s, peak, losses = train_speed(run, size)
+    result = {"status": "ok", "precision": "bf16" if dtype else "fp32", "round": f"{2 * steps} -> {steps} steps",
+              "batch": cfg.batch_size, "optimizer_steps_per_s": img_s / cfg.batch_size, "peak_mb": peak,
+              "finite": all(map(math.isfinite, losses))}
+    provider = "cuda" if device.type == "cuda" else "cpu"
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for name, config, model, sampler in (("student", cfg, run.raw_model, Sampler(None)),
+                                             ("teacher", cfg_teacher, teacher, Sampler("ddim", few)),
+                                             ("teacher", cfg_teacher, teacher, Sampler("ddpm", many))):
+            path = os.path.join(folder, f"{name}.onnx")
+            if not os.path.exists(path):
+                ckpt = os.path.join(folder, f"{name}.pt")
+                checkpoints.save_checkpoint(ckpt, checkpoints.checkpoint_state(config, model.cpu().float()))
+                export.export(ckpt, path)
+            try:
+                ips, taken = ort_images_per_s(path, provider, sampler, size["n"])
+                rows.append({"name": f"{name}, {sampler.name or 'ddim'} {taken} steps", "img_per_s": ips, "status": "ok"})
+            except ValueError as e:  # a sentence from our code: what is missing
+                rows.append({"name": name, "status": "missing", "note": str(e)})
+    student = rows[0].get("img_per_s")
+    for row in rows[1:]:
+        if student and row.get("img_per_s"):
+            row["student_speedup"] = student / row["img_per_s"]
+    result.update(provider=provider, rows=rows)
+    return result
+
+
 # -- running the stages and writing the results ---------------------------------------------------
 
 def run_stage(stage, size_name, out_json, budget):
@@ -340,9 +407,17 @@ def table(results):
             continue
         if stage == "tests":
             lines.append(f"| tests | `pytest -m gpu` | {r['summary']} |")
+        if stage == "distill":
+            mem = f", peak {r['peak_mb']:.0f} MB" if r.get("peak_mb") else ""
+            lines.append(f"| distill ({r['precision']}) | one round {r['round']}, batch {r['batch']} | "
+                         f"{r['optimizer_steps_per_s']:.2f} optimizer steps/s{mem} |")
         for row in r.get("rows", []):
             if row.get("status", "ok") != "ok":
                 lines.append(f"| {stage} | {row['name']} | {row['status']}: {row.get('note', '')[:200]} |".replace("\n", " "))
+            elif stage == "distill":
+                speedup = f", student {row['student_speedup']:.0f}x faster" if row.get("student_speedup") else ""
+                lines.append(f"| distill | ONNX Runtime {r['provider'].upper()}, {row['name']} | "
+                             f"{row['img_per_s']:.1f} img/s{speedup} |")
             elif stage == "train":
                 share = f", {row['share_of_bf16_peak']:.0%} of bf16 peak" if row.get("share_of_bf16_peak") else ""
                 mem = f", peak {row['peak_mb']:.0f} MB" if row.get("peak_mb") else ""

@@ -48,6 +48,23 @@ def run_script(script, *args, cwd=None, env=None, timeout=600):
                           capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
 
 
+def run_main(script, *args):
+    """run_script's result, from the script's main() called in this process with the same command
+    line: the path a user's command takes, without starting Python and importing torch again (a
+    second or two on one core). For commands whose test needs no process of their own."""
+    import importlib
+    main = importlib.import_module(os.path.splitext(script)[0]).main
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+
+
 def max_difference(a, b):
     """Largest difference between two training checkpoints' weights, EMA weights and Adam moments."""
     pairs = [(a[part][k], b[part][k]) for part in ("model", "ema") for k in a[part]]

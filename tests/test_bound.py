@@ -16,7 +16,7 @@ import evaluate
 import export
 import sample_ort
 import schedules
-from conftest import refusal, run_script
+from conftest import refusal, run_main
 from schedules import Sampler
 
 LN2 = math.log(2.0)
@@ -213,11 +213,11 @@ def test_learned_variance_trajectories_pytorch_vs_onnx_runtime(learned_model, sa
 @pytest.mark.heavy
 def test_sample_ort_and_nll_cli_on_a_learned_model(learned_model, tmp_path):
     d, _, _ = learned_model
-    r = run_script("sample_ort.py", "--model", d / "lr.onnx", "--n", 2, "--steps", 5, "--provider", "cpu",
-                   "--out", tmp_path / "s.png")
+    r = run_main("sample_ort.py", "--model", d / "lr.onnx", "--n", 2, "--steps", 5, "--provider", "cpu",
+                 "--out", tmp_path / "s.png")
     assert r.returncode == 0 and (tmp_path / "s.png").exists(), r.stderr
-    r = run_script("evaluate.py", "nll", "--ckpt", d / "ckpt.pt", "--n", 3, "--batch", 2,
-                   "--json", tmp_path / "nll.json")
+    r = run_main("evaluate.py", "nll", "--ckpt", d / "ckpt.pt", "--n", 3, "--batch", 2,
+                 "--json", tmp_path / "nll.json")
     assert r.returncode == 0, r.stderr
     result = json.loads((tmp_path / "nll.json").read_text())
     print(r.stdout.strip())

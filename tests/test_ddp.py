@@ -1,7 +1,7 @@
 """Several processes with torchrun (gloo on this CPU): the world size does not change the math
 (2 processes == 1 process with 2 micro-batches, to float tolerance), a SIGTERM stops every process
-after the same step with one save and the job resumes exactly, and a process that fails stops
-the job with its message. Also the single-process pieces of scaling out: --grad-checkpoint,
+after the same step with one save and the job resumes exactly, in training and in a distillation
+round alike, and a process that fails stops the job with its message. Also the single-process pieces of scaling out: --grad-checkpoint,
 --optimizer adamw, --batch-size auto's search, TensorBoard events."""
 import json
 import os
@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 
+import distill
 import distributed
 import ddpm
 from conftest import ROOT, max_difference, refusal
@@ -32,16 +33,20 @@ STEPS = 12
 TOLERANCE = 1e-6
 
 
-def torchrun(tmp_path, name, *args, nproc=2, popen=False):
-    """torchrun --standalone --nproc-per-node nproc ddpm.py train FLAGS args, in tmp_path."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={nproc}", os.path.join(ROOT, "ddpm.py"), "train", *FLAGS,
-               "--out", str(tmp_path / name), "--ckpt", str(tmp_path / f"{name}.pt"), *map(str, args)]
+def launch(script, *args, cwd, popen=False):
+    """torchrun --standalone --nproc-per-node 2 script args, in cwd, one thread per process."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               str(script), *map(str, args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if popen:
-        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                cwd=tmp_path, env=env)
-    return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env)
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+def torchrun(tmp_path, name, *args, popen=False):
+    """ddpm.py train FLAGS args on 2 processes, into tmp_path/name and tmp_path/name.pt."""
+    return launch(os.path.join(ROOT, "ddpm.py"), "train", *FLAGS, "--out", tmp_path / name,
+                  "--ckpt", tmp_path / f"{name}.pt", *args, cwd=tmp_path, popen=popen)
 
 
 def single_process(tmp_path, name, *args, threads=None):
@@ -101,34 +106,91 @@ def process_of_rank(torchrun_pid, rank):
     raise AssertionError(f"torchrun {torchrun_pid} has no process of rank {rank}")
 
 
-@pytest.mark.heavy
-def test_sigterm_to_one_process_stops_all_saves_once_and_the_job_resumes_exactly(two_processes):
-    """The signal reaches rank 1 only (a scheduler that signals one machine): every process
-    must still stop after the same step, rank 0 saving it. (torchrun passes a Ctrl-C or SIGTERM
-    it gets on to every process; this is the harder case.)"""
-    tmp_path, _, straight = two_processes
-    p = torchrun(tmp_path, "stopped", "--steps", STEPS, popen=True)  # the straight run, stopped
-    log = tmp_path / "stopped" / "metrics.jsonl"
+def stop_rank_1_and_resume(command, log, ckpt, straight):
+    """command(*more, popen=): a straight 2-process run of STEPS steps writing the metrics `log`
+    and the checkpoint `ckpt`. SIGTERM to rank 1 once the first step is logged: every process must
+    stop after the same step, rank 0 saving it once; the command again with --resume must end on
+    exactly the weights of `straight`, the run that was not stopped."""
+    p = command(popen=True)
     deadline = time.time() + 120
     while not (log.exists() and log.stat().st_size) and time.time() < deadline and p.poll() is None:
         time.sleep(0.05)
     os.kill(process_of_rank(p.pid, 1), signal.SIGTERM)
     out, err = p.communicate(timeout=120)
-    assert (tmp_path / "stopped.pt").exists(), err[-3000:]
-    saved = torch.load(tmp_path / "stopped.pt", weights_only=True)["step"]
+    assert ckpt.exists(), err[-3000:]
+    saved = torch.load(ckpt, weights_only=True)["step"]
     print(f"SIGTERM to rank 1 after step 1 was logged: torchrun exit {p.returncode}, rank 0 saved "
           f"step {saved} of {STEPS}")
     assert 0 < saved < STEPS, err[-3000:]
     assert err.count("SIGTERM: saved step") == 1 and f"saved step {saved} " in err, err[-3000:]
     rows = [json.loads(line)["step"] for line in open(log)]
     assert rows == list(range(1, saved + 1))
-    r = torchrun(tmp_path, "stopped", "--resume")  # the command again, with --resume
+    r = command("--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"at step {saved} of {STEPS}" in r.stdout
-    resumed = torch.load(tmp_path / "stopped.pt", weights_only=True)
+    resumed = torch.load(ckpt, weights_only=True)
     worst = max_difference(resumed, straight)
     print(f"max |stopped at {saved} and resumed - straight| at step {STEPS} = {worst}")
     assert resumed["step"] == STEPS and worst == 0.0
+
+
+@pytest.mark.heavy
+def test_sigterm_to_one_process_stops_all_saves_once_and_the_job_resumes_exactly(two_processes):
+    """The signal reaches rank 1 only (a scheduler that signals one machine). (torchrun passes a
+    Ctrl-C or SIGTERM it gets on to every process; this is the harder case.)"""
+    tmp_path, _, straight = two_processes
+    stop_rank_1_and_resume(lambda *more, popen=False: torchrun(tmp_path, "stopped", "--steps", STEPS, *more, popen=popen),
+                           tmp_path / "stopped" / "metrics.jsonl", tmp_path / "stopped.pt", straight)
+
+
+# -- a distillation round under torchrun: the two-process model above as its teacher ------------------
+
+DISTILL = ["--from-steps", "4", "--to-steps", "2", "--round-steps", STEPS, "--batch-size", "8", "--lr", "5e-4",
+           "--log-every", "1", "--save-every", "1000", "--sample-every", "0", "--num-workers", "0"]
+
+
+def distill_torchrun(tmp_path, name, *args, popen=False):
+    """distill.py of tmp_path/two.pt on 2 processes, one round (4 -> 2 steps) into tmp_path/name."""
+    return launch(os.path.join(ROOT, "distill.py"), "--teacher", tmp_path / "two.pt", "--out", tmp_path / name,
+                  *DISTILL, *args, cwd=tmp_path, popen=popen)
+
+
+@pytest.fixture(scope="module")
+def two_process_student(two_processes):
+    tmp_path, _, _ = two_processes
+    r = distill_torchrun(tmp_path, "distilled")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return tmp_path, r, torch.load(tmp_path / "distilled" / "2-steps.pt", weights_only=True)
+
+
+@pytest.mark.heavy
+def test_a_distillation_round_on_two_processes_gives_the_student_of_one_with_two_micro_batches(
+        two_process_student, tmp_path):
+    teacher_dir, r, two = two_process_student
+    students = {}
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun process
+    try:
+        for name, more in (("one", []), ("seed1", ["--seed", "1"])):
+            distill.main(["--teacher", str(teacher_dir / "two.pt"), "--out", str(tmp_path / name),
+                          *map(str, DISTILL), "--grad-accum", "2", *more])
+            students[name] = torch.load(tmp_path / name / "2-steps.pt", weights_only=True)
+    finally:
+        torch.set_num_threads(before)
+    worst, apart = max_difference(two, students["one"]), max_difference(students["one"], students["seed1"])
+    print(f"distillation, max |2 processes - 1 process x 2 micro-batches| = {worst:.2e} over weights and "
+          f"Adam after {STEPS} steps of a 4 -> 2 round (another seed: {apart:.2e})")
+    assert two["step"] == students["one"]["step"] == STEPS and two["config"]["distilled_steps"] == 2
+    assert worst <= 1e-5 < apart
+    assert "2 processes" in r.stdout and r.stdout.count("round 1/1: 4 -> 2 steps") == 1  # rank 0 speaks
+
+
+@pytest.mark.heavy
+def test_sigterm_to_one_process_of_a_distillation_stops_both_and_the_round_resumes_exactly(two_process_student):
+    tmp_path, _, straight = two_process_student
+    stop_rank_1_and_resume(lambda *more, popen=False: distill_torchrun(tmp_path, "stopped-distill", *more, popen=popen),
+                           tmp_path / "stopped-distill" / "2-steps" / "metrics.jsonl",
+                           tmp_path / "stopped-distill" / "2-steps.pt", straight)
 
 
 @pytest.mark.heavy
@@ -149,12 +211,9 @@ if os.environ["RANK"] == "1":
     ddpm.GaussianDiffusion.training_loss = failing
 ddpm.main()
 """)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-               str(script), "train", *FLAGS, "--steps", "50", "--out", str(tmp_path / "run"),
-               "--ckpt", str(tmp_path / "ckpt.pt")]
     t0 = time.time()
-    r = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = launch(script, "train", *FLAGS, "--steps", "50", "--out", tmp_path / "run", "--ckpt", tmp_path / "ckpt.pt",
+               cwd=tmp_path)
     print(f"exit {r.returncode} after {time.time() - t0:.1f} s; "
           + " | ".join(line for line in r.stderr.splitlines() if line.startswith("rank ")))
     assert r.returncode != 0

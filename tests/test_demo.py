@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 import evaluate
-from conftest import ROOT, run_script
+from conftest import ROOT, run_main, run_script
 
 FULL = os.environ.get("DEMO_CHECK") == "full"
 SHORT_STEPS = 200
@@ -64,13 +64,13 @@ def sample_both(demo, tmp_path, *flags, n=40):
     """The demo's grid (n cells, a row per class, its sampler) drawn again with other flags,
     by ddpm.py and, unless a classifier is among them, by sample_ort.py."""
     out = {}
-    r = run_script("ddpm.py", "sample", "--ckpt", demo / "ckpt.pt", "--n", n, "--class", "all",
-                   *SAMPLING, "--out", tmp_path / "torch.png", *flags)
+    r = run_main("ddpm.py", "sample", "--ckpt", demo / "ckpt.pt", "--n", n, "--class", "all",
+                 *SAMPLING, "--out", tmp_path / "torch.png", *flags)
     assert r.returncode == 0, r.stderr[-2000:]
     out["PyTorch"] = tmp_path / "torch.png"
     if "--classifier" not in flags:
-        r = run_script("sample_ort.py", "--model", demo / "ddpm.onnx", "--n", n, "--class", "all",
-                       *SAMPLING, "--provider", "cpu", "--out", tmp_path / "ort.png", *flags)
+        r = run_main("sample_ort.py", "--model", demo / "ddpm.onnx", "--n", n, "--class", "all",
+                     *SAMPLING, "--provider", "cpu", "--out", tmp_path / "ort.png", *flags)
         assert r.returncode == 0, r.stderr[-2000:]
         out["ONNX Runtime"] = tmp_path / "ort.png"
     return out

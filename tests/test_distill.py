@@ -18,7 +18,7 @@ import export
 import sample_ort
 import sampling
 import schedules
-from conftest import refusal, run_script
+from conftest import refusal, run_main
 from schedules import Sampler
 
 T = 1000
@@ -343,10 +343,10 @@ def test_a_second_distillation_into_the_same_folder_is_refused(teacher, students
 def test_students_sample_in_their_own_steps_by_default_and_refuse_others(students, tmp_path):
     ckpt, onnx = students / "2-steps.pt", tmp_path / "s.onnx"
     export.export(str(ckpt), str(onnx))
-    r = run_script("ddpm.py", "sample", "--ckpt", ckpt, "--n", 10, "--class", "all", "--out", tmp_path / "t.png")
+    r = run_main("ddpm.py", "sample", "--ckpt", ckpt, "--n", 10, "--class", "all", "--out", tmp_path / "t.png")
     assert r.returncode == 0 and "ddim, 2 steps" in r.stdout and "guidance 3" in r.stdout, r.stdout + r.stderr
-    r = run_script("sample_ort.py", "--model", onnx, "--n", 10, "--class", "all", "--provider", "cpu",
-                   "--out", tmp_path / "o.png")
+    r = run_main("sample_ort.py", "--model", onnx, "--n", 10, "--class", "all", "--provider", "cpu",
+                 "--out", tmp_path / "o.png")
     assert r.returncode == 0 and "2 ddim steps" in r.stdout and "guidance 3" in r.stdout, r.stdout + r.stderr
     for main, model in ((ddpm.main, ["sample", "--ckpt", ckpt]), (sample_ort.main, ["--model", onnx, "--provider", "cpu"])):
         for flags, fragment in ((["--sampler", "ddpm"], "--sampler ddpm"), (["--steps", "4"], "--steps 4"),

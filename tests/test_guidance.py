@@ -18,7 +18,7 @@ import export
 import pictures
 import sample_ort
 import sampling
-from conftest import refusal, run_script
+from conftest import refusal, run_main
 from schedules import Sampler
 import schedules
 
@@ -331,8 +331,8 @@ def test_export_contract_of_a_conditional_model(conditional_onnx):
 def test_class_all_draws_a_row_per_class(conditional_onnx, tmp_path, script):
     d, cfg, _ = conditional_onnx
     model = ["--ckpt", d / "ckpt.pt"] if script == "ddpm.py" else ["--model", d / "cond.onnx"]
-    r = run_script(script, *(["sample"] if script == "ddpm.py" else []), *model, "--n", "15", "--class", "all",
-                   "--steps", "5", "--out", tmp_path / "g.png", "--outdir", tmp_path / "each")
+    r = run_main(script, *(["sample"] if script == "ddpm.py" else []), *model, "--n", "15", "--class", "all",
+                 "--steps", "5", "--out", tmp_path / "g.png", "--outdir", tmp_path / "each")
     assert r.returncode == 0, r.stderr[-2000:]
     with Image.open(tmp_path / "g.png") as grid:
         assert grid.size == (2 + 2 * 18, 2 + K * 18)  # ceil(15 / 10) = 2 per row, a row per class

@@ -20,7 +20,7 @@ import checkpoints
 import ddpm
 import export
 import sample_ort
-from conftest import run_script
+from conftest import run_main
 from schedules import Sampler
 import schedules
 
@@ -29,7 +29,7 @@ CASES = json.load(open(os.path.join(HERE, "commands.json")))
 
 
 def run_ok(*args):
-    r = run_script(*args)
+    r = run_main(*args)
     assert r.returncode == 0, r.stderr[-2000:]
     return r
 
