@@ -280,12 +280,15 @@ def reference_statistics(ref, inception, stats_dir, data_dir):
     if os.path.isfile(cache):
         messages.say(f"reference: {ref}, statistics cached in {cache}")
         return load_statistics(cache)
+    files.check_writable_folder(stats_dir, "--stats-dir")  # a folder that cannot be: said before any work
     images = reference_images(ref, data_dir) if ref in REFERENCES else read_images(image_files(ref))
     messages.say(f"reference: {ref}, {len(images)} images; computing its Inception statistics once")
     stats = statistics(inception(images)[0])
-    files.check_writable_folder(stats_dir, "--stats-dir")
-    save_npz(cache, stats)
-    messages.say(f"reference statistics cached in {cache}")
+    try:
+        save_npz(cache, stats)
+        messages.say(f"reference statistics cached in {cache}")
+    except files.WriteFailed as e:  # a disk that filled: the statistics are computed, the FID goes on
+        messages.warn(f"{e}: the reference statistics are not cached, so the next run computes them again")
     return stats
 
 

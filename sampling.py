@@ -189,14 +189,17 @@ def class_labels(classes, n):
 def write_samples(images, out, nrow=None, outdir=None, process=None, first_batch=None):
     """The samples' grid at `out`, one PNG each in outdir, and the process pictures of the first
     batch (a ProcessFrames); a sentence naming what was written."""
-    try:
-        if process is not None:
-            process.save(images[:first_batch])
+    try:  # the samples first: pictures of the process that cannot be written do not lose them
         pictures.save_grid(images, out, nrow)
         if outdir:
             for k, image in enumerate(images):
                 pictures.save_picture(pictures.pil_image(image), os.path.join(outdir, f"{k:05d}.png"))
+        if process is not None:
+            process.save(images[:first_batch])
+    except files.WriteFailed:  # a disk that filled: its sentence names the file, and the old one is whole
+        raise
     except OSError as e:
-        raise ValueError(f"the samples could not be written ({e.strerror or e})") from None
+        where = f"'{e.filename}': " if e.filename else ""
+        raise ValueError(f"the samples could not be written ({where}{e.strerror or e})") from None
     return (f"wrote {out}" + (f" and {len(images)} PNGs in {outdir}" if outdir else "") +
             (f", the process in {' and '.join(process.shown)}" if process is not None and process.shown else ""))

@@ -134,6 +134,22 @@ def test_checkpoint_and_folder_give_the_same_numbers_and_sampling_resumes(setup,
     assert json.load(open(tmp_path / "c.json"))["fid"] == a["fid"]
 
 
+@pytest.mark.heavy
+def test_a_full_disk_under_the_statistics_cache_warns_and_the_fid_is_still_given(setup, small_disk, tmp_path, capsys):
+    """The reference statistics are computed, then their cache (--stats-dir) is on a disk with no
+    byte left: a warning, and the FID is printed and written all the same, with no partial cache."""
+    d = setup
+    disk = small_disk(1 << 20)
+    disk.fill()
+    evaluate.main([str(a) for a in ["fid", "--inception-weights", d / "inception.pth", "--stats-dir", disk.path / "stats",
+                                    d / "ref", d / "ref", "--json", tmp_path / "r.json"]])
+    out, err = capsys.readouterr()
+    print(err.strip().splitlines()[-1])
+    assert "not cached" in err and "No space left" in err and "Traceback" not in err
+    assert abs(json.load(open(tmp_path / "r.json"))["fid"]) < 1e-3 and "FID" in out
+    assert os.listdir(disk.path / "stats") == []
+
+
 @pytest.mark.slow  # FID end to end: the stand-in Inception on every image (seconds each)
 def test_onnx_samples_and_a_stats_file(setup, tmp_path):
     d = setup

@@ -247,8 +247,8 @@ def test_ema_weights_are_exported_by_default(tmp_path, exported):
 def test_trajectory_parity_with_identical_noise(exported, sampler, steps, eta):
     d, cfg, model = exported
     rng = np.random.default_rng(7)
-    x_T = rng.standard_normal((4, 3, 16, 16), dtype=np.float32)
-    noise = rng.standard_normal((steps, 4, 3, 16, 16), dtype=np.float32)
+    x_T = rng.standard_normal((2, 3, 16, 16), dtype=np.float32)
+    noise = rng.standard_normal((steps, 2, 3, 16, 16), dtype=np.float32)
     ref = ddpm.sample_loop(model, ddpm.GaussianDiffusion.from_config(cfg), torch.from_numpy(x_T), Sampler(sampler, steps, eta=eta), noise_fn=lambda k, shape: torch.from_numpy(noise[k])).numpy()
     denoiser, step, meta, device = sample_ort.open_sessions(str(d / "ddpm.onnx"), "cpu")
     ts, coefs = schedules.step_table(meta["betas"], Sampler(sampler, steps, eta=eta), meta["var_type"])
@@ -513,6 +513,31 @@ def test_an_update_graph_that_does_not_update_is_a_sentence(oracle_onnx, tmp_pat
         opset_imports=[h.make_opsetid("", 17)], ir_version=8)
     out = tampered(path, tmp_path, set_key("ddpm.step_graph", base64.b64encode(fake.SerializeToString()).decode()))
     refusal(sample_ort.main, ["--model", out, "--n", 1, "--out", tmp_path / "s.png"], "does not compute the update")
+
+
+@pytest.mark.heavy
+def test_samples_and_pictures_on_a_full_disk_are_a_sentence_and_keep_the_old_files(exported, small_disk, tmp_path):
+    """The grid (--out) or a picture of the process (--progress, PNG or GIF) on a disk with no byte
+    left, in both scripts: one sentence that names the file and the full disk, the files that
+    were there before unchanged, and the samples written where their own disk has room."""
+    d, _, _ = exported
+    disk = small_disk(1 << 20)
+    old = {name: f"old {name}".encode() for name in ("g.png", "p.png", "p.gif")}
+    for name, content in old.items():
+        (disk.path / name).write_bytes(content)
+    disk.fill()
+    sources = ((sample_ort.main, ["--model", d / "ddpm.onnx", "--provider", "cpu"]),
+               (ddpm.main, ["sample", "--ckpt", d / "ckpt.pt"]))
+    for main, source in sources:
+        for name in old:
+            out = ["--out", disk.path / name] if name == "g.png" else ["--out", tmp_path / "g.png", "--progress", disk.path / name]
+            refusal(main, [*source, "--n", 2, "--sampler", "ddim", "--steps", 3, *out], f"cannot write '{disk.path / name}'",
+                    "No space left")
+            if name != "g.png":  # the samples were written before the pictures of the process
+                assert (tmp_path / "g.png").exists(), name
+                os.remove(tmp_path / "g.png")
+    assert {name: (disk.path / name).read_bytes() for name in old} == old
+    assert sorted(os.listdir(disk.path)) == sorted([*old, "filler"])  # no temp file left behind
 
 
 def test_sampling_mistakes_of_both_scripts_are_sentences(exported, tmp_path):
