@@ -20,7 +20,9 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import sampling  # noqa: E402
 import schedules  # noqa: E402
+from schedules import Sampler  # noqa: E402
 import ddpm  # noqa: E402
 import evaluate  # noqa: E402
 import export  # noqa: E402
@@ -79,14 +81,14 @@ def main(argv=None):
         tag = f"{name.replace(' ', '')}-{sampler or 'ddim'}-{steps}-{spacing or 'own'}"
         row = {"model": name, "sampler": sampler or "ddim (its own)", "steps": steps, "spacing": spacing or ("trailing" if sampler is None else schedules.default_spacing(sampler))}
         t0 = time.time()
-        quiet(ddpm.sample, ckpt, n=args.n, num_steps=None if sampler is None else steps, sampler=sampler,
-              seed=args.seed, out=os.path.join(args.out, f"{tag}-torch.png"), classes="all", spacing=spacing)
+        request = sampling.Request(n=args.n, sampler=Sampler(sampler, None if sampler is None else steps, 0.0, spacing),
+                                   seed=args.seed, out=os.path.join(args.out, f"{tag}-torch.png"), classes="all")
+        quiet(ddpm.sample, ckpt, request)
         row["torch_s"] = round(time.time() - t0, 1)
         cells = evaluate.split_grid(os.path.join(args.out, f"{tag}-torch.png"), cfg.image_size)
         row["torch"] = judged(cells, judge, classes)
-        images, said = quiet(sample_ort.sample, onnx[ckpt], n=args.n, num_steps=None if sampler is None else steps,
-                             sampler=sampler, seed=args.seed, provider="cpu", spacing=spacing,
-                             out=os.path.join(args.out, f"{tag}-ort.png"), classes="all")
+        images, said = quiet(sample_ort.sample, onnx[ckpt], request._replace(out=os.path.join(args.out, f"{tag}-ort.png")),
+                             provider="cpu")
         seconds = float(re.search(r"in ([0-9.]+)s on", said).group(1))
         row["ort"], row["ort_img_per_s"] = judged(images, judge, classes), round(args.n / seconds, 1)
         rows.append(row)

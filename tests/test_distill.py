@@ -18,7 +18,7 @@ import export
 import sample_ort
 import sampling
 import schedules
-from conftest import refusal, run_main
+from conftest import refusal, run_main, run_script
 from schedules import Sampler
 
 T = 1000
@@ -414,3 +414,20 @@ def test_converting_a_student_to_diffusers_says_how_to_sample_it(students, tmp_p
     sched = json.loads((tmp_path / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
     assert (sched["_class_name"], sched["timestep_spacing"], sched["distilled_steps"]) == ("DDIMScheduler", "trailing", 4)
     assert (tmp_path / "pipeline" / "unet").is_dir()
+
+
+@pytest.mark.slow
+def test_the_judged_table_of_make_distill_runs_on_a_distillation(teacher, students, judge_cache, tmp_path):
+    """bench/distill.py, the second half of `make distill`, on this file's teacher and students: a
+    row per model and sampler asked for, with the judge's scores and ONNX Runtime's images/s."""
+    r = run_script("bench/distill.py", "--teacher", teacher, "--students", students, "--steps", "2",
+                   "--solver-steps", "2", "--ddpm-steps", "0", "--teacher-steps", "", "--n", "10",
+                   "--out", tmp_path / "bench", "--judge-cache", judge_cache)
+    assert r.returncode == 0, r.stderr[-3000:]
+    print(r.stdout[-1200:])
+    rows = json.loads((tmp_path / "bench" / "distill.json").read_text())["rows"]
+    assert [(row["model"], row["sampler"], row["steps"], row["spacing"]) for row in rows] == [
+        ("teacher", "ddim", 2, "leading"), ("teacher", "ddim", 2, "trailing"), ("teacher", "dpm++", 2, "trailing"),
+        ("student 2", "ddim (its own)", 2, "trailing")]
+    assert all(0 <= row["torch"][0] <= 100 and 0 <= row["ort"][0] <= 100 and row["ort_img_per_s"] > 0 for row in rows)
+    assert r.stdout.count("| teacher |") == 3 and "| student 2 |" in r.stdout
