@@ -89,8 +89,9 @@ def main(argv=None):
         row["torch"] = judged(cells, judge, classes)
         images, said = quiet(sample_ort.sample, onnx[ckpt], request._replace(out=os.path.join(args.out, f"{tag}-ort.png")),
                              provider="cpu")
-        seconds = float(re.search(r"in ([0-9.]+)s on", said).group(1))
-        row["ort"], row["ort_img_per_s"] = judged(images, judge, classes), round(args.n / seconds, 1)
+        # its own clock around the steps (sessions opened before it): image-steps/s over the steps
+        rate, taken = re.search(r"([0-9.]+) image-steps/s, \d+ images x (\d+) ", said).groups()
+        row["ort"], row["ort_img_per_s"] = judged(images, judge, classes), round(float(rate) / int(taken), 1)
         rows.append(row)
         print(f"{name:>10} {row['sampler']:>15} {steps:>4} steps {row['spacing']:>8}: PyTorch {row['torch'][0]:5.1f}%  "
               f"ONNX Runtime {row['ort'][0]:5.1f}%  ({row['ort_img_per_s']} img/s)", flush=True)
